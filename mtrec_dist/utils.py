@@ -1,0 +1,100 @@
+"""Small helpers shared by every command: atomic writes, hashing, progress with ETA."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temp file beside ``path`` then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fmt_secs(s: float) -> str:
+    s = int(max(s, 0))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
+
+
+class Progress:
+    """A console progress line with rate and ETA, printed at most every ``every`` seconds.
+
+    Writes to stderr so that stdout stays parseable; prints whole lines (no carriage returns)
+    because Ray and CI logs keep every line anyway.
+    """
+
+    def __init__(self, what: str, total: int | None, unit: str = "it", every: float = 5.0):
+        self.what, self.total, self.unit, self.every = what, total, unit, every
+        self.n = 0
+        self.t0 = self.last = time.monotonic()
+        self.enabled = os.environ.get("MTREC_QUIET", "") == ""
+
+    def update(self, k: int = 1, extra: str = "") -> None:
+        self.n += k
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            self._print(extra)
+
+    def _print(self, extra: str = "") -> None:
+        if not self.enabled:
+            return
+        el = time.monotonic() - self.t0
+        rate = self.n / el if el > 0 else 0.0
+        if self.total:
+            eta = (self.total - self.n) / rate if rate > 0 else float("inf")
+            pct = 100.0 * self.n / self.total
+            eta_s = _fmt_secs(eta) if eta != float("inf") else "?"
+            msg = f"{self.what}: {self.n}/{self.total} {self.unit} ({pct:.1f}%) {rate:,.0f} {self.unit}/s, elapsed {_fmt_secs(el)}, ETA {eta_s}"
+        else:
+            msg = f"{self.what}: {self.n} {self.unit} {rate:,.0f} {self.unit}/s, elapsed {_fmt_secs(el)}"
+        print(msg + (f" {extra}" if extra else ""), file=sys.stderr, flush=True)
+
+    def close(self, extra: str = "") -> float:
+        """Print the final line; return the elapsed seconds."""
+        self._print(extra)
+        return time.monotonic() - self.t0
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (and of waited-for children), in MiB."""
+    import resource
+
+    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(self_kb, child_kb) / 1024.0
