@@ -1,6 +1,8 @@
 """One source of truth for every knob: typed dataclasses, YAML diffs, ``key.sub=value`` overrides.
 
-YAML files in ``configs/`` hold only what differs from the defaults below. Unknown keys and
+YAML files in ``configs/`` hold only what differs from the defaults below. A mapping given in a
+file (``model.tasks``, ``model.groups``) replaces the default mapping whole; a dotted override
+(``model.groups.aux.ner=0.5``) changes one entry. Unknown keys and
 wrong types raise :class:`ConfigError` naming the key (and the YAML file and line where it
 came from), so a typo never silently trains with a default.
 """
@@ -199,7 +201,10 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         kt, vt = typing.get_args(tp)
         if not isinstance(value, dict):
             raise ConfigError(f"{where}{key}: expected a mapping, got {value!r}")
-        return {_coerce(k, kt, key, where): _coerce(v, vt, f"{key}.{k}", where) for k, v in value.items()}
+        return {
+            _coerce(k, kt, key, where): _coerce(v, vt, f"{key}.{k}", where)
+            for k, v in value.items()
+        }
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}{key}: expected a number, got {value!r}")
@@ -219,8 +224,14 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     raise ConfigError(f"{where}{key}: unsupported type {tp}")
 
 
-def _apply(obj: Any, updates: dict[str, Any], prefix: str, where: dict[str, str]) -> None:
-    """Write ``updates`` into the dataclass ``obj`` in place, validating every key and type."""
+def _apply(
+    obj: Any, updates: dict[str, Any], prefix: str, where: dict[str, str], merge: bool
+) -> None:
+    """Write ``updates`` into the dataclass ``obj`` in place, validating every key and type.
+
+    Mapping-valued fields (``model.tasks``, ``model.groups``): a YAML file gives the whole mapping
+    (``merge=False`` replaces the default), a dotted override changes one entry (``merge=True``).
+    """
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for k, v in updates.items():
@@ -233,8 +244,8 @@ def _apply(obj: Any, updates: dict[str, Any], prefix: str, where: dict[str, str]
         if dataclasses.is_dataclass(cur):
             if not isinstance(v, dict):
                 raise ConfigError(f"{loc}{key}: expected a mapping of its fields, got {v!r}")
-            _apply(cur, v, key + ".", where)
-        elif isinstance(cur, dict) and isinstance(v, dict):
+            _apply(cur, v, key + ".", where, merge)
+        elif merge and isinstance(cur, dict) and isinstance(v, dict):
             setattr(obj, k, _coerce(_deep_merge(cur, v), hints[k], key, loc))
         else:
             setattr(obj, k, _coerce(v, hints[k], key, loc))
@@ -243,7 +254,9 @@ def _apply(obj: Any, updates: dict[str, Any], prefix: str, where: dict[str, str]
 def _deep_merge(base: dict, upd: dict) -> dict:
     out = dict(base)
     for k, v in upd.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+        out[k] = (
+            _deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+        )
     return out
 
 
@@ -291,10 +304,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         where = {k: f"{path}:{line}: " for k, line in _key_lines(text).items()}
-        _apply(cfg, data, "", where)
+        _apply(cfg, data, "", where, merge=False)
     for text in overrides or []:
         key, value = parse_override(text)
-        _apply(cfg, _nest(key, value), "", {key: f"override '{text}': "})
+        _apply(cfg, _nest(key, value), "", {key: f"override '{text}': "}, merge=True)
     validate(cfg)
     return cfg
 

@@ -1,0 +1,183 @@
+"""The news table on disk and the de-duplicated batch the models consume (DESIGN.md §2).
+
+A batch encodes each distinct title once: ``news_rows[U]`` are the unique news-table rows,
+and samples point at them by index (``hist_idx``, ``cand_idx``). Autograd sums the gradient
+of every occurrence, so this is exact. Per-news auxiliary losses use ``hist_count`` (how often
+each unique news occurs among real history slots) so they equal the non-de-duplicated loss.
+
+Layout of a prepared folder (written by ``mtrec_dist.data.shards``)::
+
+    manifest.json
+    news/tokens.npy      int32 [N, L]  word pieces; row = [CLS] ... [SEP] then 0 (pad)
+    news/ner.npy         uint8 [N, L]  0=O 1=B 2=I, NER_IGNORE at special tokens and padding
+    news/category.npy    int16 [N]     0 = unknown
+    news/subcategory.npy int16 [N]     0 = unknown
+    news/sentiment.npy   int8  [N]     -1 = none
+    news/entities.npy    int32 [N, E]  0 = none (entity vocabulary index)
+    news/news_ids.txt    line i = news id of row i; row 0 is "<pad>": the empty title
+    vocab/category.json  vocab/subcategory.json  vocab/entities.json
+    shards/<split>-000000.tar ...
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+NER_TAGS = ("O", "B", "I")
+NER_IGNORE = 255  # in ner.npy: special tokens and padding; becomes -100 in a batch
+PAD_NEWS_ID = "<pad>"
+
+
+class NewsTable:
+    """Memory-mapped news table; every worker opens its own view (no copy per process)."""
+
+    def __init__(self, prepared: str | Path):
+        d = Path(prepared) / "news"
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d}: no news table; run `mtrec prepare` first")
+        self.dir = d
+        self.tokens = np.load(d / "tokens.npy", mmap_mode="r")
+        self.ner = np.load(d / "ner.npy", mmap_mode="r")
+        self.category = np.load(d / "category.npy", mmap_mode="r")
+        self.subcategory = np.load(d / "subcategory.npy", mmap_mode="r")
+        self.sentiment = np.load(d / "sentiment.npy", mmap_mode="r")
+        self.entities = np.load(d / "entities.npy", mmap_mode="r")
+        self._ids: list[str] | None = None
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def news_ids(self) -> list[str]:
+        if self._ids is None:
+            self._ids = (
+                (self.dir / "news_ids.txt").read_text(encoding="utf-8").split("\n")[: len(self)]
+            )
+        return self._ids
+
+    def row_of(self) -> dict[str, int]:
+        return {nid: i for i, nid in enumerate(self.news_ids)}
+
+    def vocab(self, name: str) -> list:
+        return json.loads((self.dir.parent / "vocab" / f"{name}.json").read_text(encoding="utf-8"))
+
+
+@dataclass
+class Sample:
+    """One training sample (a click with its negatives) or one evaluation impression."""
+
+    impression_id: int
+    hist: np.ndarray  # int64 [h<=H] news rows, most recent last
+    cand: np.ndarray  # int64 [C] news rows; in training the clicked one first
+    labels: np.ndarray  # float32 [C]
+    click_pos: int = -1  # training: position of the click in the impression (audit/resume)
+
+
+@dataclass
+class Batch:
+    news_rows: torch.Tensor  # [U] long, unique news-table rows
+    tokens: torch.Tensor  # [U, L] long, trimmed to the longest title in the batch
+    attention_mask: torch.Tensor  # [U, L] long
+    ner: torch.Tensor  # [U, L] long, 0/1/2, -100 = ignore
+    category: torch.Tensor  # [U] long, 0 = unknown
+    subcategory: torch.Tensor  # [U] long
+    sentiment: torch.Tensor  # [U] long, -1 = none
+    entities: torch.Tensor  # [U, E] long, 0 = none
+    hist_idx: torch.Tensor  # [B, H] long into U (0 where masked)
+    hist_mask: torch.Tensor  # [B, H] bool, real history slots
+    cand_idx: torch.Tensor  # [B, C] long into U
+    cand_mask: torch.Tensor  # [B, C] bool
+    labels: torch.Tensor  # [B, C] float
+    sample_mask: torch.Tensor  # [B] bool, False for padding samples that fill the last batch
+    hist_count: torch.Tensor  # [U] float, occurrences among real history slots of real samples
+    impression_ids: torch.Tensor  # [B] long
+    click_pos: torch.Tensor  # [B] long
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    @property
+    def num_titles(self) -> int:
+        return int(self.news_rows.numel())
+
+
+def _pad_stack(arrays: list[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-aligned rows padded with 0 to ``width``; returns (values [n, width], mask)."""
+    out = np.zeros((len(arrays), width), dtype=np.int64)
+    mask = np.zeros((len(arrays), width), dtype=bool)
+    for i, a in enumerate(arrays):
+        n = min(len(a), width)
+        out[i, :n] = a[:n]
+        mask[i, :n] = True
+    return out, mask
+
+
+def collate(
+    samples: list[Sample],
+    table: NewsTable,
+    *,
+    batch_size: int | None = None,
+    history_len: int | None = None,
+    dedup: bool = True,
+) -> Batch:
+    """Build a :class:`Batch`; pad to ``batch_size`` samples with masked padding samples.
+
+    ``dedup=False`` gives every slot its own row (the naive batch) for equivalence tests and
+    the de-duplication benchmark.
+    """
+    n_real = len(samples)
+    B = batch_size or n_real
+    if n_real > B:
+        raise ValueError(f"{n_real} samples do not fit a batch of {B}")
+    H = history_len or max([len(s.hist) for s in samples] + [1])
+    C = max([len(s.cand) for s in samples] + [1])
+    hist, hist_mask = _pad_stack([s.hist[-H:] for s in samples] + [np.zeros(0)] * (B - n_real), H)
+    cand, cand_mask = _pad_stack([s.cand for s in samples] + [np.zeros(0)] * (B - n_real), C)
+    labels = np.zeros((B, C), dtype=np.float32)
+    for i, s in enumerate(samples):
+        labels[i, : len(s.labels)] = s.labels
+    sample_mask = np.arange(B) < n_real
+
+    slots = np.concatenate([hist.ravel(), cand.ravel()])  # news row per slot, 0 where masked
+    if dedup:
+        news_rows, inverse = np.unique(slots, return_inverse=True)
+    else:
+        news_rows, inverse = slots, np.arange(slots.size)
+    hist_idx = inverse[: hist.size].reshape(B, H)
+    cand_idx = inverse[hist.size :].reshape(B, C)
+    hist_count = np.bincount(hist_idx[hist_mask], minlength=news_rows.size).astype(np.float32)
+
+    tokens = np.asarray(table.tokens[news_rows], dtype=np.int64)  # [U, L_max]
+    attn = tokens != 0
+    L = max(int(attn.sum(1).max()), 1) if tokens.size else 1
+    tokens, attn = tokens[:, :L], attn[:, :L]
+    ner = np.asarray(table.ner[news_rows][:, :L], dtype=np.int64)
+    ner[ner == NER_IGNORE] = -100
+
+    t = torch.from_numpy
+    return Batch(
+        news_rows=t(news_rows.astype(np.int64)),
+        tokens=t(tokens),
+        attention_mask=t(attn.astype(np.int64)),
+        ner=t(ner),
+        category=t(np.asarray(table.category[news_rows], dtype=np.int64)),
+        subcategory=t(np.asarray(table.subcategory[news_rows], dtype=np.int64)),
+        sentiment=t(np.asarray(table.sentiment[news_rows], dtype=np.int64)),
+        entities=t(np.asarray(table.entities[news_rows], dtype=np.int64)),
+        hist_idx=t(hist_idx.astype(np.int64)),
+        hist_mask=t(hist_mask & sample_mask[:, None]),
+        cand_idx=t(cand_idx.astype(np.int64)),
+        cand_mask=t(cand_mask & sample_mask[:, None]),
+        labels=t(labels),
+        sample_mask=t(sample_mask),
+        hist_count=t(hist_count),
+        impression_ids=t(
+            np.array([s.impression_id for s in samples] + [-1] * (B - n_real), dtype=np.int64)
+        ),
+        click_pos=t(np.array([s.click_pos for s in samples] + [-1] * (B - n_real), dtype=np.int64)),
+    )

@@ -1,0 +1,72 @@
+"""Write the self-describing run folder the evaluator reads (see README, "Run folder").
+
+``export/model.safetensors`` holds the whole model (fp32); ``export/encoder/`` holds the news
+encoder and its tokenizer as transformers' ``save_pretrained`` folder, so users can load the
+fine-tuned BERT without this package. ``export/meta.json`` says what produced them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from mtrec_dist.config import Config, dump_config
+from mtrec_dist.utils import atomic_write_json, sha256_file
+
+
+def _news_encoder(model: torch.nn.Module):
+    enc = getattr(model, "encoder", None)
+    if enc is None:
+        enc = getattr(getattr(model, "news_encoder", None), "bert", None)
+    if enc is not None and hasattr(enc, "merge_and_unload"):  # peft LoRA wrapper
+        import copy
+
+        enc = copy.deepcopy(enc).merge_and_unload()
+    return enc
+
+
+def export_run(
+    model: torch.nn.Module,
+    cfg: Config,
+    manifest: dict,
+    step: int,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Export weights, encoder and meta into ``cfg.run_dir/export`` atomically (folder swap)."""
+    from safetensors.torch import save_file
+
+    from mtrec_dist.hub import load_tokenizer
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    final = run_dir / "export"
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".export."))
+    sd = state_dict if state_dict is not None else model.state_dict()
+    sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
+    save_file(sd, str(tmp / "model.safetensors"))
+    enc = _news_encoder(model)
+    if enc is not None and hasattr(enc, "save_pretrained"):
+        enc.save_pretrained(str(tmp / "encoder"))
+        load_tokenizer(cfg.model.encoder).save_pretrained(str(tmp / "encoder"))
+    atomic_write_json(
+        tmp / "meta.json",
+        {
+            "step": step,
+            "model": cfg.model.name,
+            "encoder": cfg.model.encoder,
+            "tokenizer": manifest.get("tokenizer", {}),
+            "model_sha256": sha256_file(tmp / "model.safetensors"),
+        },
+    )
+    old = run_dir / ".export.old"
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final

@@ -1,0 +1,181 @@
+"""Single-process trainer with explicit flat-vector gradient surgery.
+
+Two jobs: it is the trainer behind ``make demo`` when no distributed run is wanted, and it is
+the *reference* that the distributed trainer must equal (N workers under ZeRO == this process
+on the same global batch). So it favours obviousness over speed: every group gradient is a
+full copy, obtained with ``torch.autograd.grad`` from one forward pass per micro-batch.
+
+Semantics of one optimizer step over ``micro_batches`` (all workers' and all accumulation
+micro-steps' batches of the global batch): the gradient of each group is the mean over
+micro-batches of the gradient of that micro-batch's group loss (what DeepSpeed's averaging
+computes); surgery (MTRec §2.3, eq. 10-11) combines the group gradients once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from mtrec_dist.config import Config, dump_config
+from mtrec_dist.models.outputs import group_losses
+from mtrec_dist.train import surgery
+from mtrec_dist.train.optim import build_optimizer, build_scheduler
+from mtrec_dist.utils import Progress
+
+
+def _gram(flat: list[torch.Tensor]) -> torch.Tensor:
+    m = torch.stack([f.double() for f in flat])  # [T, P]
+    return m @ m.T  # [T, T]
+
+
+def reference_step(
+    model: torch.nn.Module,
+    micro_batches: list,
+    groups: dict[str, dict[str, float]],
+    mode: str,
+    scope: str,
+    optimizer: torch.optim.Optimizer,
+    *,
+    seed: int = 0,
+    step: int = 0,
+) -> dict:
+    """One optimizer step with explicit surgery; returns losses, Gram and coefficients."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    shared = model.shared_parameter_names() if scope == "shared" else {n for n, _ in named}
+    acc: dict[str, list[torch.Tensor]] = {}
+    task_losses: dict[str, float] = {}
+    n_mb = len(micro_batches)
+    for mb in micro_batches:
+        out = model(mb)
+        for t, v in out.losses.items():
+            task_losses[t] = task_losses.get(t, 0.0) + float(v.detach()) / n_mb
+        gl = group_losses(out.losses, groups)
+        for g, loss in gl.items():
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            buf = acc.setdefault(g, [torch.zeros_like(p) for p in params])
+            for b, gr in zip(buf, grads):
+                if gr is not None:
+                    b.add_(gr, alpha=1.0 / n_mb)
+    names = list(acc)
+    is_shared = [n in shared for n, _ in named]
+    flat = [torch.cat([b.reshape(-1) for b, s in zip(acc[g], is_shared) if s]) for g in names]
+    gram = _gram(flat)
+    c = surgery.coefficients(mode, gram, names, seed=seed, step=step)
+    for i, (p, s) in enumerate(zip(params, is_shared)):
+        coef = c if s else torch.ones_like(c)
+        p.grad = sum(float(coef[k]) * acc[g][i] for k, g in enumerate(names))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"losses": task_losses, "groups": names, "gram": gram, "coefficients": c}
+
+
+def total_steps(cfg: Config, batches_per_epoch: int) -> int:
+    per_epoch = batches_per_epoch // cfg.trainer.grad_accum
+    steps = per_epoch * cfg.trainer.epochs
+    return min(steps, cfg.trainer.max_steps) if cfg.trainer.max_steps > 0 else steps
+
+
+def train_local(cfg: Config, progress: bool = True) -> dict:
+    """Train in this process (one worker, no DeepSpeed); export the run folder."""
+    from mtrec_dist.data.shards import check_tokenizer, load_manifest
+    from mtrec_dist.data.stream import batches_per_epoch, train_loader
+    from mtrec_dist.hub import load_tokenizer, tokenizer_fingerprint
+    from mtrec_dist.models.registry import build_model
+    from mtrec_dist.train.export import export_run
+
+    prepared = cfg.prepared_dir
+    manifest = load_manifest(prepared)
+    check_tokenizer(manifest, tokenizer_fingerprint(load_tokenizer(cfg.model.encoder)))
+    torch.manual_seed(cfg.trainer.seed)
+    model = build_model(cfg, manifest)
+    model.train()
+    t = cfg.trainer
+    n_batches = batches_per_epoch(manifest, 1, t.micro_batch, t.seed, 0)
+    steps = total_steps(cfg, n_batches)
+    if steps <= 0:
+        raise ValueError(
+            f"{n_batches} batches per epoch of trainer.micro_batch={t.micro_batch} give no optimizer "
+            f"step with trainer.grad_accum={t.grad_accum}; lower them"
+        )
+    optimizer = build_optimizer(model.parameters(), t.lr, t.weight_decay)
+    scheduler = build_scheduler(optimizer, steps, t.warmup_ratio)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    print(
+        f"train: {type(model).__name__} on {prepared}; global batch = {t.micro_batch} micro x "
+        f"{t.grad_accum} accumulation x 1 worker = {t.micro_batch * t.grad_accum}; "
+        f"{n_batches} batches/epoch, {steps} optimizer steps, surgery={t.surgery} ({t.surgery_scope})",
+        flush=True,
+    )
+    log_path = run_dir / "train_log.jsonl"
+    bar = Progress("train", steps, unit="steps", every=0.0 if t.log_every else 30.0)
+    step, samples, t0 = 0, 0, time.monotonic()
+    pending: list = []
+    with open(log_path, "a", encoding="utf-8") as log:
+        for epoch in range(t.epochs):
+            for batch in train_loader(
+                prepared,
+                rank=0,
+                world_size=1,
+                batch_size=t.micro_batch,
+                epoch=epoch,
+                seed=t.seed,
+                neg_k=cfg.data.neg_k,
+                history_len=cfg.data.history_len,
+                shuffle_buffer=cfg.data.shuffle_buffer,
+                loader_workers=cfg.data.loader_workers,
+            ):
+                pending.append(batch)
+                if len(pending) < t.grad_accum:
+                    continue
+                stats = reference_step(
+                    model,
+                    pending,
+                    cfg.model.groups,
+                    t.surgery,
+                    t.surgery_scope,
+                    optimizer,
+                    seed=t.seed,
+                    step=step,
+                )
+                samples += sum(int(b.sample_mask.sum()) for b in pending)
+                pending = []
+                scheduler.step()
+                step += 1
+                rec = _log_record(step, stats, scheduler.get_last_lr()[0], samples, t0)
+                log.write(json.dumps(rec) + "\n")
+                if t.log_every and step % t.log_every == 0:
+                    bar.n = step - 1
+                    bar.update(1, extra=_short(rec))
+                else:
+                    bar.n = step
+                if step >= steps:
+                    break
+            if step >= steps:
+                break
+    bar.close()
+    export_run(model, cfg, manifest, step)
+    return {"steps": step, "samples": samples, "run_dir": str(run_dir)}
+
+
+def _log_record(step: int, stats: dict, lr: float, samples: int, t0: float) -> dict:
+    gram = stats["gram"]
+    rec = {"step": step, "lr": lr, "samples": samples, "elapsed_s": time.monotonic() - t0}
+    rec.update({f"loss/{k}": v for k, v in stats["losses"].items()})
+    rec.update({f"coef/{g}": float(c) for g, c in zip(stats["groups"], stats["coefficients"])})
+    if len(stats["groups"]) >= 2:
+        denom = (gram[0, 0] * gram[1, 1]).sqrt().clamp_min(1e-30)
+        rec["cos/main_aux"] = float(gram[0, 1] / denom)
+    return rec
+
+
+def _short(rec: dict) -> str:
+    parts = [f"{k.split('/')[1]}={v:.4f}" for k, v in rec.items() if k.startswith("loss/")]
+    if "cos/main_aux" in rec:
+        parts.append(f"cos={rec['cos/main_aux']:+.3f}")
+    return " ".join(parts) + f" lr={rec['lr']:.2e}"
