@@ -312,6 +312,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` output (what Ray ships to workers)."""
+    cfg = Config()
+    _apply(cfg, data, "", {}, merge=False)
+    validate(cfg)
+    return cfg
+
+
 _CHOICES = {
     "data.format": ("mind", "ebnerd"),
     "trainer.surgery": ("none", "mtrec", "pcgrad", "aux_only"),

@@ -62,4 +62,7 @@ class DataError(ValueError):
     def __init__(self, path: object, line: int | None, msg: str):
         where = f"{path}:{line}" if line is not None else f"{path}"
         super().__init__(f"{where}: {msg}")
-        self.path, self.line = path, line
+        self.path, self.line, self.msg = path, line, msg
+
+    def __reduce__(self):  # picklable, so it crosses process and Ray worker boundaries intact
+        return (type(self), (self.path, self.line, self.msg))

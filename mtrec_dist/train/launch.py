@@ -1,17 +1,108 @@
-"""Pick the trainer: the single-process reference loop for now (see train/local.py).
+"""Driver side of training: validate everything, then run Ray Train's TorchTrainer.
 
-The distributed Ray Train + DeepSpeed trainer replaces this dispatch when it lands; keeping
-one entry point means ``mtrec train``, ``launch/train.py`` and the demo never change.
+Nothing heavy happens here before validation: the config, the DeepSpeed JSON (``"auto"``
+filled, contradictions named), the prepared data and the model/task choices are checked on the
+driver so that a mistake fails in seconds, not after workers start. ``deepspeed`` is imported
+only inside workers (ray#50406).
 """
 
 from __future__ import annotations
 
-from mtrec_dist.config import Config
+import os
+from pathlib import Path
+
+from mtrec_dist.config import Config, ConfigError, load_config
+
+RAY_DIR = "ray"  # RUN_DIR/ray/<name>/checkpoint_* : Ray Train storage
+RAY_NAME = "train"
+
+
+def validate_for_training(cfg: Config) -> tuple[dict, dict]:
+    """(manifest, resolved DeepSpeed dict) or a clear error naming the key to fix."""
+    from mtrec_dist.data.shards import check_tokenizer, load_manifest
+    from mtrec_dist.hub import load_tokenizer, tokenizer_fingerprint
+    from mtrec_dist.models.registry import validate_model_config
+    from mtrec_dist.train.dsconfig import resolve_deepspeed
+
+    ds = resolve_deepspeed(cfg)
+    manifest = load_manifest(cfg.prepared_dir)
+    check_tokenizer(manifest, tokenizer_fingerprint(load_tokenizer(cfg.model.encoder)))
+    validate_model_config(cfg, manifest)
+    if not manifest["splits"].get("train", {}).get("clicks"):
+        raise ConfigError(f"{cfg.prepared_dir}: the train split has no clicks to train on")
+    return manifest, ds
+
+
+def checkpoints_of(run_dir: str | Path) -> list[Path]:
+    return sorted((Path(run_dir) / RAY_DIR / RAY_NAME).glob("checkpoint_*"))
 
 
 def run_training(cfg: Config, resume: str | None = None) -> dict:
+    """Train with ``trainer.num_workers`` Ray Train workers, each a DeepSpeed engine."""
     if resume:
-        raise ValueError("--resume needs the distributed trainer (not available yet)")
-    from mtrec_dist.train.local import train_local
+        cfg = _resume_config(cfg, resume)
+    elif checkpoints_of(cfg.run_dir):
+        raise ConfigError(
+            f"run_dir={cfg.run_dir} already holds checkpoints: continue it with "
+            f"--resume {cfg.run_dir}, or set run_dir to a new folder"
+        )
+    manifest, ds = validate_for_training(cfg)
 
-    return train_local(cfg)
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from mtrec_dist.data.stream import batches_per_epoch
+    from mtrec_dist.train.dsconfig import describe
+    from mtrec_dist.train.loop import train_worker
+
+    t = cfg.trainer
+    per_epoch = batches_per_epoch(manifest, t.num_workers, t.micro_batch, t.seed, 0) // t.grad_accum
+    steps = per_epoch * t.epochs if t.max_steps <= 0 else min(per_epoch * t.epochs, t.max_steps)
+    print(
+        f"train: {cfg.model.name} on {cfg.model.encoder}; {describe(ds)}; {per_epoch} optimizer "
+        f"steps/epoch, {steps} steps; surgery={t.surgery} ({t.surgery_scope}); "
+        f"groups={cfg.model.groups}; run_dir={cfg.run_dir}",
+        flush=True,
+    )
+    if not ray.is_initialized():
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS"),
+            include_dashboard=False,
+            log_to_driver=True,
+            runtime_env={"env_vars": {"MTREC_QUIET": os.environ.get("MTREC_QUIET", "")}},
+        )
+    storage = Path(cfg.run_dir).resolve() / RAY_DIR
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "ds": ds},
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})},
+        ),
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo", timeout_s=t.timeout_s),
+        run_config=RunConfig(
+            name=RAY_NAME,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=max(1, t.keep_checkpoints)),
+        ),
+    )
+    result = trainer.fit()
+    ckpt = result.checkpoint.path if result.checkpoint else None
+    return {"run_dir": cfg.run_dir, "steps": steps, "last_checkpoint": ckpt}
+
+
+def _resume_config(cfg: Config, run_dir: str) -> Config:
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        raise FileNotFoundError(f"--resume {run_dir}: {saved} is missing (not a run folder)")
+    if not checkpoints_of(run_dir):
+        raise FileNotFoundError(f"--resume {run_dir}: no checkpoint under {run_dir}/{RAY_DIR}")
+    resumed = load_config(saved)
+    resumed.run_dir = run_dir
+    # Only the length of the run may change on resume; everything else must match.
+    resumed.trainer.max_steps = cfg.trainer.max_steps or resumed.trainer.max_steps
+    resumed.trainer.epochs = max(cfg.trainer.epochs, resumed.trainer.epochs)
+    return resumed

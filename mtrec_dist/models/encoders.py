@@ -1,0 +1,148 @@
+"""News encoders: BERT over title word pieces (MTRec §2.1) and attentive multi-field fusion (§2.2).
+
+``NewsEncoder`` is the one place that runs BERT on a batch's unique titles; every model
+(MTRec variants, MINER, UNBERT) holds one as ``self.encoder`` so that parameter names of the
+shared encoder start with ``encoder.`` and LoRA is applied in one way for all of them.
+
+LoRA (EBNeRD poster, /work/shared/papers/001_*.txt): adapters are injected in place with
+``peft.inject_adapter_in_model`` (no PeftModel wrapper, so parameter names stay those of the
+BertModel plus ``lora_A``/``lora_B``), and every base encoder weight is frozen: only the
+adapters and the task heads train.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtrec_dist.config import ConfigError, ModelConfig
+from mtrec_dist.models.user import AdditiveAttention
+
+
+class NewsEncoder(nn.Module):
+    """Wraps a transformers BERT-family model: titles -> ([CLS] vectors, token outputs).
+
+    MTRec §2.1: "we feed the tokenized text T into the BERT model and adopt the embedding of
+    [CLS] token as the news representation r". The token outputs feed the NER head (eq. 7).
+    """
+
+    def __init__(self, bert: nn.Module):
+        super().__init__()
+        self.bert = bert
+        self.hidden_size: int = int(bert.config.hidden_size)
+
+    def forward(
+        self, tokens: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens, attention_mask: [U, L] -> (cls [U, D], token states [U, L, D])."""
+        out = self.bert(input_ids=tokens, attention_mask=attention_mask)
+        hidden = out.last_hidden_state  # [U, L, D]
+        return hidden[:, 0], hidden
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.bert.get_input_embeddings()
+
+
+def apply_lora(bert: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """Inject LoRA adapters (rank ``cfg.lora_rank``, alpha ``cfg.lora_alpha``) into the modules
+    named by ``cfg.lora_targets`` and freeze every other encoder weight (peft does the freeze)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if cfg.lora_rank <= 0:
+        raise ConfigError(f"model.lora_rank={cfg.lora_rank}: must be a positive integer")
+    if not cfg.lora_targets:
+        raise ConfigError("model.lora_targets is empty: name modules such as query, value")
+    lcfg = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        target_modules=list(cfg.lora_targets),
+        lora_dropout=0.0,
+        bias="none",
+    )
+    try:
+        bert = inject_adapter_in_model(lcfg, bert)
+    except ValueError as e:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in bert.named_modules() if n})
+        raise ConfigError(
+            f"model.lora_targets={cfg.lora_targets}: {e}; module names in this encoder: "
+            f"{', '.join(n for n in names if not n.isdigit())}"
+        ) from e
+    for name, p in bert.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return bert
+
+
+def build_news_encoder(cfg: ModelConfig, encoder: nn.Module | None = None) -> NewsEncoder:
+    """The model's news encoder: ``encoder`` if given, else ``hub.load_encoder(cfg.encoder)``;
+    LoRA applied when ``cfg.lora``."""
+    if encoder is None:
+        from mtrec_dist.hub import load_encoder
+
+        encoder = load_encoder(cfg.encoder)
+    if cfg.lora:
+        encoder = apply_lora(encoder, cfg)
+    return NewsEncoder(encoder)
+
+
+def name_embeddings(
+    names: list[str], encoder: NewsEncoder, tokenizer, out_dim: int, seed: int = 0
+) -> torch.Tensor:
+    """Initial AMF embeddings for ``names`` from the encoder's own word-piece embeddings.
+
+    Each name is tokenized (no special tokens); its word-piece embeddings (hidden size H) are
+    averaged, then mapped to ``out_dim`` by a FIXED random projection P [H, out_dim] drawn
+    N(0, 1/H) from a generator seeded with ``seed`` (so every rank and every run agrees and
+    norms are roughly preserved). Names with no word piece (empty) give a zero row.
+    Returns [len(names), out_dim].
+    """
+    emb = encoder.word_embeddings.weight.detach()  # [V, H]
+    H = emb.shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    proj = torch.randn(H, out_dim, generator=gen, dtype=torch.float32) / H**0.5  # [H, out_dim]
+    ids = tokenizer(list(names), add_special_tokens=False)["input_ids"]
+    out = torch.zeros(len(names), out_dim)
+    for i, piece_ids in enumerate(ids):
+        if piece_ids:
+            mean = emb[torch.tensor(piece_ids)].float().mean(0)  # [H]
+            out[i] = mean @ proj
+    return out
+
+
+class MultiFieldFusion(nn.Module):
+    """Attentive multi-field learning, MTRec eq. 4: r~ = sum_i w_i r_i over {title, category,
+    entities}, w = softmax(q_r . tanh(W_r r_i)).
+
+    - title field r_t: the [CLS] vector;
+    - category field r_c: Linear(Emb_cat(category)) with embeddings of size ``amf_dim``
+      (category 0 = "<unk>" has its own learned row);
+    - entity field r_e: Linear(mean of Emb_ent over the news' entities, 0 = none excluded).
+      A news WITHOUT entities has its entity field masked out of the field attention (it
+      attends over title and category only), rather than a learned "no entity" vector: a
+      made-up vector would take attention weight while carrying no information.
+    The dense layers are plain linear maps (amf_dim -> D) into the title's space.
+    """
+
+    def __init__(self, dim: int, query_dim: int, n_category: int, n_entity: int, amf_dim: int):
+        super().__init__()
+        self.category_emb = nn.Embedding(max(n_category, 1), amf_dim)
+        self.entity_emb = nn.Embedding(max(n_entity, 1), amf_dim, padding_idx=0)
+        self.category_proj = nn.Linear(amf_dim, dim)
+        self.entity_proj = nn.Linear(amf_dim, dim)
+        self.field_attention = AdditiveAttention(dim, query_dim)
+
+    def forward(
+        self, title: torch.Tensor, category: torch.Tensor, entities: torch.Tensor
+    ) -> torch.Tensor:
+        """title [U, D], category [U], entities [U, E] (0 = none) -> fused news vector [U, D]."""
+        r_c = self.category_proj(self.category_emb(category))  # [U, D]
+        ent_mask = entities > 0  # [U, E]
+        n_ent = ent_mask.sum(1, keepdim=True)  # [U, 1]
+        ent = self.entity_emb(entities) * ent_mask.unsqueeze(-1)  # [U, E, amf_dim]
+        ent_mean = ent.sum(1) / n_ent.clamp_min(1)  # [U, amf_dim]
+        r_e = self.entity_proj(ent_mean)  # [U, D]
+        fields = torch.stack([title, r_c, r_e], dim=1)  # [U, 3, D]
+        ones = torch.ones_like(n_ent, dtype=torch.bool)
+        mask = torch.cat([ones, ones, n_ent > 0], dim=1)  # [U, 3]
+        fused, _ = self.field_attention(fields, mask)  # [U, D]
+        return fused

@@ -1,0 +1,94 @@
+"""Auxiliary task heads and their occurrence-weighted losses (MTRec §2.3, eq. 5-8).
+
+The auxiliary tasks act on the HISTORY news. A batch encodes each distinct title once, so
+every per-news loss is weighted by ``hist_count`` (its occurrences among real history slots):
+the weighted mean then equals the mean over history occurrences of the non-de-duplicated
+batch (DESIGN.md §2). A micro-batch with nothing to learn from gives a zero loss that stays
+connected to the graph, so every rank runs the same backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SENTIMENT_CLASSES = 3  # negative / neutral / positive (EBNeRD poster)
+NER_CLASSES = 3  # O, B, I (mtrec_dist.data.batch.NER_TAGS)
+
+
+class NewsClassifier(nn.Module):
+    """p = softmax(W r + b) on the [CLS] vector r (eq. 5 for categories; sentiment likewise)."""
+
+    def __init__(self, dim: int, n_classes: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, n_classes)
+
+    def forward(self, cls: torch.Tensor) -> torch.Tensor:
+        """cls [U, D] -> logits [U, K]."""
+        return self.linear(cls)
+
+
+class TokenTagger(nn.Module):
+    """p_t = softmax(W_n r_t + b_n) on each token output r_t of BERT (eq. 7)."""
+
+    def __init__(self, dim: int, n_tags: int = NER_CLASSES):
+        super().__init__()
+        self.linear = nn.Linear(dim, n_tags)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [U, L, D] -> logits [U, L, n_tags]."""
+        return self.linear(hidden)
+
+
+def weighted_mean(per_news: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum(w * x) / sum(w) for occurrence COUNTS w (integers >= 0).
+
+    Dividing by max(sum(w), 1) is exact whenever some w > 0 and gives 0 * x (a zero still on
+    the graph, with no host sync) when every w is 0.
+    """
+    return (weights * per_news).sum() / weights.sum().clamp_min(1.0)
+
+
+def news_class_loss(
+    logits: torch.Tensor, target: torch.Tensor, hist_count: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """Eq. 6 over history occurrences: sum_u c_u [valid_u] CE_u / sum_u c_u [valid_u].
+
+    logits [U, K], target [U] (any value where not valid), hist_count [U], valid [U] bool.
+    """
+    safe = torch.where(valid, target, torch.zeros_like(target))  # [U]
+    ce = F.cross_entropy(logits, safe, reduction="none")  # [U]
+    w = hist_count * valid.to(hist_count.dtype)  # [U]
+    return weighted_mean(ce, w)
+
+
+def ner_loss(logits: torch.Tensor, tags: torch.Tensor, hist_count: torch.Tensor) -> torch.Tensor:
+    """Eq. 8: per title the SUM over its tagged tokens (tags != -100) of the token CE,
+    averaged over history occurrences of titles with at least one tagged token.
+
+    logits [U, L, T], tags [U, L] (-100 = padding / special token), hist_count [U].
+    """
+    U, L, T = logits.shape
+    ce = F.cross_entropy(
+        logits.reshape(U * L, T), tags.reshape(U * L), ignore_index=-100, reduction="none"
+    ).reshape(U, L)  # [U, L], 0 at ignored tokens
+    per_title = ce.sum(1)  # [U]
+    tagged = (tags != -100).any(1)  # [U]
+    w = hist_count * tagged.to(hist_count.dtype)
+    return weighted_mean(per_title, w)
+
+
+def nce_loss(
+    scores: torch.Tensor, cand_mask: torch.Tensor, sample_mask: torch.Tensor
+) -> torch.Tensor:
+    """Main task, MTRec eq. 3: -log(exp(s+) / (exp(s+) + sum_j exp(s_j))) with the clicked
+    candidate at index 0 and the K negatives after it, averaged over REAL samples.
+
+    scores [B, C] (masked candidates may be -inf), cand_mask [B, C], sample_mask [B].
+    Masked candidates are filled with the dtype's finite minimum (exp underflows to exactly 0,
+    as with -inf), so padding samples give a finite value that the zero weight then drops.
+    """
+    logits = scores.masked_fill(~cand_mask, torch.finfo(scores.dtype).min)  # [B, C]
+    nll = -torch.log_softmax(logits, dim=1)[:, 0]  # [B]
+    return weighted_mean(nll, sample_mask.to(nll.dtype))

@@ -1,0 +1,196 @@
+"""MTRec and its BERT baselines (MTRec, Findings of ACL 2022: /work/shared/papers/000_*.txt).
+
+One class, configured by four class attributes; the variants of Table 1 are subclasses that
+only set them:
+
+=============  ===========  ==========  ===============================================
+name           multi_task   AMF (eq.4)  user encoder
+=============  ===========  ==========  ===============================================
+mtrec          yes          no          additive attention (eq. 1)
+mtrec_amf      yes          yes         additive attention
+bert           no           no          additive attention
+bert_amf       no           yes         additive attention
+nrms_bert      no           no          multi-head self-attention + additive attention
+lstur_bert     no           no          GRU, last real state (no user-ID embedding)
+=============  ===========  ==========  ===============================================
+
+"multi_task = no" means the single-task baselines of Table 1: ``cfg.model.tasks`` is IGNORED
+(only the ``main`` loss is returned, whatever the config enables), so a baseline run differs
+from an MTRec run by ``model.name`` alone. Multi-task models compute the auxiliary tasks
+switched on in ``cfg.model.tasks`` (sentiment only where ``meta["has_sentiment"]``).
+
+Pipeline (§2.1): BERT encodes each unique title of the batch once; the [CLS] vector (or its
+AMF fusion with category and entities) is the news vector r; the user vector r_u pools the
+clicked news (eq. 1); scores s_j = r_cj . r_u (eq. 2); main loss NCE (eq. 3). Auxiliary
+losses (eq. 5-8) are returned per task; combining them (eq. 9 / 11: groups, lambda = 0.3) is
+the trainer's job through ``mtrec_dist.models.outputs.group_losses``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtrec_dist.config import ConfigError, ModelConfig
+from mtrec_dist.data.batch import Batch
+from mtrec_dist.models.encoders import MultiFieldFusion, build_news_encoder, name_embeddings
+from mtrec_dist.models.heads import (
+    SENTIMENT_CLASSES,
+    NewsClassifier,
+    TokenTagger,
+    nce_loss,
+    ner_loss,
+    news_class_loss,
+)
+from mtrec_dist.models.outputs import TaskOutputs
+from mtrec_dist.models.user import build_user_encoder
+
+AUX_TASKS = ("category", "ner", "sentiment")
+
+
+def enabled_aux_tasks(cfg: ModelConfig, meta: dict) -> list[str]:
+    """Auxiliary tasks switched on in ``cfg.tasks`` that the data can feed (sentiment needs
+    ``meta["has_sentiment"]``; the registry turns that case into a ConfigError first)."""
+    tasks = [t for t in AUX_TASKS if cfg.tasks.get(t, False)]
+    if not meta.get("has_sentiment", False) and "sentiment" in tasks:
+        tasks.remove("sentiment")
+    return tasks
+
+
+class MTRec(nn.Module):
+    """Bi-encoder news recommender with optional multi-task heads and multi-field fusion."""
+
+    cross_encoder = False
+    multi_task = True  # False: single-task baseline, cfg.model.tasks ignored
+    multi_field = False  # True: attentive multi-field fusion (eq. 4)
+    user_kind = "attention"  # attention | nrms | gru (mtrec_dist.models.user)
+
+    def __init__(self, cfg: ModelConfig, meta: dict, encoder: nn.Module | None = None):
+        super().__init__()
+        self.encoder = build_news_encoder(cfg, encoder)
+        D = self.encoder.hidden_size
+        vocab = meta.get("vocab", {})
+        n_category = int(vocab.get("category", 1))
+        self.tasks = enabled_aux_tasks(cfg, meta) if self.multi_task else []
+        self.user_encoder = build_user_encoder(self.user_kind, D, cfg.query_dim)
+        self.fusion: MultiFieldFusion | None = None
+        if self.multi_field:
+            self.fusion = MultiFieldFusion(
+                D, cfg.query_dim, n_category, int(vocab.get("entities", 1)), cfg.amf_dim
+            )
+            names = meta.get("names")
+            if cfg.amf_init_from_encoder and names:
+                self._init_amf_from_encoder(cfg, names)
+        self.heads = nn.ModuleDict()
+        if "category" in self.tasks:
+            self.heads["category"] = NewsClassifier(D, n_category)
+        if "ner" in self.tasks:
+            self.heads["ner"] = TokenTagger(D)
+        if "sentiment" in self.tasks:
+            self.heads["sentiment"] = NewsClassifier(D, SENTIMENT_CLASSES)
+
+    # ------------------------------------------------------------------ AMF initialisation
+
+    @torch.no_grad()
+    def _init_amf_from_encoder(self, cfg: ModelConfig, names: dict) -> None:
+        """Rows 1.. of the category / entity embeddings start from the encoder's word-piece
+        embeddings of the category name / entity surface form (see ``name_embeddings``: mean
+        word piece, fixed seeded random projection to amf_dim). Row 0 (unknown / none) keeps
+        its random init."""
+        from mtrec_dist.hub import load_tokenizer
+
+        assert self.fusion is not None
+        tok = load_tokenizer(cfg.encoder)
+        for field, emb in (
+            ("category", self.fusion.category_emb),
+            ("entities", self.fusion.entity_emb),
+        ):
+            vals = names.get(field)
+            if not vals:
+                continue
+            if len(vals) != emb.num_embeddings:
+                raise ConfigError(
+                    f"meta names[{field!r}] has {len(vals)} entries but the vocabulary has "
+                    f"{emb.num_embeddings} (manifest news.vocab.{field}); re-run prepare"
+                )
+            init = name_embeddings(list(vals[1:]), self.encoder, tok, emb.embedding_dim)
+            emb.weight[1:] = init.to(emb.weight.dtype)
+
+    # ------------------------------------------------------------------ bi-encoder API
+
+    def _encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (news vectors [U, D], [CLS] [U, D], token outputs [U, L, D])."""
+        cls, hidden = self.encoder(batch.tokens, batch.attention_mask)  # [U, D], [U, L, D]
+        vecs = cls
+        if self.fusion is not None:
+            vecs = self.fusion(cls, batch.category, batch.entities)  # [U, D]
+        return vecs, cls, hidden
+
+    def encode_news(self, batch: Batch) -> torch.Tensor:
+        """News vectors [U, D] of the batch's unique news (per-news fields only)."""
+        return self._encode(batch)[0]
+
+    def score_news_vectors(self, news_vecs: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """news_vecs [U, D] -> click scores [B, C] (eq. 1-2); masked candidates -inf."""
+        hist = news_vecs[batch.hist_idx]  # [B, H, D]
+        user = self.user_encoder(hist, batch.hist_mask)  # [B, D]
+        cand = news_vecs[batch.cand_idx]  # [B, C, D]
+        scores = torch.einsum("bcd,bd->bc", cand, user)  # [B, C]
+        return scores.masked_fill(~batch.cand_mask, float("-inf"))
+
+    def forward(self, batch: Batch) -> TaskOutputs:
+        vecs, cls, hidden = self._encode(batch)
+        scores = self.score_news_vectors(vecs, batch)  # [B, C]
+        losses = {"main": nce_loss(scores, batch.cand_mask, batch.sample_mask)}
+        count = batch.hist_count.to(cls.dtype)  # [U]
+        if "category" in self.heads:  # eq. 5-6
+            logits = self.heads["category"](cls)  # [U, n_category]
+            losses["category"] = news_class_loss(logits, batch.category, count, batch.category > 0)
+        if "ner" in self.heads:  # eq. 7-8
+            losses["ner"] = ner_loss(self.heads["ner"](hidden), batch.ner, count)
+        if "sentiment" in self.heads:  # EBNeRD poster: sentiment classification on [CLS]
+            logits = self.heads["sentiment"](cls)  # [U, 3]
+            valid = batch.sentiment >= 0
+            losses["sentiment"] = news_class_loss(logits, batch.sentiment, count, valid)
+        return TaskOutputs(losses=losses, scores=scores)
+
+    def shared_parameter_names(self) -> set[str]:
+        """Trainable encoder parameters (all of BERT, or only the LoRA adapters when the base
+        is frozen): every task's gradient flows through them. Heads, the user encoder and the
+        AMF fusion serve one task each."""
+        return {
+            n for n, p in self.named_parameters() if n.startswith("encoder.") and p.requires_grad
+        }
+
+
+class BERT(MTRec):
+    """BERT baseline (Table 1): main task only; cfg.model.tasks is ignored."""
+
+    multi_task = False
+
+
+class MTRecAMF(MTRec):
+    """MTRec+AMF (Table 1): multi-task heads on [CLS], news vector fused by eq. 4."""
+
+    multi_field = True
+
+
+class BertAMF(MTRec):
+    """BERT+AMF (Table 1): single task, news vector fused by eq. 4; tasks ignored."""
+
+    multi_task = False
+    multi_field = True
+
+
+class NRMSBert(MTRec):
+    """NRMS+BERT (Table 1, Wu et al. 2021b): self-attentive user encoder; single task."""
+
+    multi_task = False
+    user_kind = "nrms"
+
+
+class LSTURBert(MTRec):
+    """LSTUR+BERT (Table 1): GRU user encoder without user-ID embedding; single task."""
+
+    multi_task = False
+    user_kind = "gru"

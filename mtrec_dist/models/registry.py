@@ -1,0 +1,164 @@
+"""Model names -> classes, and ``build_model``: validate the model config, then build.
+
+Everything that can be checked without weights is checked first (model name, task names,
+tasks the data cannot feed, group members, aggregators, the encoder folder), so a typo fails
+in a second with the key and the allowed values instead of after loading BERT.
+MINER and UNBERT are imported lazily (inside the lookup) so that this module, and models
+that do not need them, never depend on those files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from mtrec_dist.config import Config, ConfigError
+
+MODEL_NAMES = (
+    "mtrec",
+    "bert",
+    "mtrec_amf",
+    "bert_amf",
+    "nrms_bert",
+    "lstur_bert",
+    "miner",
+    "unbert",
+)
+TASKS = ("category", "ner", "sentiment", "disagreement")  # switchable; "main" is always on
+_AGGREGATORS = {
+    "model.miner_aggregator": ("max", "mean", "weighted"),
+    "model.unbert_aggregator": ("nsep", "mean", "attention"),
+}
+
+
+def _load(name: str) -> type[nn.Module]:
+    from mtrec_dist.models import mtrec as m
+
+    eager = {
+        "mtrec": m.MTRec,
+        "bert": m.BERT,
+        "mtrec_amf": m.MTRecAMF,
+        "bert_amf": m.BertAMF,
+        "nrms_bert": m.NRMSBert,
+        "lstur_bert": m.LSTURBert,
+    }
+    if name in eager:
+        return eager[name]
+    if name == "miner":
+        from mtrec_dist.models.miner import MINER
+
+        return MINER
+    if name == "unbert":
+        from mtrec_dist.models.unbert import UNBERT
+
+        return UNBERT
+    raise ConfigError(f"model.name={name!r}: allowed values are {', '.join(MODEL_NAMES)}")
+
+
+class _Models(dict):
+    """``MODELS[name]`` -> class; MINER / UNBERT are imported on first access."""
+
+    def __missing__(self, name: str) -> type[nn.Module]:
+        cls = _load(name)
+        self[name] = cls
+        return cls
+
+    def __contains__(self, name: object) -> bool:
+        return name in MODEL_NAMES
+
+    def __iter__(self):
+        return iter(MODEL_NAMES)
+
+    def __len__(self) -> int:
+        return len(MODEL_NAMES)
+
+    def keys(self):  # type: ignore[override]
+        return list(MODEL_NAMES)
+
+    def get(self, name, default=None):  # type: ignore[override]
+        return self[name] if name in MODEL_NAMES else default
+
+    def items(self):  # type: ignore[override]
+        return [(n, self[n]) for n in MODEL_NAMES]
+
+    def values(self):  # type: ignore[override]
+        return [self[n] for n in MODEL_NAMES]
+
+
+MODELS: dict[str, type[nn.Module]] = _Models()
+
+
+def validate_model_config(cfg: Config, manifest: dict) -> None:
+    """Raise ConfigError naming the key and the allowed values; builds nothing."""
+    m = cfg.model
+    if m.name not in MODEL_NAMES:
+        raise ConfigError(f"model.name={m.name!r}: allowed values are {', '.join(MODEL_NAMES)}")
+    for task in m.tasks:
+        if task not in TASKS:
+            raise ConfigError(
+                f"model.tasks.{task}: unknown task; allowed: {', '.join(TASKS)} (main is always on)"
+            )
+    news = manifest.get("news", {})
+    if m.tasks.get("sentiment", False) and not news.get("has_sentiment", False):
+        raise ConfigError(
+            "model.tasks.sentiment=true but the prepared dataset has no sentiment labels "
+            "(manifest news.has_sentiment=false); set model.tasks.sentiment=false"
+        )
+    known = ("main",) + TASKS
+    for group, members in m.groups.items():
+        for task in members:
+            if task not in known:
+                raise ConfigError(
+                    f"model.groups.{group}.{task}: unknown task; allowed: {', '.join(known)}"
+                )
+    grouped = {t for members in m.groups.values() for t in members}
+    if m.name == "miner" and m.tasks.get("disagreement", True) and "disagreement" not in grouped:
+        raise ConfigError(
+            "model.groups: MINER's disagreement term is in no gradient group, so it would never "
+            "train; use e.g. model.groups={main: {main: 1.0, disagreement: 0.8}} (configs/miner.yaml)"
+            " or set model.tasks.disagreement=false"
+        )
+    for key, allowed in _AGGREGATORS.items():
+        value = getattr(m, key.split(".", 1)[1])
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r}: allowed values are {', '.join(allowed)}")
+    if m.query_dim <= 0 or m.amf_dim <= 0:
+        raise ConfigError(
+            f"model.query_dim={m.query_dim}, model.amf_dim={m.amf_dim}: must be positive"
+        )
+    from mtrec_dist.hub import resolve_encoder
+
+    resolve_encoder(m.encoder)  # missing folder / not BERT-family -> error naming model.encoder
+
+
+def _vocab_names(cfg: Config) -> dict | None:
+    """Category names and entity surface forms from <prepared>/vocab, for AMF initialisation."""
+    vocab = cfg.prepared_dir / "vocab"
+    out: dict[str, list[str]] = {}
+    cat, ent = Path(vocab / "category.json"), Path(vocab / "entities.json")
+    if cat.is_file():
+        out["category"] = [str(x) for x in json.loads(cat.read_text(encoding="utf-8"))]
+    if ent.is_file():
+        rows = json.loads(ent.read_text(encoding="utf-8"))
+        out["entities"] = [r.get("surface", "") if isinstance(r, dict) else str(r) for r in rows]
+        out["entities"][0] = ""  # "<none>"
+    return out or None
+
+
+def build_model(cfg: Config, manifest: dict) -> nn.Module:
+    """Validate ``cfg.model`` against the manifest, then build ``MODELS[cfg.model.name]``.
+
+    ``meta`` = ``manifest["news"]``; the vocabulary names (category names, entity surface
+    forms) are read from the prepared folder into ``meta["names"]`` when present.
+    """
+    validate_model_config(cfg, manifest)
+    cls = MODELS[cfg.model.name]
+    meta = dict(manifest.get("news", {}))
+    # AMF initialisation and MINER's fixed category vectors read the vocabulary names.
+    if "names" not in meta:
+        names = _vocab_names(cfg)
+        if names:
+            meta["names"] = names
+    return cls(cfg.model, meta)

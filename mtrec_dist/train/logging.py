@@ -1,0 +1,100 @@
+"""What rank 0 shows a person: TensorBoard scalars, a progress line with ETA, the cosine plot.
+
+TensorBoard tags: ``loss/<task>``, ``grad/norm_<group>``, ``grad/cos_before``,
+``grad/cos_after``, ``grad/conflict_rate`` (share of steps so far with cos < 0),
+``coef/<group>``, ``lr``, ``throughput/samples_per_s``, ``throughput/titles_per_s``,
+``dev/<metric>``. At the end ``cosine_trace.png`` plots cos(main, aux) before and after surgery
+per step, like Figure 5 of the MTRec paper (Appendix B).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mtrec_dist.config import Config, dump_config
+from mtrec_dist.utils import Progress
+
+
+class RunLogger:
+    def __init__(self, cfg: Config, rank: int, total_steps: int, start_step: int = 0):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.dir = Path(cfg.run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, self.dir / "config.yaml")
+        self.tb = SummaryWriter(str(self.dir / "tb"))
+        self.every = max(cfg.trainer.log_every, 1)
+        self.bar = Progress("train", total_steps, unit="steps", every=0.0)
+        self.bar.n = start_step
+        self.cos: list[tuple[int, float, float]] = []
+        self.conflicts = 0
+        self.jsonl = open(self.dir / "train_log.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+
+    def step(self, step, losses, stats: dict, lr: float, samples: int, titles: int, secs: float):
+        rec: dict = {"step": step, "lr": lr}
+        for k, v in losses.items():
+            rec[f"loss/{k}"] = float(v.detach())
+        for k, v in stats.items():
+            if isinstance(v, (int, float)):
+                rec[k] = float(v)
+        cb, ca = stats.get("grad/cos_before"), stats.get("grad/cos_after")
+        if cb is not None:
+            self.conflicts += cb < 0
+            rec["grad/conflict_rate"] = self.conflicts / max(1, len(self.cos) + 1)
+            self.cos.append((step, cb, ca if ca is not None else cb))
+        rec["throughput/samples_per_s"] = samples / max(secs, 1e-9)
+        rec["throughput/titles_per_s"] = titles / max(secs, 1e-9)
+        for k, v in rec.items():
+            if k != "step":
+                self.tb.add_scalar(k, v, step)
+        self.jsonl.write(json.dumps(rec) + "\n")
+        self.jsonl.flush()
+        self.bar.n = step - 1
+        if step % self.every == 0:
+            short = " ".join(f"{k[5:]}={v:.4f}" for k, v in rec.items() if k.startswith("loss/"))
+            if cb is not None:
+                short += f" cos={cb:+.3f}"
+            self.bar.update(1, extra=f"{short} {rec['throughput/samples_per_s']:.1f} samples/s")
+        else:
+            self.bar.n = step
+
+    def metrics(self, step: int, metrics: dict) -> None:
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                self.tb.add_scalar(f"dev/{k}", v, step)
+        print(
+            f"dev @ step {step}: "
+            + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)),
+            flush=True,
+        )
+
+    def close(self) -> None:
+        self.bar.close()
+        self.tb.flush()
+        self.tb.close()
+        self.jsonl.close()
+        if self.cos:
+            plot_cosine(self.cos, self.dir / "cosine_trace.png")
+
+
+def plot_cosine(trace: list[tuple[int, float, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [s for s, _, _ in trace]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), sharey=True)
+    for ax, idx, title in ((axes[0], 1, "(a) before surgery"), (axes[1], 2, "(b) after surgery")):
+        ys = [r[idx] for r in trace]
+        ax.scatter(steps, ys, s=4, c=["tab:red" if y < 0 else "tab:blue" for y in ys])
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    axes[0].set_ylabel("cos(g_main, g_aux)")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,335 @@
+"""`mtrec prepare` on a hand-written MIND dataset: every count, row and shard member checked.
+
+Dataset (history_len=2, impressions_per_shard=3, max_entities=2)::
+
+    train news: N1 sports/football "Donald Trump plays golf with Nadal"  (3 entities, 1 absent)
+                N2 news/politics   "Zelenskyy visits Kyiv"
+                N3 sports/tennis   "Nadal wins in Paris"                  (1 entity)
+    dev news:   N2 (again, other title: first occurrence wins), N4 lifestyle/food "Pizza night"
+    test news:  N5 news/world "Storm hits coast"
+    rows: <pad>=0, N1=1, N2=2, N3=3, N4=4, N5=5
+
+    train  1: hist ""           cand N1-1 N2-0 N3-0   -> hist [],     cand [1,2,3], label [1,0,0]
+           2: hist N1 N9 N2 N3  cand N4-0 N2-1        -> hist [2,3],  cand [4,2],   label [0,1]
+              (N9 missing; 3 valid ids truncated to the last 2)
+           3: hist N3           cand N1-0 N8-0        -> hist [3],    cand [1,0],   label [0,0]
+              (N8 missing -> row 0; no click)
+           4: hist N2           cand N3-1 N1-1        -> hist [2],    cand [3,1],   label [1,1]
+    dev   10: hist N4           cand N5-1 N1-0        -> hist [4],    cand [5,1],   label [1,0]
+    test  20: hist N1 N2        cand N4 N5            -> hist [1,2],  cand [4,5]
+          21: hist ""           cand N3               -> hist [],     cand [3]
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from mtrec_dist.config import load_config
+from mtrec_dist.data import mind
+from mtrec_dist.data.batch import NER_IGNORE, NewsTable
+from mtrec_dist.data.shards import check_tokenizer, load_manifest, prepare
+from mtrec_dist.data.tables import DataError, Entity, Impression, News
+from mtrec_dist.hub import load_tokenizer, tokenizer_fingerprint
+from mtrec_dist.utils import sha256_file
+
+X = NER_IGNORE
+T = dt.datetime(2019, 11, 15, 8, 55, 22)
+N1_TITLE = "Donald Trump plays golf with Nadal"
+
+
+def _news(nid, cat, sub, title, ents=()):
+    return News(nid, cat, sub, title, "abstract", "https://x", list(ents), [])
+
+
+def _imp(iid, hist, cands, labels):
+    return Impression(iid, "U", T, hist, cands, labels)
+
+
+def write_dataset(root: Path) -> None:
+    nadal = Entity("Rafael Nadal", "P", "Q10132", 1.0, [29], ["Nadal"])
+    trump = Entity("Donald Trump", "P", "Q22686", 1.0, [0], ["Donald Trump"])
+    golf = Entity("Golf", "C", "Q5377", 0.9, [], ["golfing"])
+    mind.write_news(
+        root / "train" / "news.tsv",
+        [
+            _news("N1", "sports", "football", N1_TITLE, [nadal, trump, golf]),
+            _news("N2", "news", "politics", "Zelenskyy visits Kyiv"),
+            _news(
+                "N3",
+                "sports",
+                "tennis",
+                "Nadal wins in Paris",
+                [Entity("Rafael Nadal", "P", "Q10132", 1.0, [0], ["Nadal"])],
+            ),
+        ],
+    )
+    mind.write_behaviors(
+        root / "train" / "behaviors.tsv",
+        [
+            _imp("1", [], ["N1", "N2", "N3"], [1, 0, 0]),
+            _imp("2", ["N1", "N9", "N2", "N3"], ["N4", "N2"], [0, 1]),
+            _imp("3", ["N3"], ["N1", "N8"], [0, 0]),
+            _imp("4", ["N2"], ["N3", "N1"], [1, 1]),
+        ],
+    )
+    mind.write_news(
+        root / "dev" / "news.tsv",
+        [
+            _news("N2", "news", "politics", "Another title"),
+            _news("N4", "lifestyle", "food", "Pizza night"),
+        ],
+    )
+    mind.write_behaviors(root / "dev" / "behaviors.tsv", [_imp("10", ["N4"], ["N5", "N1"], [1, 0])])
+    mind.write_news(root / "test" / "news.tsv", [_news("N5", "news", "world", "Storm hits coast")])
+    mind.write_behaviors(
+        root / "test" / "behaviors.tsv",
+        [_imp("20", ["N1", "N2"], ["N4", "N5"], None), _imp("21", [], ["N3"], None)],
+    )
+
+
+def make_cfg(root: Path, *extra: str):
+    return load_config(
+        None,
+        [
+            f"data.root={root}",
+            "data.history_len=2",
+            "data.impressions_per_shard=3",
+            "data.max_entities=2",
+            "data.title_len=10",
+            "model.encoder=tiny",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mind")
+    write_dataset(root)
+    cfg = make_cfg(root)
+    manifest = prepare(cfg, progress=False, workers=2)
+    return root, cfg, manifest
+
+
+def read_shard(path: Path) -> list[dict]:
+    ds = wds.WebDataset(str(path), shardshuffle=False)
+    out = []
+    for s in ds:
+        d = {"key": s["__key__"]}
+        for k in ("hist", "cand", "label"):
+            if f"{k}.npy" in s:
+                d[k] = np.load(io.BytesIO(s[f"{k}.npy"]), allow_pickle=False)
+        out.append(d)
+    return out
+
+
+def test_manifest_counts(prepared):
+    root, cfg, m = prepared
+    out = cfg.prepared_dir
+    assert out == root / "prepared"
+    assert m == json.loads((out / "manifest.json").read_text())
+    assert m["format_version"] == 1
+    assert m["source"] == {"root": str(root), "format": "mind"}
+    assert (m["title_len"], m["history_len"], m["max_entities"]) == (10, 2, 2)
+    assert m["news"]["count"] == 6 and m["news"]["has_sentiment"] is False
+    assert m["news"]["vocab"] == {"category": 4, "subcategory": 6, "entities": 4}
+    # Titles with entities: N1, N3. Surface forms looked for: Nadal, Donald Trump, golfing, Nadal.
+    assert m["news"]["ner"] == {
+        "titles_with_entities": 2,
+        "entity_mentions": 4,
+        "mentions_matched": 3,
+        "mentions_not_found": 1,
+    }
+    sp = m["splits"]
+    assert list(sp) == ["train", "dev", "test"]
+    tr = sp["train"]
+    assert (tr["labeled"], tr["impressions"], tr["candidates"], tr["clicks"]) == (True, 4, 9, 4)
+    assert tr["impressions_per_shard"] == 3
+    assert tr["stats"] == {
+        "empty_history": 1,
+        "history_missing_news": 1,
+        "candidates_missing_news": 1,
+        "history_truncated": 1,
+        "impressions_without_click": 1,
+    }
+    assert [(s["path"], s["impressions"], s["clicks"]) for s in tr["shards"]] == [
+        ("shards/train-000000.tar", 3, 2),
+        ("shards/train-000001.tar", 1, 2),
+    ]
+    dv = sp["dev"]
+    assert (dv["labeled"], dv["impressions"], dv["candidates"], dv["clicks"]) == (True, 1, 2, 1)
+    assert dv["stats"] == dict.fromkeys(tr["stats"], 0)
+    te = sp["test"]
+    assert (te["labeled"], te["impressions"], te["candidates"], te["clicks"]) == (False, 2, 3, 0)
+    assert te["stats"] == {**dict.fromkeys(tr["stats"], 0), "empty_history": 1}
+    assert [s["path"] for s in te["shards"]] == ["shards/test-000000.tar"]
+    assert m["config"]["history_len"] == 2
+    tok = load_tokenizer("tiny")
+    assert m["tokenizer"] == {"encoder": "tiny", **tokenizer_fingerprint(tok)}
+
+
+def test_news_table(prepared):
+    _, cfg, _ = prepared
+    out = cfg.prepared_dir
+    table = NewsTable(out)
+    assert table.news_ids == ["<pad>", "N1", "N2", "N3", "N4", "N5"]
+    vocab = lambda n: json.loads((out / "vocab" / f"{n}.json").read_text())  # noqa: E731
+    assert vocab("category") == ["<unk>", "lifestyle", "news", "sports"]
+    assert vocab("subcategory") == ["<unk>", "food", "football", "politics", "tennis", "world"]
+    assert vocab("entities") == [
+        {"id": "<none>"},
+        {"id": "Q10132", "surface": "Nadal", "type": "P"},
+        {"id": "Q22686", "surface": "Donald Trump", "type": "P"},
+        {"id": "Q5377", "surface": "golfing", "type": "C"},
+    ]
+    assert table.category.tolist() == [0, 3, 2, 3, 1, 2]
+    assert table.subcategory.tolist() == [0, 2, 3, 4, 1, 5]
+    assert table.category.dtype == np.int16 and table.sentiment.dtype == np.int8
+    assert table.sentiment.tolist() == [-1] * 6
+    # Title order: Donald Trump (Q22686 = 2) then Nadal (1); golfing (3) cut by max_entities=2.
+    assert table.entities.tolist() == [[0, 0], [2, 1], [0, 0], [1, 0], [0, 0], [0, 0]]
+    tok = load_tokenizer("tiny")
+    titles = ["", N1_TITLE, "Zelenskyy visits Kyiv", "Nadal wins in Paris", "Pizza night",
+              "Storm hits coast"]  # fmt: skip
+    for row, title in enumerate(titles):
+        ids = tok(title)["input_ids"]
+        assert table.tokens[row].tolist() == ids + [0] * (10 - len(ids)), title
+    # [CLS] donald trump plays golf with nad ##al [SEP] pad
+    assert table.ner[1].tolist() == [X, 1, 2, 0, 0, 0, 1, 2, X, X]
+    # [CLS] nad ##al wins in paris [SEP]
+    assert table.ner[3].tolist() == [X, 1, 2, 0, 0, 0, X, X, X, X]
+    assert table.ner[0].tolist() == [X] * 10
+
+
+def test_shard_contents(prepared):
+    _, cfg, m = prepared
+    out = cfg.prepared_dir
+    got = {}
+    for split in ("train", "dev", "test"):
+        got[split] = [
+            s for sh in m["splits"][split]["shards"] for s in read_shard(out / sh["path"])
+        ]
+
+    def rows(samples):  # noqa: E306
+        return [
+            (s["key"], s["hist"].tolist(), s["cand"].tolist(),
+             s["label"].tolist() if "label" in s else None)
+            for s in samples
+        ]  # fmt: skip
+
+    assert rows(got["train"]) == [
+        ("1", [], [1, 2, 3], [1, 0, 0]),
+        ("2", [2, 3], [4, 2], [0, 1]),
+        ("3", [3], [1, 0], [0, 0]),
+        ("4", [2], [3, 1], [1, 1]),
+    ]
+    assert rows(got["dev"]) == [("10", [4], [5, 1], [1, 0])]
+    assert rows(got["test"]) == [("20", [1, 2], [4, 5], None), ("21", [], [3], None)]
+    s = got["train"][1]
+    assert s["hist"].dtype == np.int32 and s["cand"].dtype == np.int32
+    assert s["label"].dtype == np.uint8
+
+
+def test_shard_files_hashes_and_members(prepared):
+    _, cfg, m = prepared
+    out = cfg.prepared_dir
+    listed = []
+    for split, e in m["splits"].items():
+        for sh in e["shards"]:
+            p = out / sh["path"]
+            listed.append(p)
+            assert sha256_file(p) == sh["sha256"]
+            with tarfile.open(p) as tf:
+                names = tf.getnames()
+            exts = {n.split(".", 1)[1] for n in names}
+            assert exts == ({"hist.npy", "cand.npy", "label.npy"} if e["labeled"]
+                            else {"hist.npy", "cand.npy"}), (split, names)  # fmt: skip
+            assert not any(n.endswith((".pyd", ".pkl", ".pickle", ".pth")) for n in names)
+    assert sorted(listed) == sorted((out / "shards").iterdir())
+    assert not list(out.parent.glob(".prepared.*"))  # no temporary folder left behind
+
+
+def test_reprepare_replaces_and_is_deterministic(prepared, monkeypatch):
+    root, cfg, m = prepared
+    # A crash half-way leaves the previous folder untouched and no temporary folder.
+    import mtrec_dist.data.shards as shards_mod
+
+    real = shards_mod.write_split
+
+    def crash(split, *a, **k):
+        if split == "dev":
+            raise RuntimeError("boom")
+        return real(split, *a, **k)
+
+    monkeypatch.setattr(shards_mod, "write_split", crash)
+    with pytest.raises(RuntimeError, match="boom"):
+        prepare(cfg, progress=False)
+    assert load_manifest(cfg.prepared_dir)["created"] == m["created"]
+    assert not list(root.glob(".prepared.*"))
+    monkeypatch.setattr(shards_mod, "write_split", real)
+    # Re-running gives byte-identical shards (fixed tar mtimes), with one writer process as with
+    # the fixture's two.
+    m2 = prepare(cfg, progress=False, workers=1)
+    for split in m["splits"]:
+        assert m2["splits"][split]["shards"] == m["splits"][split]["shards"]
+        assert m2["splits"][split]["seconds"] >= 0
+
+
+def test_missing_splits(tmp_path):
+    write_dataset(tmp_path)
+    (tmp_path / "test" / "news.tsv").unlink()
+    (tmp_path / "test" / "behaviors.tsv").unlink()
+    (tmp_path / "test").rmdir()
+    cfg = make_cfg(tmp_path, f"data.prepared={tmp_path / 'out'}")
+    m = prepare(cfg, progress=False)
+    assert list(m["splits"]) == ["train", "dev"]
+    # N5 came from test news only: now missing, so dev's candidate maps to row 0.
+    assert m["news"]["count"] == 5
+    assert m["splits"]["dev"]["stats"]["candidates_missing_news"] == 1
+    cfg2 = make_cfg(
+        tmp_path, f"data.prepared={tmp_path / 'out2'}", "data.splits=[train, dev, test]"
+    )
+    for p in (tmp_path / "dev").iterdir():
+        p.unlink()
+    (tmp_path / "dev").rmdir()
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "dev")):
+        prepare(cfg2, progress=False)
+    assert not (tmp_path / "out2").exists()
+
+
+def test_load_manifest_and_tokenizer_check(prepared, tmp_path):
+    _, cfg, m = prepared
+    on_disk = json.loads((cfg.prepared_dir / "manifest.json").read_text())
+    assert load_manifest(cfg.prepared_dir) == on_disk
+    with pytest.raises(FileNotFoundError, match="mtrec prepare"):
+        load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"format_version": 1,\n "x": }')
+    with pytest.raises(ValueError, match=r"manifest.json:2"):
+        load_manifest(tmp_path)
+    fp = tokenizer_fingerprint(load_tokenizer("tiny"))
+    check_tokenizer(m, fp)  # same vocabulary: fine
+    other = {"name": "BertTokenizer", "vocab_size": 30522, "vocab_hash": "f" * 64}
+    with pytest.raises(ValueError) as e:
+        check_tokenizer(m, other, encoder="/models/other-bert")
+    msg = str(e.value)
+    assert fp["vocab_hash"] in msg and "f" * 64 in msg
+    assert "model.encoder=/models/other-bert" in msg
+
+
+def test_bad_line_in_worker_names_file_and_line(tmp_path):
+    write_dataset(tmp_path)
+    beh = tmp_path / "dev" / "behaviors.tsv"
+    beh.write_text(beh.read_text() + "11\tU\t11/15/2019 8:55:22 AM\tN1\tN2-7\n")
+    cfg = make_cfg(tmp_path)
+    with pytest.raises(DataError, match=f"{beh}:2: malformed impression token 'N2-7'"):
+        prepare(cfg, progress=False, workers=2)
+    assert not (tmp_path / "prepared").exists()
+    assert not list(tmp_path.glob(".prepared.*"))

@@ -1,0 +1,456 @@
+"""Streaming prepared shards: exact coverage, balance, determinism, resume, de-duplication.
+
+The prepared folders are written here directly per the prepared-folder contract (news/*.npy,
+news_ids.txt, tar shards of hist.npy/cand.npy/label.npy written by webdataset, manifest.json),
+so these tests do not depend on ``mtrec prepare``; every expectation is computed from the
+fixture's own ground truth.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from mtrec_dist.data.batch import NewsTable, collate
+from mtrec_dist.data.stream import (
+    _merged_skips,
+    batches_per_epoch,
+    epoch_plan,
+    eval_impressions,
+    iter_shard,
+    train_loader,
+)
+from mtrec_dist.data.tables import DataError
+
+Imp = tuple[int, np.ndarray, np.ndarray, np.ndarray]  # id, hist, cand, label
+
+
+# --------------------------------------------------------------------------- fixture builder
+
+
+def make_impressions(
+    rng: np.random.Generator,
+    n: int,
+    n_news: int,
+    *,
+    clicks: tuple[int, int] = (1, 3),
+    negs: tuple[int, int] = (0, 6),
+    hist_max: int = 6,
+    first_id: int = 1,
+) -> list[Imp]:
+    """``n`` random impressions: distinct candidates, clicks/negatives counts in the ranges."""
+    out, iid = [], first_id
+    for _ in range(n):
+        c, g = int(rng.integers(clicks[0], clicks[1] + 1)), int(rng.integers(negs[0], negs[1] + 1))
+        rows = rng.choice(np.arange(1, n_news), size=c + g, replace=False)
+        label = np.zeros(c + g, dtype=np.uint8)
+        label[:c] = 1
+        perm = rng.permutation(c + g)
+        hist = rng.choice(np.arange(1, n_news), size=int(rng.integers(0, hist_max + 1)))
+        out.append((iid, hist.astype(np.int32), rows[perm].astype(np.int32), label[perm]))
+        iid += int(rng.integers(1, 4))
+    return out
+
+
+def build_prepared(
+    root: Path,
+    splits: dict[str, list[list[Imp]]],
+    *,
+    n_news: int,
+    title_len: int = 8,
+    history_len: int = 6,
+    unlabeled: tuple[str, ...] = ("test",),
+    seed: int = 0,
+) -> dict:
+    """Write a prepared folder holding ``splits`` (split -> shards -> impressions)."""
+    rng = np.random.default_rng(seed)
+    news = root / "news"
+    news.mkdir(parents=True)
+    tokens = np.zeros((n_news, title_len), dtype=np.int32)
+    ner = np.full((n_news, title_len), 255, dtype=np.uint8)
+    for i in range(n_news):
+        n = 0 if i == 0 else int(rng.integers(1, title_len - 1))  # row 0: [CLS][SEP]
+        tokens[i, : n + 2] = [101, *rng.integers(1000, 30000, size=n), 102]
+        ner[i, 1 : n + 1] = rng.integers(0, 3, size=n)
+    np.save(news / "tokens.npy", tokens)
+    np.save(news / "ner.npy", ner)
+    np.save(news / "category.npy", rng.integers(0, 5, n_news).astype(np.int16))
+    np.save(news / "subcategory.npy", rng.integers(0, 9, n_news).astype(np.int16))
+    np.save(news / "sentiment.npy", rng.integers(-1, 3, n_news).astype(np.int8))
+    np.save(news / "entities.npy", rng.integers(0, 7, (n_news, 3)).astype(np.int32))
+    (news / "news_ids.txt").write_text(
+        "\n".join(["<pad>"] + [f"N{i}" for i in range(1, n_news)]) + "\n", encoding="utf-8"
+    )
+    (root / "shards").mkdir()
+    msplits = {}
+    for split, shards in splits.items():
+        labeled = split not in unlabeled
+        entries = []
+        for s, imps in enumerate(shards):
+            rel = f"shards/{split}-{s:06d}.tar"
+            pattern = str(root / f"shards/{split}-%06d.tar")
+            with wds.ShardWriter(pattern, maxcount=len(imps) + 1, start_shard=s, verbose=0) as w:
+                for iid, hist, cand, label in imps:
+                    sample = {"__key__": str(iid), "hist.npy": hist, "cand.npy": cand}
+                    if labeled:
+                        sample["label.npy"] = label
+                    w.write(sample)
+            clicks = sum(int(x[3].sum()) for x in imps) if labeled else 0
+            entries.append({"path": rel, "sha256": "", "impressions": len(imps), "clicks": clicks})
+        msplits[split] = {
+            "labeled": labeled,
+            "impressions": sum(e["impressions"] for e in entries),
+            "clicks": sum(e["clicks"] for e in entries),
+            "shards": entries,
+        }
+    manifest = {
+        "format_version": 1,
+        "title_len": title_len,
+        "history_len": history_len,
+        "news": {"count": n_news},
+        "splits": msplits,
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    return manifest
+
+
+SIZES = (12, 5, 9, 3, 14, 7, 10)  # 60 impressions in 7 uneven shards
+N_NEWS = 80
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    rng = np.random.default_rng(7)
+    shards, first = [], 1
+    for n in SIZES:
+        imps = make_impressions(rng, n, N_NEWS, first_id=first)
+        shards.append(imps)
+        first = imps[-1][0] + 1
+    dev = [make_impressions(rng, 4, N_NEWS, first_id=1000)]
+    test = [make_impressions(rng, 3, N_NEWS, first_id=2000)]
+    root = tmp_path_factory.mktemp("prep")
+    manifest = build_prepared(root, {"train": shards, "dev": dev, "test": test}, n_news=N_NEWS)
+    truth = {imp[0]: imp for s in shards for imp in s}
+    return root, manifest, shards, truth
+
+
+def collect(loader) -> list:
+    """Materialise the batches (a loader is iterated once)."""
+    return list(loader)
+
+
+def real_rows(b):
+    """Per real sample: (impression id, click pos, cand rows, hist rows, labels)."""
+    out = []
+    for i in range(b.sample_mask.shape[0]):
+        if not b.sample_mask[i]:
+            continue
+        cand = b.news_rows[b.cand_idx[i][b.cand_mask[i]]].tolist()
+        hist = b.news_rows[b.hist_idx[i][b.hist_mask[i]]].tolist()
+        out.append(
+            (int(b.impression_ids[i]), int(b.click_pos[i]), cand, hist, b.labels[i].tolist())
+        )
+    return out
+
+
+def assert_batches_equal(xs, ys):
+    assert len(xs) == len(ys)
+    for a, b in zip(xs, ys):
+        for f in a.__dataclass_fields__:
+            assert torch.equal(getattr(a, f), getattr(b, f)), f
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_round_trip_two_ranks_two_workers(prepared):
+    root, manifest, shards, truth = prepared
+    bs, K, W = 8, 4, 2
+    all_clicks = {(i, p) for i, (_, _, _, lab) in truth.items() for p in np.flatnonzero(lab)}
+    per_epoch = {}
+    for epoch in (0, 1):
+        plan = epoch_plan(manifest, W, seed=3, epoch=epoch)
+        # every shard on exactly one rank; balanced within the largest shard's clicks
+        assert sorted(i for p in plan for i in p) == list(range(len(SIZES)))
+        shard_clicks = [sum(int(x[3].sum()) for x in s) for s in shards]
+        rank_clicks = [sum(shard_clicks[i] for i in p) for p in plan]
+        assert max(rank_clicks) - min(rank_clicks) <= max(shard_clicks)
+        n = batches_per_epoch(manifest, W, bs, seed=3, epoch=epoch)
+        assert n == math.ceil(max(rank_clicks) / bs)
+        seq = []
+        for rank in range(W):
+            loader = train_loader(
+                root, rank=rank, world_size=W, batch_size=bs, epoch=epoch, seed=3,
+                neg_k=K, shuffle_buffer=16, loader_workers=2,
+            )  # fmt: skip
+            batches = collect(loader)
+            assert len(batches) == n
+            assert loader.position == rank_clicks[rank] and loader.batches_done == n
+            rows = [r for b in batches for r in real_rows(b)]
+            assert len(rows) == rank_clicks[rank]
+            # real samples fill batches from the front: padding only at the end
+            mask = torch.cat([b.sample_mask for b in batches])
+            assert mask.tolist() == [True] * len(rows) + [False] * (n * bs - len(rows))
+            rank_imps = {x[0] for i in plan[rank] for x in shards[i]}
+            for iid, pos, cand, hist, labels in rows:
+                assert iid in rank_imps
+                _, t_hist, t_cand, t_lab = truth[iid]
+                assert t_lab[pos] == 1 and cand[0] == t_cand[pos]
+                assert len(cand) == 1 + K and labels == [1.0] + [0.0] * K
+                negatives = set(t_cand[t_lab == 0].tolist()) or {0}
+                assert set(cand[1:]) <= negatives
+                assert hist == t_hist.tolist()
+            for b in batches:
+                assert b.hist_idx.shape == (bs, 50) and b.cand_idx.shape == (bs, 1 + K)
+            seq += rows
+        keys = [(r[0], r[1]) for r in seq]
+        assert len(keys) == len(set(keys)) and set(keys) == all_clicks
+        per_epoch[epoch] = seq
+    # a new epoch: same sample set (checked above), new order and new negatives
+    assert [r[:2] for r in per_epoch[0]] != [r[:2] for r in per_epoch[1]]
+    neg0 = {r[:2]: r[2] for r in per_epoch[0]}
+    neg1 = {r[:2]: r[2] for r in per_epoch[1]}
+    assert sum(neg0[k] != neg1[k] for k in neg0) > len(neg0) // 2
+
+
+def test_shuffle_buffer_zero_is_shard_order(prepared):
+    root, manifest, shards, truth = prepared
+    plan = epoch_plan(manifest, 1, seed=0, epoch=0)[0]
+    expected = [
+        (iid, int(p)) for i in plan for iid, _, _, lab in shards[i] for p in np.flatnonzero(lab)
+    ]
+    loader = train_loader(
+        root, rank=0, world_size=1, batch_size=16, epoch=0, seed=0,
+        shuffle_buffer=0, loader_workers=0,
+    )  # fmt: skip
+    assert [r[:2] for b in loader for r in real_rows(b)] == expected
+
+
+def test_deterministic_and_resume(prepared):
+    root, manifest, _, _ = prepared
+    bs = 4
+    args = dict(rank=0, world_size=2, batch_size=bs, epoch=2, seed=5, shuffle_buffer=8)
+    for workers in (0, 2):
+        kw = dict(args, loader_workers=workers, chunk_size=5)  # small chunks: many rounds
+        full = collect(train_loader(root, **kw))
+        assert_batches_equal(full, collect(train_loader(root, **kw)))
+        total = sum(int(b.sample_mask.sum()) for b in full)
+        for k in (1, 3, 7):  # batch boundaries falling inside chunks of either worker
+            loader = train_loader(root, skip_samples=k * bs, **kw)
+            assert len(loader) == len(full) - k
+            tail = collect(loader)
+            assert_batches_equal(tail, full[k:])
+            assert loader.position == total
+        # resume after the rank ran out of samples and was yielding padding batches
+        last = len(full) - 1
+        assert not full[last].sample_mask.any()
+        tail = collect(train_loader(root, skip_samples=total, skip_batches=last, **kw))
+        assert_batches_equal(tail, full[last:])
+    with pytest.raises(ValueError, match="multiple of batch_size"):
+        train_loader(root, skip_samples=3, loader_workers=0, **args)
+
+
+def test_merged_skips_matches_round_robin():
+    counts, c = [7, 12, 0, 3], 3
+    merged = []  # simulate the DataLoader's round-robin merge of per-worker chunks
+    streams = [[(w, j) for j in range(n)] for w, n in enumerate(counts)]
+    for r in range(max(math.ceil(n / c) for n in counts)):
+        for s in streams:
+            merged += s[r * c : (r + 1) * c]
+    for n in range(sum(counts) + 1):
+        got = _merged_skips(counts, c, n)
+        assert got == [sum(1 for w, _ in merged[:n] if w == k) for k in range(len(counts))]
+    with pytest.raises(ValueError):
+        _merged_skips(counts, c, sum(counts) + 1)
+
+
+def test_dedup_same_encoder_inputs(prepared):
+    root, _, _, _ = prepared
+    kw = dict(rank=0, world_size=1, batch_size=8, epoch=0, seed=1, loader_workers=0)
+    table = NewsTable(root)
+    on = collect(train_loader(root, dedup=True, **kw))
+    off = collect(train_loader(root, dedup=False, **kw))
+    for a, b in zip(on, off):
+        assert torch.equal(a.impression_ids, b.impression_ids)
+        assert torch.equal(a.hist_mask, b.hist_mask) and torch.equal(a.cand_mask, b.cand_mask)
+        assert a.num_titles <= b.num_titles
+        for idx in ("hist_idx", "cand_idx"):
+            ia, ib = getattr(a, idx), getattr(b, idx)
+            L = max(a.tokens.shape[1], b.tokens.shape[1])
+            ta = torch.nn.functional.pad(a.tokens, (0, L - a.tokens.shape[1]))[ia]
+            tb = torch.nn.functional.pad(b.tokens, (0, L - b.tokens.shape[1]))[ib]
+            assert torch.equal(ta, tb)
+            for f in ("category", "subcategory", "sentiment"):
+                assert torch.equal(getattr(a, f)[ia], getattr(b, f)[ib])
+        real_hist = int(a.hist_mask.sum())
+        assert a.hist_count.sum() == real_hist and b.hist_count.sum() == real_hist
+        # occurrence weights: count of each unique row among real history slots
+        occ = Counter(a.news_rows[a.hist_idx[a.hist_mask]].tolist())
+        assert a.hist_count.tolist() == [occ.get(r, 0) for r in a.news_rows.tolist()]
+        # the encoder inputs are the table's rows
+        assert torch.equal(
+            a.tokens, torch.from_numpy(table.tokens[a.news_rows.numpy()][:, : a.tokens.shape[1]])
+        )
+
+
+def test_few_and_zero_negatives_and_history_truncation(tmp_path):
+    rng = np.random.default_rng(0)
+    few = make_impressions(rng, 6, 30, clicks=(1, 2), negs=(2, 2), hist_max=6)
+    none = make_impressions(rng, 4, 30, clicks=(1, 3), negs=(0, 0), first_id=500)
+    build_prepared(tmp_path, {"train": [few, none]}, n_news=30)
+    truth = {x[0]: x for x in few + none}
+    loader = train_loader(
+        tmp_path, rank=0, world_size=1, batch_size=5, epoch=0, seed=0, neg_k=4,
+        history_len=3, loader_workers=0,
+    )  # fmt: skip
+    rows = [r for b in loader for r in real_rows(b)]
+    assert len(rows) == sum(int(x[3].sum()) for x in truth.values())
+    n_pad = 0
+    for iid, pos, cand, hist, _ in rows:
+        _, t_hist, t_cand, t_lab = truth[iid]
+        assert cand[0] == t_cand[pos]
+        assert hist == t_hist[-3:].tolist()
+        if iid >= 500:
+            assert cand[1:] == [0, 0, 0, 0]
+            n_pad += 1
+        else:
+            negs = t_cand[t_lab == 0].tolist()
+            assert len(negs) == 2 and set(cand[1:]) <= set(negs)
+            assert len(set(cand[1:])) <= 2  # 4 draws from 2: with replacement
+    assert loader.padding_negatives == n_pad == sum(int(x[3].sum()) for x in none)
+
+
+def test_rank_without_shards_yields_padding(prepared):
+    root, manifest, _, _ = prepared
+    W = len(SIZES) + 2  # ranks 7 and 8 get no shard
+    n = batches_per_epoch(manifest, W, 4, seed=0, epoch=0)
+    plan = epoch_plan(manifest, W, seed=0, epoch=0)
+    assert plan[7] == [] and plan[8] == []
+    shard_clicks = [sum(int(x[3].sum()) for x in s) for s in prepared[2]]
+    assert n == math.ceil(max(shard_clicks[p[0]] for p in plan[:7]) / 4)  # one shard per rank
+    for workers in (0, 2):
+        loader = train_loader(
+            root, rank=8, world_size=W, batch_size=4, epoch=0, seed=0, loader_workers=workers
+        )
+        batches = collect(loader)
+        assert len(batches) == n
+        for b in batches:
+            assert not b.sample_mask.any() and not b.cand_mask.any()
+            assert b.cand_idx.shape == (4, 5) and b.hist_idx.shape == (4, 50)
+            assert b.hist_count.sum() == 0
+        assert loader.position == 0
+
+
+def test_eval_impressions(prepared):
+    root, _, _, _ = prepared
+    dev = list(eval_impressions(root, "dev"))
+    test = list(eval_impressions(root, "test"))
+    rng = np.random.default_rng(7)  # regenerate the fixture's ground truth
+    for n in SIZES:
+        make_impressions(rng, n, N_NEWS)
+    t_dev = make_impressions(rng, 4, N_NEWS, first_id=1000)
+    t_test = make_impressions(rng, 3, N_NEWS, first_id=2000)
+    for got, exp, labeled in ((dev, t_dev, True), (test, t_test, False)):
+        assert [s.impression_id for s in got] == [x[0] for x in exp]
+        for s, (_, hist, cand, label) in zip(got, exp):
+            assert s.hist.tolist() == hist.tolist() and s.cand.tolist() == cand.tolist()
+            assert s.labels.tolist() == (label if labeled else 0 * label).tolist()
+    train = list(eval_impressions(root, "train", shard_indices=[3, 1]))
+    assert [s.impression_id for s in train] == [x[0] for i in (3, 1) for x in prepared[2][i]]
+
+
+def test_errors(prepared, tmp_path):
+    root, _, shards, _ = prepared
+    with pytest.raises(FileNotFoundError, match="mtrec prepare"):
+        train_loader(tmp_path, rank=0, world_size=1, batch_size=4, epoch=0, seed=0)
+    # a shard listed in the manifest but missing on disk
+    build_prepared(tmp_path / "a", {"train": shards[:2]}, n_news=N_NEWS)
+    (tmp_path / "a/shards/train-000001.tar").unlink()
+    with pytest.raises(FileNotFoundError, match=r"train-000001\.tar.*mtrec prepare"):
+        train_loader(tmp_path / "a", rank=0, world_size=1, batch_size=4, epoch=0, seed=0)
+    # an object (pickled) array is refused, not unpickled
+    build_prepared(tmp_path / "b", {"train": shards[:1]}, n_news=N_NEWS)
+    with wds.TarWriter(str(tmp_path / "b/shards/train-000000.tar")) as w:
+        bad = io.BytesIO()
+        np.save(bad, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+        ok = np.array([1], dtype=np.int32)
+        w.write({"__key__": "1", "hist.npy": bad.getvalue(), "cand.npy": ok, "label.npy": ok})
+    with pytest.raises(DataError, match="sample 1: hist.npy is not a plain .npy"):
+        list(eval_impressions(tmp_path / "b", "train"))
+    with wds.TarWriter(str(tmp_path / "b/shards/train-000000.tar")) as w:
+        w.write({"__key__": "1", "hist.npy": ok, "cand.npy": b"", "label.npy": ok})
+    with pytest.raises(DataError, match="sample 1: cand.npy is not a plain .npy"):
+        list(eval_impressions(tmp_path / "b", "train"))
+    # the manifest's click count is checked against the shard
+    m = json.loads((tmp_path / "a/manifest.json").read_text())
+    m["splits"]["train"]["shards"] = m["splits"]["train"]["shards"][:1]
+    m["splits"]["train"]["shards"][0]["clicks"] += 1
+    (tmp_path / "a/manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match="manifest says"):
+        list(train_loader(tmp_path / "a", rank=0, world_size=1, batch_size=4, epoch=0, seed=0,
+                          loader_workers=0))  # fmt: skip
+    with pytest.raises(ValueError, match="rank 2"):
+        train_loader(root, rank=2, world_size=2, batch_size=4, epoch=0, seed=0)
+
+
+def test_collate_empty_padding_batch(prepared):
+    """collate() of no samples (the padding batch) keeps hist shape and masks everything."""
+    root = prepared[0]
+    b = collate([], NewsTable(root), batch_size=3, history_len=5)
+    assert b.hist_idx.shape == (3, 5) and not b.sample_mask.any() and b.news_rows.tolist() == [0]
+
+
+def _tarfile_oracle(path):
+    """Reference reader: the standard library's tarfile + np.load(allow_pickle=False)."""
+    out = []
+    with tarfile.open(path) as tf:
+        for m in tf.getmembers():
+            k, _, ext = m.name.rsplit("/", 1)[-1].partition(".")
+            if not out or out[-1][0] != k:
+                out.append((k, {}))
+            out[-1][1][ext] = np.load(io.BytesIO(tf.extractfile(m).read()), allow_pickle=False)
+    return out
+
+
+def test_tar_reader_matches_tarfile(prepared, tmp_path):
+    root, manifest, _, _ = prepared
+    paths = [root / sh["path"] for sp in manifest["splits"].values() for sh in sp["shards"]]
+    # plus long names (pax "path" records and GNU longname), 2-D and float arrays
+    arrays = {"hist.npy": np.arange(6, dtype=np.int64).reshape(2, 3),
+              "cand.npy": np.array([1.5, 2.5], dtype=np.float32), "label.npy": np.ones(2, np.uint8)}  # fmt: skip
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        p = tmp_path / f"long{fmt}.tar"
+        with tarfile.open(p, "w", format=fmt) as tf:
+            for key in ("7", "1" * 120):
+                for ext, a in arrays.items():
+                    buf = io.BytesIO()
+                    np.save(buf, a)
+                    info = tarfile.TarInfo(f"{'d' * 90}/{'e' * 30}/{key}.{ext}")
+                    info.size = len(buf.getvalue())
+                    tf.addfile(info, io.BytesIO(buf.getvalue()))
+        paths.append(p)
+    for p in paths:
+        got, exp = list(iter_shard(p)), _tarfile_oracle(p)
+        assert [k for k, _ in got] == [k for k, _ in exp]
+        for (_, a), (_, b) in zip(got, exp):
+            assert a.keys() == b.keys()
+            for m in a:
+                assert a[m].dtype == b[m].dtype and np.array_equal(a[m].reshape(b[m].shape), b[m])
+    # a flipped byte in a header is caught by the checksum
+    bad = tmp_path / "bad.tar"
+    data = bytearray(paths[0].read_bytes())
+    for offset, match in ((512 * 2 + 10, "checksum"), (512 * 3 + 12, "not a plain .npy")):
+        flipped = bytearray(data)
+        flipped[offset] ^= 1  # in the 2nd block pair: pax header, ustar header, .npy payload
+        bad.write_bytes(bytes(flipped))
+        with pytest.raises(DataError, match=match):
+            list(iter_shard(bad))
