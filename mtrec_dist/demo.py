@@ -44,7 +44,7 @@ def run_demo(out: Path, config: str | None = None, overrides: list[str] | None =
     run_training(cfg)
 
     print("[4/4] evaluate on dev", flush=True)
-    metrics = evaluate(cfg.run_dir, split="dev", max_impressions=cfg.eval.max_impressions)
+    metrics = evaluate(cfg.run_dir, split="dev", num_workers=1)
     ceiling = synth.get("ceiling", {}).get("dev", {})
     print()
     print(f"{'metric':<10}{'model':>10}{'ceiling':>10}")

@@ -19,14 +19,27 @@ from mtrec_dist.utils import atomic_write_json, sha256_file
 
 
 def _news_encoder(model: torch.nn.Module):
+    """The transformers BERT inside the model, LoRA adapters merged into plain weights."""
     enc = getattr(model, "encoder", None)
-    if enc is None:
-        enc = getattr(getattr(model, "news_encoder", None), "bert", None)
-    if enc is not None and hasattr(enc, "merge_and_unload"):  # peft LoRA wrapper
-        import copy
+    enc = getattr(enc, "bert", enc)
+    if enc is None or not hasattr(enc, "save_pretrained"):
+        return None
+    if not any("lora_" in n for n, _ in enc.named_parameters()):
+        return enc
+    import copy
 
-        enc = copy.deepcopy(enc).merge_and_unload()
-    return enc
+    merged = copy.deepcopy(enc)
+    for module in merged.modules():
+        if hasattr(module, "merge") and hasattr(module, "base_layer"):
+            module.merge()  # peft LoRA layer: W <- W + scale * B A
+    plain = type(enc)(enc.config, add_pooling_layer=False)
+    sd = {
+        k.replace(".base_layer.", "."): v
+        for k, v in merged.state_dict().items()
+        if "lora_" not in k
+    }
+    plain.load_state_dict(sd, strict=False)
+    return plain
 
 
 def export_run(

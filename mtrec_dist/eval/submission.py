@@ -1,0 +1,221 @@
+"""The MIND competition's submission format: write ``prediction.zip``, score one against truth.
+
+``prediction.txt`` has one line per impression, in the behaviors file's order::
+
+    <ImpressionID> [r1,r2,...]      r_i = 1-based rank of candidate i (1 = highest score)
+
+zipped alone as ``prediction.zip``. ``truth.txt`` (the organisers' side) has
+``<ImpressionID> [l1,l2,...]`` with 0/1 labels. The leaderboard scorer turns ranks back into
+scores as ``-rank`` and computes AUC/MRR/nDCG per impression (:mod:`mtrec_dist.eval.metrics`).
+
+Why validate while writing: a submission with a missing, duplicated or shuffled impression, or
+with a rank list that is not a permutation, is rejected (or silently mis-scored) by the
+leaderboard hours later; it is far cheaper to fail here, naming the impression. The zip is
+written to a temporary file and renamed, so a failure never leaves a partial zip behind.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import zipfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from mtrec_dist.data.tables import DataError
+from mtrec_dist.eval.metrics import compute_metrics, groups_by_size, stable_ranks
+
+PREDICTION_NAME = "prediction.txt"
+ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed entry time: the same predictions give the same zip bytes
+
+
+def ranks_from_scores(scores: Sequence[float] | np.ndarray) -> list[int]:
+    """1-based rank of each candidate (1 = highest score); ties broken by candidate order."""
+    s = np.asarray(scores, dtype=np.float64).reshape(1, -1)
+    return stable_ranks(s)[0].tolist()
+
+
+def ranks_grouped(scores: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Flat ranks for flat scores of impressions with ``sizes`` candidates (vectorised by size)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    out = np.empty(scores.shape, dtype=np.int64)
+    for _, _, flat in groups_by_size(sizes):
+        out[flat] = stable_ranks(scores[flat])
+    return out
+
+
+def format_line(impression_id: str, ranks: Sequence[int]) -> str:
+    return f"{impression_id} [{','.join(map(str, ranks))}]"
+
+
+class PredictionError(ValueError):
+    """A prediction stream or file is not a valid submission; the message names the impression."""
+
+
+def _check_ranks(imp: str, ranks: list[int], n_expected: int | None, where: str) -> None:
+    n = len(ranks)
+    if n_expected is not None and n != n_expected:
+        raise PredictionError(
+            f"{where}impression {imp}: {n} ranks, expected {n_expected} (one per candidate)"
+        )
+    if n == 0 or min(ranks) != 1 or max(ranks) != n or len(set(ranks)) != n:
+        shown = ranks if n <= 20 else ranks[:20] + ["..."]
+        raise PredictionError(
+            f"{where}impression {imp}: ranks {shown} are not a permutation of 1..{n}"
+        )
+
+
+def write_prediction(
+    lines: Iterable[tuple[str, Sequence[int]]],
+    out_zip_path: str | Path,
+    expected_ids: Sequence[str] | None = None,
+    expected_sizes: Sequence[int] | None = None,
+) -> Path:
+    """Validate ``(impression_id, ranks)`` pairs and write them as ``prediction.txt`` in a zip.
+
+    Checks: every expected impression exactly once and in order (when ``expected_ids`` is
+    given), every rank list a permutation of 1..n with n = ``expected_sizes[i]`` when given.
+    A failure raises :class:`PredictionError` (a ValueError) naming the impression; the final
+    path is only created (by an atomic rename) after every line passed.
+    """
+    out = Path(out_zip_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    exp_ids = [str(x) for x in expected_ids] if expected_ids is not None else None
+    exp_pos = {x: i for i, x in enumerate(exp_ids)} if exp_ids is not None else None
+    if exp_ids is not None and len(exp_pos) != len(exp_ids):
+        raise ValueError("expected_ids lists an impression more than once")
+    if exp_ids is not None and expected_sizes is not None and len(expected_sizes) != len(exp_ids):
+        raise ValueError("expected_ids and expected_sizes differ in length")
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        seen: set[str] = set()
+        n_lines = 0
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            info = zipfile.ZipInfo(PREDICTION_NAME, date_time=ZIP_TIME)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with zf.open(info, "w") as raw:
+                f = io.TextIOWrapper(raw, encoding="utf-8", newline="\n")
+                for i, (imp, ranks) in enumerate(lines):
+                    imp = str(imp)
+                    ranks = ranks.tolist() if isinstance(ranks, np.ndarray) else list(ranks)
+                    if exp_ids is not None:
+                        _check_order(imp, i, exp_ids, exp_pos, seen)
+                    elif imp in seen:
+                        raise PredictionError(f"impression {imp}: appears more than once")
+                    seen.add(imp)
+                    n_exp = None if expected_sizes is None else int(expected_sizes[i])
+                    _check_ranks(imp, ranks, n_exp, "")
+                    f.write(format_line(imp, ranks) + "\n")
+                    n_lines += 1
+                if exp_ids is not None and n_lines < len(exp_ids):
+                    raise PredictionError(
+                        f"impression {exp_ids[n_lines]} missing: the prediction ends after "
+                        f"{n_lines} of {len(exp_ids)} impressions"
+                    )
+                if expected_sizes is not None and n_lines != len(expected_sizes):
+                    raise PredictionError(
+                        f"{n_lines} impressions written, expected {len(expected_sizes)}"
+                    )
+                f.flush()
+                f.detach()
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _check_order(imp: str, i: int, exp_ids: list[str], exp_pos: dict[str, int], seen: set) -> None:
+    if i >= len(exp_ids):
+        raise PredictionError(
+            f"impression {imp}: line {i + 1} is beyond the {len(exp_ids)} expected impressions"
+        )
+    if imp == exp_ids[i]:
+        return
+    if imp in seen:
+        raise PredictionError(f"impression {imp}: appears more than once (again at line {i + 1})")
+    if imp not in exp_pos:
+        raise PredictionError(f"impression {imp} (line {i + 1}) is not an expected impression")
+    raise PredictionError(
+        f"impression {exp_ids[i]} missing or out of order: expected it at line {i + 1}, "
+        f"got impression {imp}"
+    )
+
+
+# ------------------------------------------------------------------------------ reading / scoring
+
+
+def _read_text(path: Path) -> list[str]:
+    """Lines of a .txt file, or of the single .txt inside a .zip (prediction.zip)."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            names = [n for n in zf.namelist() if not n.endswith("/")]
+            txt = [n for n in names if n.rsplit("/", 1)[-1] == PREDICTION_NAME] or names
+            if len(txt) != 1:
+                raise DataError(path, None, f"expected one prediction.txt in the zip, got {names}")
+            data = zf.read(txt[0])
+    else:
+        data = path.read_bytes()
+    return data.decode("utf-8").splitlines()
+
+
+def read_bracket_file(path: str | Path) -> tuple[list[str], list[np.ndarray]]:
+    """``ImpressionID [a,b,...]`` lines -> (ids, int arrays); blank lines are ignored."""
+    path = Path(path)
+    ids: list[str] = []
+    values: list[np.ndarray] = []
+    for line_no, line in enumerate(_read_text(path), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        imp, _, rest = line.partition(" ")
+        rest = rest.strip()
+        if not imp or not (rest.startswith("[") and rest.endswith("]")):
+            raise DataError(path, line_no, "expected 'ImpressionID [v1,v2,...]'")
+        body = rest[1:-1].strip()
+        try:
+            vals = np.array([int(v) for v in body.split(",")] if body else [], dtype=np.int64)
+        except ValueError:
+            raise DataError(
+                path, line_no, f"impression {imp}: expected integers in {rest}"
+            ) from None
+        ids.append(imp)
+        values.append(vals)
+    return ids, values
+
+
+def score_submission(pred_path: str | Path, truth_path: str | Path) -> dict:
+    """Score ``prediction.zip``/``.txt`` against ``truth.txt`` like the leaderboard (score = -rank).
+
+    The two files must list the same impressions in the same order; the first difference is
+    named (with both files' line contents) and raises :class:`PredictionError`.
+    """
+    p_ids, p_ranks = read_bracket_file(pred_path)
+    t_ids, t_labels = read_bracket_file(truth_path)
+    for i, (a, b) in enumerate(zip(p_ids, t_ids)):
+        if a != b:
+            raise PredictionError(
+                f"{pred_path} and {truth_path} disagree at impression #{i + 1}: "
+                f"prediction has {a}, truth has {b}"
+            )
+    if len(p_ids) != len(t_ids):
+        longer, name = (p_ids, pred_path) if len(p_ids) > len(t_ids) else (t_ids, truth_path)
+        k = min(len(p_ids), len(t_ids))
+        raise PredictionError(
+            f"{pred_path} has {len(p_ids)} impressions, {truth_path} has {len(t_ids)}: "
+            f"impression {longer[k]} is only in {name}"
+        )
+    for imp, r, y in zip(p_ids, p_ranks, t_labels):
+        _check_ranks(imp, r.tolist(), len(y), f"{pred_path}: ")
+        if not np.isin(y, (0, 1)).all():
+            raise PredictionError(f"{truth_path}: impression {imp}: labels must be 0 or 1")
+    sizes = np.array([len(y) for y in t_labels], dtype=np.int64)
+    labels = np.concatenate(t_labels) if t_labels else np.zeros(0)
+    scores = -np.concatenate(p_ranks).astype(np.float64) if p_ranks else np.zeros(0)
+    return compute_metrics(labels, scores, sizes)

@@ -1,0 +1,112 @@
+"""prediction.zip writer validation and the leaderboard-style scorer."""
+
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+import pytest
+
+from mtrec_dist.eval.metrics import compute_metrics_lists
+from mtrec_dist.eval.submission import (
+    PredictionError,
+    ranks_from_scores,
+    ranks_grouped,
+    score_submission,
+    write_prediction,
+)
+
+IDS = ["1", "2", "3", "10"]
+SIZES = [3, 2, 4, 1]
+GOOD = [("1", [2, 1, 3]), ("2", [1, 2]), ("3", [4, 3, 2, 1]), ("10", [1])]
+
+
+def test_ranks_from_scores_ties_by_candidate_order():
+    # scores 0.2 0.9 0.2 0.9: the two 0.9s take ranks 1, 2 in candidate order; then the 0.2s.
+    assert ranks_from_scores([0.2, 0.9, 0.2, 0.9]) == [3, 1, 4, 2]
+    assert ranks_from_scores([5.0]) == [1]
+    assert ranks_from_scores([1, 1, 1]) == [1, 2, 3]
+    flat = np.array([0.2, 0.9, 0.2, 0.9, 3.0, -1.0, 1.0])
+    assert ranks_grouped(flat, np.array([4, 3])).tolist() == [3, 1, 4, 2, 1, 3, 2]
+
+
+def test_writer_writes_exactly_prediction_txt(tmp_path):
+    out = write_prediction(GOOD, tmp_path / "prediction.zip", IDS, SIZES)
+    with zipfile.ZipFile(out) as zf:
+        assert zf.namelist() == ["prediction.txt"]
+        text = zf.read("prediction.txt").decode()
+    assert text == "1 [2,1,3]\n2 [1,2]\n3 [4,3,2,1]\n10 [1]\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["prediction.zip"]  # no temp file left
+
+
+@pytest.mark.parametrize(
+    "lines, named",
+    [
+        (GOOD[:2] + GOOD[3:], "impression 3 missing"),  # 3 missing
+        (GOOD[:3], "impression 10 missing"),  # last missing
+        (GOOD[:2] + [GOOD[1]] + GOOD[2:], "impression 2: appears more than once"),
+        ([GOOD[1], GOOD[0]] + GOOD[2:], "impression 1 missing or out of order"),
+        (GOOD[:2] + [("3", [4, 3, 3, 1])] + GOOD[3:], "impression 3: ranks .* not a permutation"),
+        (GOOD[:2] + [("3", [0, 1, 2, 3])] + GOOD[3:], "impression 3: ranks .* not a permutation"),
+        (GOOD[:1] + [("2", [1, 2, 3])] + GOOD[2:], "impression 2: 3 ranks, expected 2"),
+        (GOOD + [("11", [1])], "impression 11: line 5 is beyond"),
+        (GOOD[:3] + [("99", [1])], "impression 99 .* not an expected impression"),
+    ],
+)
+def test_writer_rejects_and_leaves_no_zip(tmp_path, lines, named):
+    out = tmp_path / "prediction.zip"
+    with pytest.raises(PredictionError, match=named):
+        write_prediction(lines, out, IDS, SIZES)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_without_expectations_still_checks_duplicates_and_permutations(tmp_path):
+    with pytest.raises(PredictionError, match="impression 1: appears more than once"):
+        write_prediction([GOOD[0], GOOD[0]], tmp_path / "p.zip")
+    with pytest.raises(PredictionError, match="impression 2: ranks"):
+        write_prediction([("2", [2, 2])], tmp_path / "p.zip")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _truth(tmp_path, labels):
+    p = tmp_path / "truth.txt"
+    p.write_text("".join(f"{i} [{','.join(map(str, y))}]\n" for i, y in zip(IDS, labels)))
+    return p
+
+
+def test_score_submission_of_perfect_and_given_predictions(tmp_path):
+    labels = [[0, 1, 0], [1, 0], [0, 0, 1, 1], [1]]
+    truth = _truth(tmp_path, labels)
+    # perfect prediction: clicked first (ranks from the labels themselves)
+    perfect = [(i, ranks_from_scores(y)) for i, y in zip(IDS, labels)]
+    write_prediction(perfect, tmp_path / "perfect.zip", IDS, SIZES)
+    res = score_submission(tmp_path / "perfect.zip", truth)
+    ref = compute_metrics_lists(labels, [np.array(y, float) for y in labels])
+    assert res == ref
+    # by hand: AUC 1 wherever defined, nDCG 1; MRR 1 except impression 3 (two clicks at ranks
+    # 1 and 2: (1 + 1/2) / 2 = 3/4) -> (1 + 1 + 3/4 + 1) / 4 = 15/16.
+    assert (res["auc"], res["mrr"], res["ndcg@10"]) == (1.0, 15 / 16, 1.0)
+    assert res["auc_skipped"] == 1  # impression 10 has one candidate
+
+    # an arbitrary prediction scores as -rank: e.g. impression 1 ranks [2,1,3] -> click at rank 1
+    write_prediction(GOOD, tmp_path / "p.zip", IDS, SIZES)
+    res = score_submission(tmp_path / "p.zip", truth)
+    ref = compute_metrics_lists(labels, [-np.array(r, float) for _, r in GOOD])
+    assert res == ref
+    # by hand: AUC over impressions 1, 2, 3 = (1 + 1 + 1) / 3; MRR: imp 1 -> 1, imp 2 -> 1,
+    # imp 3 (clicks ranked 2 and 1) -> (1/2 + 1) / 2 = 3/4, imp 10 -> 1: mean = 15/16.
+    assert res["auc"] == pytest.approx(1.0) and res["mrr"] == pytest.approx(15 / 16)
+
+
+def test_score_submission_names_first_differing_impression(tmp_path):
+    truth = _truth(tmp_path, [[0, 1, 0], [1, 0], [0, 0, 1, 1], [1]])
+    pred = tmp_path / "prediction.txt"
+    pred.write_text("1 [2,1,3]\n3 [4,3,2,1]\n2 [1,2]\n10 [1]\n")
+    with pytest.raises(PredictionError, match="impression #2: prediction has 3, truth has 2"):
+        score_submission(pred, truth)
+    pred.write_text("1 [2,1,3]\n2 [1,2]\n3 [4,3,2,1]\n")
+    with pytest.raises(PredictionError, match="impression 10 is only in .*truth.txt"):
+        score_submission(pred, truth)
+    pred.write_text("1 [2,1,3]\n2 [1,2]\n3 [4,3,2]\n10 [1]\n")
+    with pytest.raises(PredictionError, match="impression 3: 3 ranks, expected 4"):
+        score_submission(pred, truth)
