@@ -60,6 +60,8 @@ class ModelConfig:
     # "tiny" = a random 2-layer BERT (hidden 32) for tests and smoke runs, MiniLM's tokenizer;
     # anything else = a local folder holding a BERT-family checkpoint (nothing is downloaded).
     encoder: str = "minilm"
+    # Encoder hidden/attention dropout; -1 keeps the checkpoint's own (0.1 for BERT and MiniLM).
+    dropout: float = -1.0
     # Query dimension of additive attention (200 in MTRec, Appendix A).
     query_dim: int = 200
     # Tasks switched on; the main task is always on.

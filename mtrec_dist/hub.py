@@ -74,11 +74,21 @@ def tokenizer_fingerprint(tok) -> dict:
     return {"name": type(tok).__name__, "vocab_size": len(vocab), "vocab_hash": h}
 
 
-def load_encoder(name: str):
-    """A transformers ``AutoModel`` for ``name`` (random weights for ``tiny``)."""
-    from transformers import AutoModel, BertConfig, BertModel
+def load_encoder(name: str, dropout: float = -1.0):
+    """A transformers ``AutoModel`` for ``name`` (random weights for ``tiny``).
 
+    ``dropout`` >= 0 overrides the checkpoint's hidden and attention dropout (0 makes forward
+    passes deterministic, which the N-workers == 1-process tests rely on).
+    """
+    from transformers import AutoConfig, AutoModel, BertConfig, BertModel
+
+    extra = (
+        {}
+        if dropout < 0
+        else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+    )
     if name == "tiny":
-        tok_vocab = 30522
-        return BertModel(BertConfig(vocab_size=tok_vocab, **TINY), add_pooling_layer=False)
-    return AutoModel.from_pretrained(str(resolve_encoder(name)), add_pooling_layer=False)
+        return BertModel(BertConfig(vocab_size=30522, **TINY, **extra), add_pooling_layer=False)
+    path = str(resolve_encoder(name))
+    config = AutoConfig.from_pretrained(path, **extra)
+    return AutoModel.from_pretrained(path, config=config, add_pooling_layer=False)

@@ -74,12 +74,12 @@ def apply_lora(bert: nn.Module, cfg: ModelConfig) -> nn.Module:
 
 
 def build_news_encoder(cfg: ModelConfig, encoder: nn.Module | None = None) -> NewsEncoder:
-    """The model's news encoder: ``encoder`` if given, else ``hub.load_encoder(cfg.encoder)``;
+    """The model's news encoder: ``encoder`` if given, else ``hub.load_encoder(cfg.encoder, cfg.dropout)``;
     LoRA applied when ``cfg.lora``."""
     if encoder is None:
         from mtrec_dist.hub import load_encoder
 
-        encoder = load_encoder(cfg.encoder)
+        encoder = load_encoder(cfg.encoder, cfg.dropout)
     if cfg.lora:
         encoder = apply_lora(encoder, cfg)
     return NewsEncoder(encoder)

@@ -157,7 +157,7 @@ class UNBERT(nn.Module):
         if encoder is None:
             from mtrec_dist.hub import load_encoder
 
-            encoder = load_encoder(cfg.encoder)
+            encoder = load_encoder(cfg.encoder, cfg.dropout)
         bcfg = encoder.config
         self.max_len = min(int(cfg.unbert_max_len), int(bcfg.max_position_embeddings))
         if self.max_len < 4:

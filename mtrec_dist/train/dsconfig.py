@@ -113,8 +113,8 @@ def resolve_deepspeed(cfg: Config, world_size: int | None = None) -> dict:
         raise ConfigError(f"{src}: zero_optimization.stage must be 0, 1, 2 or 3")
     if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
         raise ConfigError(f"{src}: bf16.enabled and fp16.enabled are both true; pick one")
-    # A fused surgery step reads per-group gradients; DeepSpeed's gradient clipping would act on
-    # each group separately, so clipping is applied by us to the combined gradient instead.
+    # gradient_clipping is DeepSpeed's and acts once, on the combined (post-surgery) gradient:
+    # the surgery writes into DeepSpeed's buffer before the single engine.step().
     left = _find_auto(ds)
     if left:
         raise ConfigError(f"{src}: no value for 'auto' at {', '.join(left)}")

@@ -1,0 +1,337 @@
+"""Per-group gradients under DeepSpeed ZeRO 0/1/2/3 and one fused surgery step (DESIGN.md §4).
+
+This is the only module that knows DeepSpeed's gradient buffers (DeepSpeed 0.19.8).
+
+Route delivered: **in place on the partition** (route 1), on every stage. Per micro-batch there
+is one forward and one ``engine.backward`` per gradient group (``retain_graph`` between them),
+each with the accumulation boundary set, so DeepSpeed reduces that group's gradient across
+workers into this rank's partition with its own scaling (÷ world size, ÷ accumulation steps).
+The reduced partition is then read where the optimizer step would read it:
+
+- ZeRO 0: ``param.grad`` (all-reduced, replicated on every rank),
+- ZeRO 1/2: ``optimizer.averaged_gradients[i]`` (per-parameter slices of this rank's partition,
+  built by ``independent_gradient_partition_epilogue`` at the boundary; ``step`` flattens them),
+- ZeRO 3: ``optimizer.grad_partitions_flat_buffer`` (this rank's fp32 partition of every param),
+
+copied out into our buffer for the group, and DeepSpeed's gradient state is discarded the way
+DeepSpeed itself discards an overflowed step (``zero_grad`` + ``averaged_gradients = None``), so
+the next group's backward starts clean. The last group of the last micro-batch stays in
+DeepSpeed's buffer; there we form, in place, ``g = Σ_t c_t g_t`` and call ``engine.step()``, so
+DeepSpeed's clipping, scheduler and bookkeeping act once on the combined gradient.
+
+The Gram matrix comes from partial dot products over this rank's partition (the shared params
+only under scope ``shared``) and one all-reduce of T² float64 values. Under ZeRO 0 the gradient
+is replicated, so each rank sums only the tensors it owns (tensor j on rank j mod W): no replica
+is counted W times. The coefficients are computed from the all-reduced matrix, which is
+identical on every rank, so every rank applies the same combination.
+
+Communication: T reductions per micro-batch (ZeRO 2/3 reduce every micro-batch anyway, so this
+is the volume of T ordinary steps; ZeRO 0/1, which normally reduce once per optimizer step, pay
+T·gas instead of T when gradient accumulation is on). Extra memory: a [T−1, n] float buffer (n =
+local partition elements) when ``gradient_accumulation_steps == 1``; with accumulation the last
+group also needs an accumulator ([T, n]), because DeepSpeed's own buffer is cleared between
+groups. ``stats['surgery/extra_bytes']`` reports it.
+
+Not supported (raises): CPU/NVMe offload, pipeline parallelism, ``managed_gradient_accumulation:
+false``. fp16 dynamic loss scaling is not tested (the coefficients are scale-invariant, but an
+overflow in a non-final group is not detected).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from mtrec_dist.train import surgery
+
+
+@dataclass
+class _Slot:
+    """One tensor of this rank's gradient partition, as DeepSpeed will consume it."""
+
+    view: torch.Tensor  # [n_j] 1-D view into DeepSpeed's buffer
+    offset: int  # where it lives in our flat buffers
+    shared: bool  # counts in the Gram / gets the surgery coefficients
+    owned: bool  # this rank contributes it to the partial Gram (ZeRO 0: one replica only)
+
+
+class MultiTaskGradients:
+    """Per-group gradients → Gram → coefficients → fused combination → ``engine.step()``.
+
+    ``backward(group_losses)`` once per micro-batch (after one forward); ``step()`` at the
+    accumulation boundary. ``groups`` fixes the order of the Gram matrix; ``shared_names`` are
+    the names (as in ``model.named_parameters()``) that scope ``shared`` operates on.
+    """
+
+    def __init__(
+        self,
+        engine,
+        model: torch.nn.Module,
+        groups: list[str],
+        mode: str,
+        scope: str = "shared",
+        shared_names: set[str] | None = None,
+        seed: int = 0,
+    ) -> None:
+        if scope not in ("shared", "all"):
+            raise ValueError(f"trainer.surgery_scope={scope!r}; allowed: shared, all")
+        if mode not in surgery.METHODS:
+            raise ValueError(
+                f"trainer.surgery={mode!r} is not a surgery method; allowed: "
+                f"{', '.join(surgery.METHODS)}"
+            )
+        if not groups:
+            raise ValueError("MultiTaskGradients needs at least one gradient group")
+        if not engine.managed_gradient_accumulation():
+            raise ValueError(
+                "DeepSpeed config: managed_gradient_accumulation must be true (the default)"
+            )
+        if getattr(engine, "pipeline_parallelism", False):
+            raise ValueError("DeepSpeed pipeline parallelism is not supported by the surgery")
+        if engine.zero_cpu_offload() or engine.zero_nvme_offload_optimizer():
+            raise ValueError(
+                "DeepSpeed config: zero_optimization.offload_optimizer is not supported by the "
+                "fused surgery (gradients must stay in device memory)"
+            )
+        self.engine, self.model, self.groups, self.mode = engine, model, list(groups), mode
+        self.scope, self.seed = scope, seed
+        self.stage = int(engine.zero_optimization_stage())
+        self.gas = int(engine.gradient_accumulation_steps())
+        names = {id(p): n for n, p in model.named_parameters()}
+        shared = set(shared_names or ())
+        if scope == "shared" and not shared:
+            raise ValueError("trainer.surgery_scope=shared but the model names no shared params")
+        self._is_shared = {
+            pid: (scope == "all" or n in shared) for pid, n in names.items()
+        }  # param id -> shared?
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._rank = dist.get_rank() if dist.is_initialized() else 0
+        self._world = dist.get_world_size() if dist.is_initialized() else 1
+        self._bufs: torch.Tensor | None = None  # [T−1 or T, n] per-group accumulators
+        self._segments: list[tuple[int, int]] | None = None  # shared+owned ranges in _bufs
+        self._micro = 0
+        self._overhead = 0.0  # seconds spent outside backward/step (copies, Gram, combination)
+        self._steps = 0
+
+    # --- DeepSpeed's buffers, per stage --------------------------------------------------
+    def _slots(self) -> list[_Slot]:
+        """This rank's reduced gradient partition as 1-D views DeepSpeed's step will read."""
+        opt = self.engine.optimizer
+        views: list[tuple[torch.Tensor, bool, bool]] = []
+        if self.stage == 0:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            for j, p in enumerate(params):
+                if p.grad is None:  # a group that does not reach p: its gradient is 0
+                    p.grad = torch.zeros_like(p)
+                owned = j % self._world == self._rank
+                views.append((p.grad.view(-1), self._is_shared[id(p)], owned))
+        elif self.stage in (1, 2):
+            for i, params in enumerate(opt.params_in_partition):
+                tensors = opt.averaged_gradients.get(i)
+                if tensors is None or hasattr(tensors, "flat_partition"):
+                    raise RuntimeError(
+                        f"ZeRO-{self.stage}: no per-parameter gradient partition for group {i} "
+                        "(compact/offload buffers are not supported)"
+                    )
+                # One slice per param of the partition, in order, with zero pads between
+                # (marked ``_zero_padding``) or after them (the unpadded layout's tail).
+                it = iter(params)
+                for t in tensors:
+                    p = None if getattr(t, "_zero_padding", False) else next(it, None)
+                    if p is None:
+                        views.append((t.view(-1), False, False))  # zeros, never read
+                    else:
+                        views.append((t.view(-1), self._is_shared[id(p)], True))
+        else:
+            flat = opt.grad_partitions_flat_buffer
+            off = 0
+            for group in opt.fp16_groups:
+                for p in group:
+                    n = p.partition_numel()
+                    views.append((flat.narrow(0, off, n), self._is_shared[id(p)], True))
+                    off += n
+        slots, off = [], 0
+        for v, s, o in views:
+            slots.append(_Slot(v, off, s, o))
+            off += v.numel()
+        return slots
+
+    def _discard(self) -> None:
+        """Clear DeepSpeed's gradient state, as DeepSpeed does for a skipped (overflow) step."""
+        opt = self.engine.optimizer
+        if self.stage == 0:
+            for p in self.model.parameters():
+                p.grad = None
+        elif self.stage in (1, 2):
+            opt.zero_grad(set_to_none=True)
+            opt._release_preflattened_grad_buffers()
+            for k in list(opt.averaged_gradients.keys()):
+                opt.averaged_gradients[k] = None
+                opt.all_grad_tensors[k] = None
+        else:
+            opt.zero_grad(set_to_none=True)  # also resets micro_step_id and the epilogue flag
+            opt.grad_partitions_flat_buffer.zero_()
+            opt.averaged_gradients = {}
+            # The gradient-hook counters are reset only by forward(); without this the next
+            # backward over the retained graph reuses the first one's counts, its epilogue
+            # misses the last bucket, and those gradients are reduced again next step.
+            opt.clear_backward_seen_flag()
+
+    # --- public API ------------------------------------------------------------------------
+    def backward(self, group_losses: dict[str, torch.Tensor]) -> None:
+        """One backward per group for the micro-batch just forwarded; reduce and set aside."""
+        if set(group_losses) != set(self.groups):
+            raise ValueError(
+                f"group losses {sorted(group_losses)} do not match the configured gradient "
+                f"groups {self.groups} (model.groups)"
+            )
+        t_n = len(self.groups)
+        last_micro = self._micro == self.gas - 1
+        if self.stage == 3 and self._micro == 0:
+            # ZeRO-3 never clears its partition buffer after a step: the first backward of a
+            # step *copies* over the slots of the params it reaches, and the others (a head the
+            # group does not use) would keep the previous step's gradient.
+            self.engine.optimizer.grad_partitions_flat_buffer.zero_()
+        for t, g in enumerate(self.groups):
+            self.engine.set_gradient_accumulation_boundary(True)  # reduce this group now
+            with self._params_for_backward(t):
+                self.engine.backward(group_losses[g], retain_graph=t < t_n - 1)
+            if t == t_n - 1 and last_micro:
+                break  # stays in DeepSpeed's buffer: step() combines into it
+            t0 = time.perf_counter()
+            slots = self._slots()
+            bufs = self._buffers(slots)
+            row = bufs[t]
+            first = self._micro == 0
+            for s in slots:
+                dst = row.narrow(0, s.offset, s.view.numel())
+                if first:
+                    dst.copy_(s.view)
+                else:
+                    dst.add_(s.view)
+            self._discard()
+            self._overhead += time.perf_counter() - t0
+        self._micro += 1
+
+    def _params_for_backward(self, t: int):
+        """ZeRO-3 re-gathers parameters only in the first backward through a graph (its
+        pre-backward hooks run once; DeepSpeed#3539, fix PRs #8045/#8135 unmerged in 0.19.8), so
+        later backward passes over the retained graph would see released (empty) weights. Gather
+        them for those passes: the transient memory of the full parameters, as the PRs do."""
+        if self.stage != 3 or t == 0:
+            return contextlib.nullcontext()
+        import deepspeed
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        # only the released ones: re-partitioning an available (persistent) parameter on exit
+        # would leave its gradient hooks to add a stale gradient into the next step
+        gone = [p for p in self._params if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+        return deepspeed.zero.GatheredParameters(gone) if gone else contextlib.nullcontext()
+
+    def _buffers(self, slots: list[_Slot]) -> torch.Tensor:
+        n = slots[-1].offset + slots[-1].view.numel() if slots else 0
+        rows = len(self.groups) - (1 if self.gas == 1 else 0)
+        if self._bufs is None or self._bufs.shape != (rows, n):
+            ref = slots[0].view
+            self._bufs = torch.zeros(rows, n, dtype=ref.dtype, device=ref.device)
+            segs: list[tuple[int, int]] = []
+            for s in slots:
+                if not (s.shared and s.owned) or s.view.numel() == 0:
+                    continue
+                if segs and segs[-1][0] + segs[-1][1] == s.offset:
+                    segs[-1] = (segs[-1][0], segs[-1][1] + s.view.numel())
+                else:
+                    segs.append((s.offset, s.view.numel()))
+            self._segments = segs
+        return self._bufs
+
+    def step(self) -> dict[str, float]:
+        """At the accumulation boundary: Gram, coefficients, fused combination, optimizer step."""
+        if self._micro != self.gas:
+            raise RuntimeError(
+                f"step() after {self._micro} micro-batches; expected gradient_accumulation_steps"
+                f" = {self.gas}"
+            )
+        t0 = time.perf_counter()
+        t_n = len(self.groups)
+        slots = self._slots()
+        last = t_n - 1
+        if t_n > 1 or self.gas > 1:
+            bufs = self._buffers(slots)
+            if self.gas > 1:  # fold the last group's earlier micro-batches into DeepSpeed's
+                for s in slots:
+                    s.view.add_(bufs[last].narrow(0, s.offset, s.view.numel()))
+            held = bufs[:last]  # [T−1, n] groups 0..T−2
+        else:
+            held = None
+        gram = self._gram(slots, held)
+        proj = surgery.projection(self.mode, gram, self.groups, seed=self.seed, step=self._steps)
+        c = proj.sum(0)
+        if held is not None and t_n > 1:
+            c_rest = c[:last].to(held.dtype).to(held.device)
+            ones = torch.ones_like(c_rest)
+            c_last = float(c[last])
+            for s in slots:
+                n = s.view.numel()
+                if n == 0:
+                    continue
+                mat = held[:, s.offset : s.offset + n].t()  # [n, T−1]
+                if s.shared:
+                    s.view.addmv_(mat, c_rest, beta=c_last)  # g = c_T g_T + Σ c_t g_t
+                else:
+                    s.view.addmv_(mat, ones)  # non-shared (heads): plain sum
+        elif float(c[last]) != 1.0:
+            for s in slots:
+                if s.shared:
+                    s.view.mul_(float(c[last]))
+        extra = 0 if self._bufs is None else self._bufs.numel() * self._bufs.element_size()
+        n_local = sum(s.view.numel() for s in slots)
+        overhead = self._overhead + time.perf_counter() - t0
+        self.engine.step()
+        self._micro, self._overhead = 0, 0.0
+        self._steps += 1
+        return self._stats(gram, proj, c, overhead, extra, n_local)
+
+    def _gram(self, slots: list[_Slot], held: torch.Tensor | None) -> torch.Tensor:
+        """All-reduced T×T Gram matrix of the global group gradients (float64)."""
+        t_n = len(self.groups)
+        dev = slots[0].view.device if slots else torch.device("cpu")
+        gram = torch.zeros(t_n, t_n, dtype=torch.float64, device=dev)
+        last = t_n - 1
+        if held is not None and t_n > 1:
+            for off, n in self._segments or []:
+                blk = held[:, off : off + n]  # [T−1, n]
+                gram[:last, :last] += (blk @ blk.t()).double()
+        for s in slots:
+            if not (s.shared and s.owned) or s.view.numel() == 0:
+                continue
+            v = s.view
+            if held is not None and t_n > 1:
+                cross = (held[:, s.offset : s.offset + v.numel()] @ v).double()  # [T−1]
+                gram[:last, last] += cross
+            gram[last, last] += torch.dot(v, v).double()
+        gram[last, :last] = gram[:last, last]
+        if self._world > 1:
+            dist.all_reduce(gram)
+        return gram.cpu()
+
+    def _stats(self, gram, proj, c, overhead, extra, n_local) -> dict[str, float]:
+        st: dict[str, float] = {}
+        for k, g in enumerate(self.groups):
+            st[f"grad/norm/{g}"] = max(float(gram[k, k]), 0.0) ** 0.5
+            st[f"grad/coef/{g}"] = float(c[k])
+        if len(self.groups) >= 2:
+            st["grad/cos_before"] = surgery.cosine(gram, 0, 1)
+            st["grad/conflict"] = float(gram[0, 1] < 0)
+        for k, v in surgery.combined_gram_stats(gram, proj).items():
+            st[f"grad/{k}"] = v
+        st["surgery/time_s"] = overhead
+        st["surgery/extra_bytes"] = float(extra)
+        st["surgery/partition_elems"] = float(n_local)
+        elem = 4 if self._bufs is None else self._bufs.element_size()
+        st["surgery/extra_over_partition"] = extra / max(1, n_local * elem)
+        return st
