@@ -55,7 +55,7 @@ def _explicit(model, batches, groups, mode):
     else:
         comb = gm + ga
     out, off = [], 0
-    for (n, p), s, am, aa in zip(named, sel, gs["main"], gs["aux"]):
+    for (_, p), s, am, aa in zip(named, sel, gs["main"], gs["aux"]):
         if s:
             out.append(comb[off : off + p.numel()].view_as(p).float())
             off += p.numel()
