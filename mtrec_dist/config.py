@@ -108,6 +108,11 @@ class TrainerConfig:
     lr: float = 2.0e-5
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
+    # Max global L2 norm of the combined (post-surgery) gradient; 0 = no clipping (the papers).
+    # DeepSpeed's own default is 1.0: this value always overrides it.
+    grad_clip: float = 0.0
+    # AdamW epsilon (1e-8 as in BERT; larger values damp the updates of near-zero gradients).
+    adam_eps: float = 1.0e-8
     # Gradient surgery: none | mtrec | pcgrad | aux_only; scope: shared | all.
     surgery: str = "mtrec"
     surgery_scope: str = "shared"

@@ -1,7 +1,7 @@
 """Resolve and validate a DeepSpeed JSON before any worker starts.
 
-The YAML config owns the batch arithmetic and the optimizer/schedule (configured once in
-``trainer.*``); the DeepSpeed JSON owns DeepSpeed settings only (ZeRO stage, precision,
+The YAML config owns the batch arithmetic, gradient clipping and the optimizer/schedule
+(configured once in ``trainer.*``); the DeepSpeed JSON owns DeepSpeed settings only (ZeRO stage, precision,
 buckets, offload). Fields the YAML owns may be written ``"auto"`` in the JSON and are filled in
 here, because raw DeepSpeed does not resolve ``"auto"``. An explicit value that contradicts the
 YAML is an error naming both keys, and so is any ``"auto"`` left over.
@@ -99,6 +99,8 @@ def resolve_deepspeed(cfg: Config, world_size: int | None = None) -> dict:
             "trainer.micro_batch x trainer.grad_accum x trainer.num_workers",
             t.micro_batch * t.grad_accum * world,
         ),
+        # DeepSpeed defaults to clipping at 1.0; the papers (and trainer.grad_clip=0) do not clip.
+        "gradient_clipping": ("trainer.grad_clip", t.grad_clip),
     }
     for key, (yaml_key, value) in want.items():
         have = ds.get(key, "auto")

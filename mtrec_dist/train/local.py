@@ -41,6 +41,7 @@ def reference_step(
     *,
     seed: int = 0,
     step: int = 0,
+    grad_clip: float = 0.0,
 ) -> dict:
     """One optimizer step with explicit surgery; returns losses, Gram and coefficients."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -68,6 +69,8 @@ def reference_step(
     for i, (p, s) in enumerate(zip(params, is_shared)):
         coef = c if s else torch.ones_like(c)
         p.grad = sum(float(coef[k]) * acc[g][i] for k, g in enumerate(names))
+    if grad_clip > 0:  # on the combined gradient, as DeepSpeed's gradient_clipping does
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {"losses": task_losses, "groups": names, "gram": gram, "coefficients": c}
@@ -101,7 +104,7 @@ def train_local(cfg: Config, progress: bool = True) -> dict:
             f"{n_batches} batches per epoch of trainer.micro_batch={t.micro_batch} give no optimizer "
             f"step with trainer.grad_accum={t.grad_accum}; lower them"
         )
-    optimizer = build_optimizer(model.parameters(), t.lr, t.weight_decay)
+    optimizer = build_optimizer(model.parameters(), t.lr, t.weight_decay, t.adam_eps)
     scheduler = build_scheduler(optimizer, steps, t.warmup_ratio)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -142,6 +145,7 @@ def train_local(cfg: Config, progress: bool = True) -> dict:
                     optimizer,
                     seed=t.seed,
                     step=step,
+                    grad_clip=t.grad_clip,
                 )
                 samples += sum(int(b.sample_mask.sum()) for b in pending)
                 pending = []

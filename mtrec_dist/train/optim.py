@@ -28,13 +28,13 @@ def linear_warmup_decay(total_steps: int, warmup_ratio: float):
     return f
 
 
-def build_optimizer(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def build_optimizer(params, lr: float, weight_decay: float, eps: float = 1e-8) -> torch.optim.AdamW:
     return torch.optim.AdamW(
         [p for p in params if p.requires_grad],
         lr=lr,
         weight_decay=weight_decay,
         betas=(0.9, 0.999),
-        eps=1e-8,
+        eps=eps,
     )
 
 

@@ -36,6 +36,19 @@ def _write(tmp_path, obj):
     return p
 
 
+def test_gradient_clipping_is_owned_by_the_yaml(tmp_path):
+    # DeepSpeed's own default is 1.0; ours is the papers' "no clipping", always written out
+    assert resolve_deepspeed(load_config(None, []))["gradient_clipping"] == 0.0
+    assert (
+        resolve_deepspeed(load_config(None, ["trainer.grad_clip=1.5"]))["gradient_clipping"] == 1.5
+    )
+    p = _write(tmp_path, {"gradient_clipping": 1.0})
+    with pytest.raises(
+        ConfigError, match=r"gradient_clipping=1.0 contradicts trainer.grad_clip = 0.0"
+    ):
+        resolve_deepspeed(load_config(None, [f"deepspeed={p}"]))
+
+
 def test_default_is_zero1_fp32():
     ds = resolve_deepspeed(load_config(None, ["trainer.micro_batch=4"]))
     assert ds["zero_optimization"] == {"stage": 1} and ds["train_batch_size"] == 4
@@ -82,8 +95,8 @@ def test_keys_owned_by_yaml_and_typos(tmp_path):
     p = _write(tmp_path, {"bf16": {"enabled": True}, "fp16": {"enabled": True}})
     with pytest.raises(ConfigError, match="pick one"):
         resolve_deepspeed(load_config(None, [f"deepspeed={p}"]))
-    p = _write(tmp_path, {"gradient_clipping": "auto"})
-    with pytest.raises(ConfigError, match="no value for 'auto' at gradient_clipping"):
+    p = _write(tmp_path, {"steps_per_print": "auto"})
+    with pytest.raises(ConfigError, match="no value for 'auto' at steps_per_print"):
         resolve_deepspeed(load_config(None, [f"deepspeed={p}"]))
 
 
