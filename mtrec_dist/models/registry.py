@@ -113,13 +113,6 @@ def validate_model_config(cfg: Config, manifest: dict) -> None:
                 raise ConfigError(
                     f"model.groups.{group}.{task}: unknown task; allowed: {', '.join(known)}"
                 )
-    grouped = {t for members in m.groups.values() for t in members}
-    if m.name == "miner" and m.tasks.get("disagreement", True) and "disagreement" not in grouped:
-        raise ConfigError(
-            "model.groups: MINER's disagreement term is in no gradient group, so it would never "
-            "train; use e.g. model.groups={main: {main: 1.0, disagreement: 0.8}} (configs/miner.yaml)"
-            " or set model.tasks.disagreement=false"
-        )
     for key, allowed in _AGGREGATORS.items():
         value = getattr(m, key.split(".", 1)[1])
         if value not in allowed:
@@ -162,3 +155,55 @@ def build_model(cfg: Config, manifest: dict) -> nn.Module:
         if names:
             meta["names"] = names
     return cls(cfg.model, meta)
+
+
+def computed_tasks(model: nn.Module, prepared_dir) -> list[str]:
+    """Task losses ``model`` returns, read off one all-padding batch (the models' own answer)."""
+    import torch
+
+    from mtrec_dist.data.batch import NewsTable, collate
+
+    batch = collate([], NewsTable(prepared_dir), batch_size=1)
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        tasks = list(model(batch).losses)
+    model.train(was)
+    return tasks
+
+
+def resolve_groups(cfg: Config, model: nn.Module) -> dict[str, dict[str, float]]:
+    """``cfg.model.groups`` restricted to the tasks ``model`` computes; checked against the surgery.
+
+    A group none of whose tasks the model computes (the default ``aux`` group with ``bert`` or
+    ``unbert``) is dropped, with a notice, so that every worker sees the same groups; a task the
+    model computes but no group names never trains, which is an error.
+    """
+    tasks = computed_tasks(model, cfg.prepared_dir)
+    groups = {
+        g: {t: w for t, w in members.items() if t in tasks}
+        for g, members in cfg.model.groups.items()
+    }
+    groups = {g: m for g, m in groups.items() if m}
+    dropped = sorted(set(cfg.model.groups) - set(groups))
+    if dropped:
+        print(
+            f"note: model {cfg.model.name} computes {', '.join(tasks)}; gradient group(s) "
+            f"{', '.join(dropped)} have none of those tasks and are dropped",
+            flush=True,
+        )
+    orphans = [t for t in tasks if not any(t in m for m in groups.values())]
+    if orphans:
+        raise ConfigError(
+            f"model.groups: task(s) {', '.join(orphans)} of model {cfg.model.name} are in no "
+            "gradient group and would never train; add them to a group or switch them off in "
+            "model.tasks"
+        )
+    mode = cfg.trainer.surgery
+    if mode in ("mtrec", "aux_only") and len(groups) != 2:
+        raise ConfigError(
+            f"trainer.surgery={mode} needs exactly 2 gradient groups (main and aux); with model "
+            f"{cfg.model.name} the groups are {sorted(groups)}: set trainer.surgery=none "
+            "(or pcgrad), or enable auxiliary tasks"
+        )
+    return groups

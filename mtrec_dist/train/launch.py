@@ -18,23 +18,29 @@ RAY_NAME = "train"
 
 
 def validate_for_training(cfg: Config) -> tuple[dict, dict]:
-    """(manifest, resolved DeepSpeed dict) or a clear error naming the key to fix."""
+    """(manifest, resolved DeepSpeed dict) or a clear error naming the key to fix.
+
+    Side effect: ``cfg.model.groups`` is narrowed to the groups the model computes."""
     from mtrec_dist.data.shards import check_tokenizer, load_manifest
     from mtrec_dist.hub import load_tokenizer, tokenizer_fingerprint
-    from mtrec_dist.models.registry import validate_model_config
+    from mtrec_dist.models.registry import build_model, resolve_groups
     from mtrec_dist.train.dsconfig import resolve_deepspeed
 
     ds = resolve_deepspeed(cfg)
     manifest = load_manifest(cfg.prepared_dir)
     check_tokenizer(manifest, tokenizer_fingerprint(load_tokenizer(cfg.model.encoder)))
-    validate_model_config(cfg, manifest)
+    # Build once on the driver: every model/task error surfaces here, and the gradient groups
+    # shipped to the workers are the ones this model really computes.
+    cfg.model.groups = resolve_groups(cfg, build_model(cfg, manifest))
     if not manifest["splits"].get("train", {}).get("clicks"):
         raise ConfigError(f"{cfg.prepared_dir}: the train split has no clicks to train on")
     return manifest, ds
 
 
 def checkpoints_of(run_dir: str | Path) -> list[Path]:
-    return sorted((Path(run_dir) / RAY_DIR / RAY_NAME).glob("checkpoint_*"))
+    return sorted(
+        p for p in (Path(run_dir) / RAY_DIR / RAY_NAME).glob("checkpoint_*") if p.is_dir()
+    )
 
 
 def run_training(cfg: Config, resume: str | None = None) -> dict:

@@ -87,7 +87,7 @@ def train_local(cfg: Config, progress: bool = True) -> dict:
     from mtrec_dist.data.shards import check_tokenizer, load_manifest
     from mtrec_dist.data.stream import batches_per_epoch, train_loader
     from mtrec_dist.hub import load_tokenizer, tokenizer_fingerprint
-    from mtrec_dist.models.registry import build_model
+    from mtrec_dist.models.registry import build_model, resolve_groups
     from mtrec_dist.train.export import export_run
 
     prepared = cfg.prepared_dir
@@ -95,6 +95,7 @@ def train_local(cfg: Config, progress: bool = True) -> dict:
     check_tokenizer(manifest, tokenizer_fingerprint(load_tokenizer(cfg.model.encoder)))
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(cfg, manifest)
+    cfg.model.groups = resolve_groups(cfg, model)
     model.train()
     t = cfg.trainer
     n_batches = batches_per_epoch(manifest, 1, t.micro_batch, t.seed, 0)

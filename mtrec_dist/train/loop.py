@@ -47,13 +47,15 @@ def train_worker(config: dict[str, Any]) -> None:
     t = cfg.trainer
 
     # --- setup -------------------------------------------------------------------------
+    if not t.use_gpu:
+        torch.set_num_threads(t.cpus_per_worker)  # the CPUs Ray reserved for this worker
     torch.manual_seed(t.seed)
     manifest = load_manifest(cfg.prepared_dir)
     model = build_model(cfg, manifest)
     per_epoch = batches_per_epoch(manifest, world, t.micro_batch, t.seed, 0) // t.grad_accum
     total = per_epoch * t.epochs
     total = min(total, t.max_steps) if t.max_steps > 0 else total
-    optimizer = build_optimizer(model.parameters(), t.lr, t.weight_decay)
+    optimizer = build_optimizer(model.parameters(), t.lr, t.weight_decay, t.adam_eps)
     scheduler = build_scheduler(optimizer, total, t.warmup_ratio)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
@@ -95,6 +97,7 @@ def train_worker(config: dict[str, Any]) -> None:
             if micro % t.grad_accum:
                 continue
             stats = mtg.step()  # surgery + optimizer step + lr schedule
+            stats["mem/peak_mb"] = _peak_memory_mb(engine)
             pos = Position(pos.step + 1, epoch, loader.batches_done, pos.samples + real * world)
             if log is not None:
                 log.step(
@@ -123,6 +126,15 @@ def train_worker(config: dict[str, Any]) -> None:
     export_final(engine, model, cfg, manifest, pos, rank)
     if log is not None:
         log.close()
+
+
+def _peak_memory_mb(engine) -> float:
+    """Peak accelerator memory of this worker, else its peak resident memory (MiB)."""
+    if engine.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(engine.device) / 2**20
+    from mtrec_dist.utils import peak_rss_mb
+
+    return peak_rss_mb()
 
 
 def _evaluate(engine, model, cfg: Config, log, step: int) -> None:

@@ -60,14 +60,35 @@ def cluster():
     home = Path(tmp) / "home"
     home.mkdir()
     token = secrets.token_hex(32)
-    env = dict(os.environ, HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
-               RAY_USAGE_STATS_ENABLED="0", MTREC_QUIET="1")
+    env = dict(
+        os.environ,
+        HOME=str(home),
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
+        RAY_USAGE_STATS_ENABLED="0",
+        MTREC_QUIET="1",
+        # the job's `python` must be this environment's, as in a real cluster image
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
     gcs, dash = _free_port(), _free_port()
     subprocess.run(
-        [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         "--num-cpus=2", f"--temp-dir={tmp}/ray", "--disable-usage-stats"],
-        env=env, check=True, capture_output=True, timeout=180,
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--num-cpus=2",
+            f"--temp-dir={tmp}/ray",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=180,
     )
     try:
         yield {"env": env, "address": f"http://127.0.0.1:{dash}", "tmp": Path(tmp)}
@@ -87,18 +108,42 @@ def test_job_submit_with_token_auth_trains_and_writes_tensorboard(cluster, tiny_
     # without the token the jobs API refuses
     no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
     no_token["HOME"] = str(cluster["tmp"])  # no ~/.ray/auth_token there either
-    denied = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address],
-                            env=no_token, capture_output=True, text=True, timeout=120)
+    denied = subprocess.run(
+        [str(BIN / "ray"), "job", "list", "--address", address],
+        env=no_token,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert denied.returncode != 0
     assert "auth" in (denied.stdout + denied.stderr).lower()
 
     run_dir = cluster["tmp"] / "run"
     sub = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
-         "--", "python", "launch/train.py", "--config", "configs/tiny.yaml",
-         f"data.root={tiny_data}", f"run_dir={run_dir}", "trainer.max_steps=4",
-         "trainer.num_workers=2", "trainer.checkpoint_every=2", "trainer.timeout_s=60"],
-        env=env, capture_output=True, text=True, timeout=500,
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(REPO),
+            "--",
+            "python",
+            "launch/train.py",
+            "--config",
+            "configs/tiny.yaml",
+            f"data.root={tiny_data}",
+            f"run_dir={run_dir}",
+            "trainer.max_steps=4",
+            "trainer.num_workers=2",
+            "trainer.checkpoint_every=2",
+            "trainer.timeout_s=60",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=500,
     )
     assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
     assert "succeeded" in (sub.stdout + sub.stderr).lower()

@@ -305,3 +305,37 @@ def test_cross_encoder_path_and_max_impressions(data, monkeypatch):
     res10 = P.evaluate_model(FakeCross(), cfg.prepared_dir, "dev", max_impressions=10)
     ref10 = compute_metrics_lists(labels[:10], scores[:10])
     assert res10["impressions"] == 10 and res10["auc"] == ref10["auc"]
+
+
+@pytest.mark.parametrize(
+    "name,extra",
+    [
+        ("miner", ["model.groups={main: {main: 1.0, disagreement: 0.8}}", "model.miner_k=4"]),
+        ("unbert", ["model.groups={main: {main: 1.0}}"]),
+        ("lstur_bert", []),
+        ("mtrec_amf", []),
+    ],
+)
+def test_every_model_family_through_the_evaluator(data, name, extra):
+    """Bi-encoders through cached vectors and UNBERT through the per-candidate path both equal
+    scoring each impression alone with model(batch)."""
+    base, cfg, manifest = data
+    mcfg = load_config(
+        ROOT / "configs/tiny.yaml",
+        [
+            f"data.root={base / 'raw'}",
+            f"data.prepared={base / 'prepared'}",
+            f"eval.impressions_per_part={PER_PART}",
+            f"model.name={name}",
+            *extra,
+        ],
+    )
+    run = make_run(base, mcfg, manifest, f"family-{name}")
+    metrics = P.evaluate(run, "dev", num_workers=1)
+    model, *_ = P.load_run(run)
+    assert model.cross_encoder == (name == "unbert")
+    labels, scores = _labels_scores(mcfg.prepared_dir, "dev", model)
+    stored = _part_arrays(run, "dev", "scores")
+    np.testing.assert_allclose(stored, np.concatenate(scores), rtol=1e-4, atol=1e-3)
+    ref = compute_metrics_lists(labels, np.split(stored, np.cumsum([len(y) for y in labels])[:-1]))
+    assert {k: metrics[k] for k in ref} == ref

@@ -32,6 +32,7 @@ ARGS = [
     "trainer.checkpoint_every=10",
     "trainer.keep_checkpoints=2",
     "trainer.log_every=10",
+    "trainer.eval_every=15",  # periodic dev metrics through the evaluator
     "trainer.timeout_s=60",
     "model.dropout=0.0",  # deterministic forward passes, so runs can be compared exactly
     # Adam divides by |g| + eps: with 1e-8, float noise in near-zero gradient entries flips whole
@@ -105,15 +106,31 @@ def _reference_weights(cfg) -> dict[str, torch.Tensor]:
     step = 0
     for epoch in range(t.epochs):
         loaders = [
-            train_loader(cfg.prepared_dir, rank=r, world_size=WORLD, batch_size=t.micro_batch,
-                         epoch=epoch, seed=t.seed, neg_k=cfg.data.neg_k,
-                         history_len=cfg.data.history_len, shuffle_buffer=cfg.data.shuffle_buffer,
-                         loader_workers=0)
+            train_loader(
+                cfg.prepared_dir,
+                rank=r,
+                world_size=WORLD,
+                batch_size=t.micro_batch,
+                epoch=epoch,
+                seed=t.seed,
+                neg_k=cfg.data.neg_k,
+                history_len=cfg.data.history_len,
+                shuffle_buffer=cfg.data.shuffle_buffer,
+                loader_workers=0,
+            )
             for r in range(WORLD)
         ]
         for batches in zip(*loaders):
-            reference_step(model, list(batches), cfg.model.groups, t.surgery, t.surgery_scope,
-                           opt, seed=t.seed, step=step)
+            reference_step(
+                model,
+                list(batches),
+                cfg.model.groups,
+                t.surgery,
+                t.surgery_scope,
+                opt,
+                seed=t.seed,
+                step=step,
+            )
             sched.step()
             step += 1
             if step == STEPS:
@@ -142,7 +159,9 @@ def _kill_a_worker_when(run_dir: Path, step: int, done: threading.Event, killed:
     """Watch train_log.jsonl; at ``step``, SIGKILL one Ray Train worker process (rank 1's or 0's)."""
     log = run_dir / "train_log.jsonl"
     while not done.is_set():
-        if log.is_file() and any(json.loads(x)["step"] >= step for x in log.read_text().splitlines()):
+        if log.is_file() and any(
+            json.loads(x)["step"] >= step for x in log.read_text().splitlines()
+        ):
             out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
             pids = [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line]
             if pids:
@@ -206,7 +225,9 @@ def test_zero_to_fp32_reads_the_saved_checkpoint(uninterrupted):
 
     ckpts = checkpoints_of(uninterrupted)
     assert len(ckpts) == 2  # keep_checkpoints=2 of the 3 saved
-    last = max(ckpts, key=lambda p: json.loads((p / "train_state.json").read_text())["position"]["step"])
+    last = max(
+        ckpts, key=lambda p: json.loads((p / "train_state.json").read_text())["position"]["step"]
+    )
     assert json.loads((last / "train_state.json").read_text())["position"]["step"] == STEPS
     sd = get_fp32_state_dict_from_zero_checkpoint(str(last), tag=DS_TAG)
     got = _weights(uninterrupted)
@@ -220,10 +241,22 @@ def test_tensorboard_events_and_cosine_plot(uninterrupted):
     ea = EventAccumulator(str(uninterrupted / "tb"))
     ea.Reload()
     tags = set(ea.Tags()["scalars"])
-    for tag in ("loss/main", "loss/category", "loss/ner", "grad/cos_before", "grad/cos_after",
-                "grad/conflict_rate", "lr", "throughput/samples_per_s", "throughput/titles_per_s"):
+    for tag in (
+        "loss/main",
+        "loss/category",
+        "loss/ner",
+        "grad/cos_before",
+        "grad/cos_after",
+        "grad/conflict_rate",
+        "lr",
+        "throughput/samples_per_s",
+        "throughput/titles_per_s",
+    ):
         assert tag in tags, tag
     assert [e.step for e in ea.Scalars("loss/main")] == list(range(1, STEPS + 1))
+    for m in ("auc", "mrr", "ndcg@5", "ndcg@10"):
+        assert [e.step for e in ea.Scalars(f"dev/{m}")] == [15, 30], m
+        assert all(0.0 < e.value <= 1.0 for e in ea.Scalars(f"dev/{m}"))
     # after MTRec surgery the two gradients never conflict
     assert all(e.value >= -1e-9 for e in ea.Scalars("grad/cos_after"))
     assert (uninterrupted / "cosine_trace.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -127,3 +127,31 @@ def test_amf_names_read_from_prepared_vocab(tmp_path):
     torch.testing.assert_close(model.fusion.entity_emb.weight[1:].detach(), want)
     want = name_embeddings(cats[1:], model.encoder, tok, 5)
     torch.testing.assert_close(model.fusion.category_emb.weight[1:].detach(), want)
+
+
+def test_resolve_groups_asks_the_model(tiny_cfg):
+    """Groups are narrowed to the tasks the built model returns; mismatches fail early."""
+    from mtrec_dist.data.shards import load_manifest
+    from mtrec_dist.models.registry import build_model, computed_tasks, resolve_groups
+
+    def groups(*o):
+        cfg = tiny_cfg(*o)
+        model = build_model(cfg, load_manifest(cfg.prepared_dir))
+        return computed_tasks(model, cfg.prepared_dir), resolve_groups(cfg, model)
+
+    tasks, g = groups()
+    assert tasks == ["main", "category", "ner"]
+    assert g == {"main": {"main": 1.0}, "aux": {"category": 0.3, "ner": 0.3}}
+    assert groups("model.tasks.ner=false")[1] == {"main": {"main": 1.0}, "aux": {"category": 0.3}}
+    tasks, g = groups("model.name=bert", "trainer.surgery=none")
+    assert tasks == ["main"] and g == {"main": {"main": 1.0}}
+    with pytest.raises(ConfigError, match=r"trainer.surgery=mtrec needs exactly 2 gradient groups"):
+        groups("model.name=bert")
+    with pytest.raises(
+        ConfigError, match=r"task\(s\) disagreement of model miner are in no gradient group"
+    ):
+        groups("model.name=miner", "trainer.surgery=none")
+    tasks, g = groups(
+        "model.name=miner", "model.groups.main.disagreement=0.8", "trainer.surgery=none"
+    )
+    assert g == {"main": {"main": 1.0, "disagreement": 0.8}}
