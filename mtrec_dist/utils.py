@@ -2,30 +2,50 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temp file beside ``path`` then rename: a crash never leaves half a file."""
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """Open ``path`` for writing through a temp file beside it, renamed into place on success.
+
+    A crash or an exception leaves the old file (or none) and no temp file: readers never see
+    half a file. Permissions follow the umask like an ordinary ``open`` (mkstemp's are 0600).
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open: mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        kw = {"encoding": "utf-8", "newline": "\n"} if mode == "w" else {}
+        with os.fdopen(fd, mode, **kw) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_open`)."""
+    with atomic_open(path, "wb") as f:
+        f.write(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -49,6 +69,13 @@ def _fmt_secs(s: float) -> str:
     h, rem = divmod(s, 3600)
     m, sec = divmod(rem, 60)
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
+
+
+def _fmt_rate(rate: float, unit: str) -> str:
+    """``1,234 it/s``, or ``2.5 s/it`` when slower than one per second."""
+    if 0 < rate < 1:
+        return f"{1 / rate:.1f} s/{unit.rstrip('s') or unit}"
+    return f"{rate:,.0f} {unit}/s"
 
 
 class Progress:
@@ -80,9 +107,9 @@ class Progress:
             eta = (self.total - self.n) / rate if rate > 0 else float("inf")
             pct = 100.0 * self.n / self.total
             eta_s = _fmt_secs(eta) if eta != float("inf") else "?"
-            msg = f"{self.what}: {self.n}/{self.total} {self.unit} ({pct:.1f}%) {rate:,.0f} {self.unit}/s, elapsed {_fmt_secs(el)}, ETA {eta_s}"
+            msg = f"{self.what}: {self.n}/{self.total} {self.unit} ({pct:.1f}%) {_fmt_rate(rate, self.unit)}, elapsed {_fmt_secs(el)}, ETA {eta_s}"
         else:
-            msg = f"{self.what}: {self.n} {self.unit} {rate:,.0f} {self.unit}/s, elapsed {_fmt_secs(el)}"
+            msg = f"{self.what}: {self.n} {self.unit} {_fmt_rate(rate, self.unit)}, elapsed {_fmt_secs(el)}"
         print(msg + (f" {extra}" if extra else ""), file=sys.stderr, flush=True)
 
     def close(self, extra: str = "") -> float:

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from mtrec_dist.data.tables import DataError, Entity, Impression, News, ReadStats
+from mtrec_dist.utils import atomic_open
 
 TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"
 NEWS_COLUMNS = 8
@@ -302,24 +301,14 @@ def _entities_json(ents: list[Entity]) -> str:
 
 def _atomic_write_lines(path: str | Path, lines: Iterable[str]) -> None:
     """Write lines in chunks to a temp file beside ``path``, fsync, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            buf: list[str] = []
-            for line in lines:
-                buf.append(line)
-                if len(buf) >= _WRITE_CHUNK:
-                    f.write("".join(buf))
-                    buf.clear()
-            f.write("".join(buf))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w") as f:
+        buf: list[str] = []
+        for line in lines:
+            buf.append(line)
+            if len(buf) >= _WRITE_CHUNK:
+                f.write("".join(buf))
+                buf.clear()
+        f.write("".join(buf))
 
 
 def _news_lines(news: Iterable[News]) -> Iterator[str]:

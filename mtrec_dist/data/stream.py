@@ -699,3 +699,25 @@ def train_loader(
         split=split,
         chunk_size=chunk_size,
     )
+
+
+def loader_for(
+    cfg, *, rank: int, world_size: int, epoch: int, skip_batches: int = 0
+) -> TrainLoader:
+    """The training stream exactly as ``cfg`` (a mtrec_dist Config) describes it: the one place
+    the trainers (and their equivalence tests) turn the config into loader arguments."""
+    t, d = cfg.trainer, cfg.data
+    return train_loader(
+        cfg.prepared_dir,
+        rank=rank,
+        world_size=world_size,
+        batch_size=t.micro_batch,
+        epoch=epoch,
+        seed=t.seed,
+        neg_k=d.neg_k,
+        history_len=d.history_len,
+        shuffle_buffer=d.shuffle_buffer,
+        loader_workers=d.loader_workers,
+        skip_samples=None,
+        skip_batches=skip_batches,
+    )

@@ -61,11 +61,10 @@ the line formatting is per impression. ``large`` (MIND-large counts) streams eve
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
-import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +74,7 @@ import numpy as np
 from mtrec_dist.config import ConfigError
 from mtrec_dist.data import mind
 from mtrec_dist.data.tables import Entity, Impression, News
-from mtrec_dist.utils import Progress, atomic_write_json, sha256_file
+from mtrec_dist.utils import Progress, atomic_open, atomic_write_json, sha256_file
 
 # --------------------------------------------------------------------------------------------
 # Scales and constants
@@ -1013,29 +1012,6 @@ class _MetricSums:
 # Writing
 
 
-class _AtomicText:
-    """A text file written through a temp file, renamed into place only on a clean close."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        self.f = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
-
-    def __enter__(self) -> _AtomicText:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.f.flush()
-            os.fsync(self.f.fileno())
-            self.f.close()
-            os.replace(self.tmp, self.path)
-        else:
-            self.f.close()
-            Path(self.tmp).unlink(missing_ok=True)
-
-
 def _fmt_probs(q: list[int]) -> str:
     return ",".join([f"0.{v:07d}" for v in q])
 
@@ -1067,9 +1043,12 @@ def _split_impressions(
     labeled = split != "test"
     train_ref, seen_ref = seen_before
     imp_id = 0
-    probs_f = _AtomicText(truth_dir / f"{split}_probs.tsv") if split != "train" else None
-    truth_f = _AtomicText(truth_dir / "test_truth.txt") if split == "test" else None
-    try:
+    with contextlib.ExitStack() as files:  # truth files appear only if the split completes
+        probs_f = truth_f = None
+        if split != "train":
+            probs_f = files.enter_context(atomic_open(truth_dir / f"{split}_probs.tsv", "w"))
+        if split == "test":
+            truth_f = files.enter_context(atomic_open(truth_dir / "test_truth.txt", "w"))
         for d, n_imp in zip(SPLIT_DAYS[split], counts):
             base = START + dt.timedelta(days=d - 1)
             for b in _day_blocks(w, d, n_imp, _child(ss, 2, d)):
@@ -1097,7 +1076,7 @@ def _split_impressions(
                 ptr = b.ptr.tolist()
                 if probs_f is not None:
                     q = b.prob_q.tolist()
-                    probs_f.f.write(
+                    probs_f.write(
                         "".join(
                             f"{i}\t{_fmt_probs(q[ptr[j] : ptr[j + 1]])}\n"
                             for j, i in enumerate(ids)
@@ -1105,7 +1084,7 @@ def _split_impressions(
                     )
                 labs = b.labels.tolist()
                 if truth_f is not None:
-                    truth_f.f.write(
+                    truth_f.write(
                         "".join(
                             f"{i} [{','.join(map(str, labs[ptr[j] : ptr[j + 1]]))}]\n"
                             for j, i in enumerate(ids)
@@ -1128,14 +1107,6 @@ def _split_impressions(
                         labels=labs[a:e] if labeled else None,
                     )
                 prog.update(n)
-    except BaseException as e:
-        for f in (probs_f, truth_f):
-            if f is not None:
-                f.__exit__(type(e), e, None)
-        raise
-    for f in (probs_f, truth_f):
-        if f is not None:
-            f.__exit__(None, None, None)
 
 
 FILES = (

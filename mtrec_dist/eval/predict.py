@@ -40,7 +40,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -54,7 +53,13 @@ from mtrec_dist.data.batch import NER_IGNORE, Batch, NewsTable, Sample, collate
 from mtrec_dist.data.stream import eval_impressions
 from mtrec_dist.eval.metrics import METRICS, impression_metrics, summarize
 from mtrec_dist.eval.submission import ranks_grouped, write_prediction
-from mtrec_dist.utils import Progress, atomic_write_bytes, atomic_write_json, sha256_file
+from mtrec_dist.utils import (
+    Progress,
+    atomic_open,
+    atomic_write_bytes,
+    atomic_write_json,
+    sha256_file,
+)
 
 SCORE_BATCH = 512  # impressions per scoring forward pass (bi-encoder)
 MEMORY_CHUNK = 50_000  # impressions held at once by evaluate_model (like one part)
@@ -88,17 +93,8 @@ def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 
 def _atomic_save_npy(path: Path, a: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, a, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        np.save(f, a, allow_pickle=False)
 
 
 def _read_manifest(prepared: Path) -> dict:

@@ -17,8 +17,6 @@ written to a temporary file and renamed, so a failure never leaves a partial zip
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -27,6 +25,7 @@ import numpy as np
 
 from mtrec_dist.data.tables import DataError
 from mtrec_dist.eval.metrics import compute_metrics, groups_by_size, stable_ranks
+from mtrec_dist.utils import atomic_open
 
 PREDICTION_NAME = "prediction.txt"
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed entry time: the same predictions give the same zip bytes
@@ -89,12 +88,10 @@ def write_prediction(
         raise ValueError("expected_ids lists an impression more than once")
     if exp_ids is not None and expected_sizes is not None and len(expected_sizes) != len(exp_ids):
         raise ValueError("expected_ids and expected_sizes differ in length")
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_open(out, "wb") as fh:  # no partial zip at the final path, ever
         seen: set[str] = set()
         n_lines = 0
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             info = zipfile.ZipInfo(PREDICTION_NAME, date_time=ZIP_TIME)
             info.compress_type = zipfile.ZIP_DEFLATED
             with zf.open(info, "w") as raw:
@@ -122,12 +119,6 @@ def write_prediction(
                     )
                 f.flush()
                 f.detach()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out
 
 

@@ -52,6 +52,10 @@ def run_training(cfg: Config, resume: str | None = None) -> dict:
             f"run_dir={cfg.run_dir} already holds checkpoints: continue it with "
             f"--resume {cfg.run_dir}, or set run_dir to a new folder"
         )
+    # Workers do not share the driver's working directory: ship absolute paths.
+    cfg.data.root = str(Path(cfg.data.root).resolve())
+    cfg.data.prepared = str(cfg.prepared_dir.resolve())
+    cfg.run_dir = str(Path(cfg.run_dir).resolve())
     manifest, ds = validate_for_training(cfg)
 
     import ray
@@ -71,6 +75,9 @@ def run_training(cfg: Config, resume: str | None = None) -> dict:
         f"groups={cfg.model.groups}; run_dir={cfg.run_dir}",
         flush=True,
     )
+    # Ray Train's print patch echoes every worker line twice on the driver (Ray 2.60); the
+    # variable is propagated from here to the controller and the workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if not ray.is_initialized():
         ray.init(
             address=os.environ.get("RAY_ADDRESS"),

@@ -85,7 +85,7 @@ def total_steps(cfg: Config, batches_per_epoch: int) -> int:
 def train_local(cfg: Config, progress: bool = True) -> dict:
     """Train in this process (one worker, no DeepSpeed); export the run folder."""
     from mtrec_dist.data.shards import check_tokenizer, load_manifest
-    from mtrec_dist.data.stream import batches_per_epoch, train_loader
+    from mtrec_dist.data.stream import batches_per_epoch, loader_for
     from mtrec_dist.hub import load_tokenizer, tokenizer_fingerprint
     from mtrec_dist.models.registry import build_model, resolve_groups
     from mtrec_dist.train.export import export_run
@@ -122,18 +122,7 @@ def train_local(cfg: Config, progress: bool = True) -> dict:
     pending: list = []
     with open(log_path, "a", encoding="utf-8") as log:
         for epoch in range(t.epochs):
-            for batch in train_loader(
-                prepared,
-                rank=0,
-                world_size=1,
-                batch_size=t.micro_batch,
-                epoch=epoch,
-                seed=t.seed,
-                neg_k=cfg.data.neg_k,
-                history_len=cfg.data.history_len,
-                shuffle_buffer=cfg.data.shuffle_buffer,
-                loader_workers=cfg.data.loader_workers,
-            ):
+            for batch in loader_for(cfg, rank=0, world_size=1, epoch=epoch):
                 pending.append(batch)
                 if len(pending) < t.grad_accum:
                     continue

@@ -33,7 +33,7 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     from mtrec_dist.data.shards import load_manifest
-    from mtrec_dist.data.stream import batches_per_epoch, train_loader
+    from mtrec_dist.data.stream import batches_per_epoch, loader_for
     from mtrec_dist.models.registry import build_model
     from mtrec_dist.train.checkpoint import restore, save
     from mtrec_dist.train.logging import RunLogger
@@ -70,20 +70,7 @@ def train_worker(config: dict[str, Any]) -> None:
     # --- loop --------------------------------------------------------------------------
     for epoch in range(pos.epoch, t.epochs):
         skip = pos.batches_done if epoch == pos.epoch else 0
-        loader = train_loader(
-            cfg.prepared_dir,
-            rank=rank,
-            world_size=world,
-            batch_size=t.micro_batch,
-            epoch=epoch,
-            seed=t.seed,
-            neg_k=cfg.data.neg_k,
-            history_len=cfg.data.history_len,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            loader_workers=cfg.data.loader_workers,
-            skip_samples=None,
-            skip_batches=skip,
-        )
+        loader = loader_for(cfg, rank=rank, world_size=world, epoch=epoch, skip_batches=skip)
         micro, t0, titles, real = 0, time.monotonic(), 0, 0
         for batch in loader:
             batch = batch.to(engine.device)

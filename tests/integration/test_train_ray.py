@@ -93,7 +93,7 @@ def uninterrupted(ray_session, tiny_data, tmp_path_factory, zero2):
 def _reference_weights(cfg) -> dict[str, torch.Tensor]:
     """The single-process reference on the same global batches (both ranks' micro-batches)."""
     from mtrec_dist.data.shards import load_manifest
-    from mtrec_dist.data.stream import train_loader
+    from mtrec_dist.data.stream import loader_for
     from mtrec_dist.models.registry import build_model
     from mtrec_dist.train.local import reference_step
     from mtrec_dist.train.optim import build_optimizer, build_scheduler
@@ -105,21 +105,7 @@ def _reference_weights(cfg) -> dict[str, torch.Tensor]:
     sched = build_scheduler(opt, STEPS, t.warmup_ratio)
     step = 0
     for epoch in range(t.epochs):
-        loaders = [
-            train_loader(
-                cfg.prepared_dir,
-                rank=r,
-                world_size=WORLD,
-                batch_size=t.micro_batch,
-                epoch=epoch,
-                seed=t.seed,
-                neg_k=cfg.data.neg_k,
-                history_len=cfg.data.history_len,
-                shuffle_buffer=cfg.data.shuffle_buffer,
-                loader_workers=0,
-            )
-            for r in range(WORLD)
-        ]
+        loaders = [loader_for(cfg, rank=r, world_size=WORLD, epoch=epoch) for r in range(WORLD)]
         for batches in zip(*loaders):
             reference_step(
                 model,

@@ -1,0 +1,58 @@
+"""Atomic writes and the progress line."""
+
+import os
+import stat
+
+import pytest
+
+from mtrec_dist.utils import Progress, _fmt_rate, atomic_open, atomic_write_json
+
+
+def test_atomic_open_replaces_only_on_success(tmp_path):
+    p = tmp_path / "sub" / "f.txt"
+    with atomic_open(p, "w") as f:
+        f.write("one\n")
+    assert p.read_text() == "one\n"
+    with pytest.raises(RuntimeError), atomic_open(p, "w") as f:
+        f.write("two, half written")
+        raise RuntimeError("crash mid-write")
+    assert p.read_text() == "one\n"  # the old file survives
+    assert sorted(x.name for x in p.parent.iterdir()) == ["f.txt"]  # no temp file left
+
+
+def test_atomic_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        import importlib
+
+        import mtrec_dist.utils as u
+
+        importlib.reload(u)  # the module reads the umask once
+        u.atomic_write_json(tmp_path / "a.json", {"x": 1})
+        assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+    finally:
+        os.umask(old)
+        importlib.reload(u)
+    atomic_write_json(tmp_path / "b.json", [1])
+    assert (tmp_path / "b.json").read_text() == "[\n  1\n]\n"
+
+
+def test_atomic_open_rejects_read_modes(tmp_path):
+    with (
+        pytest.raises(ValueError, match="mode must be 'w' or 'wb'"),
+        atomic_open(tmp_path / "x", "r"),
+    ):
+        pass
+
+
+def test_rate_and_eta_formatting(capsys, monkeypatch):
+    assert _fmt_rate(0.4, "steps") == "2.5 s/step"
+    assert _fmt_rate(1234.4, "impressions") == "1,234 impressions/s"
+    monkeypatch.delenv("MTREC_QUIET", raising=False)
+    bar = Progress("train", total=10, unit="steps", every=0.0)
+    clock = iter([0.0, 4.0, 4.0])
+    monkeypatch.setattr("mtrec_dist.utils.time.monotonic", lambda: next(clock))
+    bar.t0 = bar.last = 0.0
+    bar.update(2)  # 2 steps in 4 s -> 0.5 steps/s, 8 left -> 16 s
+    err = capsys.readouterr().err
+    assert err.strip() == "train: 2/10 steps (20.0%) 2.0 s/step, elapsed 00:04, ETA 00:16"
