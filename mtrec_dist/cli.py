@@ -49,6 +49,23 @@ def cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(a: argparse.Namespace) -> int:
+    from mtrec_dist.train.tune import run_sweep
+
+    res = run_sweep(a.config, a.space, a.overrides, out=a.out, retry_failed=a.retry_failed)
+    print(f"wrote {res['out']}/results.csv and results.md ({len(res['rows'])} trials)")
+    if res["best"] is None:
+        print("no trial fit: no best_deepspeed.json written", file=sys.stderr)
+        return 1
+    b = res["best"]
+    print(
+        f"best: trial {b['trial']:03d}, {b['samples_per_s']:.1f} samples/s, "
+        f"peak {b['peak_mb']:.0f} MiB/worker -> {b['deepspeed_path']}"
+    )
+    print(b["command"])
+    return 0
+
+
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from mtrec_dist.eval.predict import evaluate
 
@@ -99,6 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", help="run folder to resume from (its last checkpoint)")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser(
+        "tune-deepspeed", help="short trials over a DeepSpeed search space; rank, pick a winner"
+    )
+    _add_config_args(p)
+    p.add_argument("--space", required=True, help="search space YAML (configs/tune/)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/tune)")
+    p.add_argument(
+        "--retry-failed", action="store_true", help="on a rerun, run failed trials again"
+    )
+    p.set_defaults(fn=cmd_tune)
 
     p = sub.add_parser("evaluate", help="AUC/MRR/nDCG of a run on a labeled split")
     p.add_argument("--run", required=True)

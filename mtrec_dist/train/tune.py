@@ -214,8 +214,9 @@ class Trial:
     params: dict[str, Any]
     ds: dict  # unresolved: "auto" for the YAML-owned fields
     micro_batch: int
-    grad_accum: int
+    grad_accum: int | None  # None: no grad_accum gives the space's global_batch
     workers: int
+    global_batch: int
     reject: str | None = None
     resolved: dict = field(default_factory=dict)
 
@@ -237,7 +238,7 @@ class Trial:
             "zero_stage": z.get("stage", 0),
             "micro_batch": self.micro_batch,
             "grad_accum": self.grad_accum,
-            "global_batch": self.micro_batch * self.grad_accum * self.workers,
+            "global_batch": self.global_batch,
             "bf16": bool(self.ds.get("bf16", {}).get("enabled", False)),
             "offload_optimizer": z.get("offload_optimizer", {}).get("device", "none"),
             "reduce_bucket_size": z.get("reduce_bucket_size", ""),
@@ -282,6 +283,7 @@ def _trial_config(
     t.micro_batch, t.grad_accum, t.max_steps, t.epochs = micro, ga, steps, epochs
     t.checkpoint_every = 0  # the trainer still saves one final checkpoint + export (loop.py)
     t.eval_every = 0
+    t.max_failures = 0  # a trial that fails is a result, not something to retry
     validate(cfg)
     return cfg
 
@@ -307,6 +309,7 @@ def plan_trials(base: Config, space: Space, manifest: dict) -> list[Trial]:
                         f"global_batch {gb} is not divisible by micro_batch {micro} x "
                         f"{workers} workers = {micro * workers}"
                     )
+                    ga = None
                 else:
                     ga = gb // (micro * workers)
             elif gb is not None and micro * ga * workers != gb:
@@ -314,8 +317,10 @@ def plan_trials(base: Config, space: Space, manifest: dict) -> list[Trial]:
                     f"micro_batch {micro} x grad_accum {ga} x {workers} workers = "
                     f"{micro * ga * workers} != global_batch {gb}"
                 )
-            tr = Trial(i, params, trial_deepspeed(base_ds, params), micro, ga, workers, reject)
-            if tr.reject is None:
+            glob = gb if gb is not None else micro * ga * workers
+            ds = trial_deepspeed(base_ds, params)
+            tr = Trial(i, params, ds, micro, ga, workers, glob, reject)
+            if tr.reject is None and ga is not None:
                 per_epoch = batches_per_epoch(manifest, workers, micro, base.trainer.seed, 0) // ga
                 if per_epoch < 1:
                     tr.reject = (
@@ -392,7 +397,8 @@ def failure_reason(exc: BaseException, limit: int = 300) -> str:
 
 def _is_oom(reason: str) -> bool:
     r = reason.lower()
-    return "out of memory" in r or "outofmemory" in r
+    # CUDA/torch OOM, or Ray's memory monitor killing a worker ("node running low on memory")
+    return "out of memory" in r or "outofmemory" in r or "low on memory" in r
 
 
 # --------------------------------------------------------------------------- reports
@@ -452,7 +458,7 @@ def render_markdown(rows: list[dict], title: str) -> str:
             _fmt(r.get("step_time_s"), 4), _fmt(r.get("peak_mb"), 0),
             str(r.get("reason") or "").replace("|", "\\|"),
         ]  # fmt: skip
-        out.append("| " + " | ".join(str(c) for c in cells) + " |")
+        out.append("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -481,7 +487,9 @@ def write_reports(
     title = f"DeepSpeed sweep: {space.path} on {config or '<defaults>'}"
     atomic_write_text(out / "results.md", render_markdown(rows, title))
     best = next((r for r in rows if r["status"] == "ok"), None)
-    if best is None:
+    if best is None:  # e.g. a lower memory_limit_mb on resume: no stale winner is left behind
+        for name in ("best_deepspeed.json", "best_command.txt"):
+            (out / name).unlink(missing_ok=True)
         return None
     ds = copy.deepcopy(best["deepspeed"])
     ds["_comment"] = (
@@ -532,8 +540,12 @@ def run_sweep(
     space_path: str | Path,
     overrides: list[str] | None = None,
     out: str | Path | None = None,
+    retry_failed: bool = False,
 ) -> dict:
     """Run (or resume) a sweep; return ``{"out", "rows", "best", "ran", "skipped"}``.
+
+    A rerun into the same ``out`` skips every finished trial; ``retry_failed`` runs the failed
+    ones again (a worker lost to a flaky node is not a property of the configuration).
 
     ``best`` holds the winner's row plus ``command`` (the launch/train.py line), ``overrides``
     (what to pass to load_config) and ``deepspeed_path``; None when no trial fit.
@@ -582,8 +594,11 @@ def run_sweep(
         atomic_write_json(state_path, state)
         return write_reports(out, current(), space, config, overrides)
 
-    todo = [t for t in trials if t.reject is None and t.key not in done]
-    skipped = sum(1 for t in trials if t.key in done)
+    def again(t: Trial) -> bool:
+        return t.key not in done or (retry_failed and done[t.key]["status"] == "failed")
+
+    todo = [t for t in trials if t.reject is None and again(t)]
+    skipped = sum(1 for t in trials if t.key in done and not again(t))
     _say(
         f"tune: {len(trials)} grid points from {space.path}: {len(todo)} to run, {skipped} done "
         f"before, {sum(1 for t in trials if t.reject)} rejected; out={out}"
@@ -604,13 +619,19 @@ def run_sweep(
                                 tr.grad_accum, steps, max(1, math.ceil(steps / per_epoch)),
                                 str(tdir / "run"))  # fmt: skip
             run_training(cfg)
-            gb = tr.micro_batch * tr.grad_accum * tr.workers
             m = summarize_log(tdir / "run" / "train_log.jsonl", space.warmup_steps,
-                              space.measure_steps, gb)  # fmt: skip
+                              space.measure_steps, tr.global_batch)  # fmt: skip
             rec = record(tr, status="ok", **m)
         except Exception as e:  # any failure of one trial is that trial's result
             reason = failure_reason(e)
-            rec = record(tr, status="failed", fit="no" if _is_oom(reason) else "", reason=reason)
+            fit = "no" if _is_oom(reason) else ""
+            try:  # died after its measured steps (final save/export, teardown): keep the numbers
+                m = summarize_log(tdir / "run" / "train_log.jsonl", space.warmup_steps,
+                                  space.measure_steps, tr.global_batch)  # fmt: skip
+                reason = f"after the measured steps: {reason}"
+            except ValueError:
+                m = {}
+            rec = record(tr, status="failed", fit=fit, reason=reason, **m)
         rec["wall_s"] = round(time.monotonic() - t0, 3)
         rec["run_dir"] = str(tdir / "run")
         # Trials keep their log and config; the final checkpoint/export are only weight.
@@ -622,11 +643,16 @@ def run_sweep(
         rec = done[tr.key]
         el = time.monotonic() - t_start
         eta = el / ran * (len(todo) - ran)
-        what = (
-            f"{rec['samples_per_s']:.1f} samples/s, {rec['titles_per_s']:.1f} titles/s, "
-            f"{rec['step_time_s']:.3f} s/step, peak {rec['peak_mb']:.0f} MiB"
-            if rec["samples_per_s"] is not None
-            else rec["reason"]
+        what = "; ".join(
+            x
+            for x in (
+                f"{rec['samples_per_s']:.1f} samples/s, {rec['titles_per_s']:.1f} titles/s, "
+                f"{rec['step_time_s']:.3f} s/step, peak {rec['peak_mb']:.0f} MiB"
+                if rec["samples_per_s"] is not None
+                else "",
+                rec["reason"],
+            )
+            if x
         )
         _say(
             f"tune: trial {tr.name} ({ran}/{len(todo)}) [{tr.describe()}] {rec['status']}: {what}"

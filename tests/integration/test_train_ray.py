@@ -141,15 +141,34 @@ def test_two_workers_equal_single_process_reference(uninterrupted, tiny_data, ze
     assert moved > 100 * worst
 
 
+def _started_after(pid: int, t0_ticks: int) -> bool:
+    """True when process ``pid`` started after ``t0_ticks`` (clock ticks since boot)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[19]) >= t0_ticks  # field 22 of stat: starttime
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def _now_ticks() -> int:
+    return int(float(Path("/proc/uptime").read_text().split()[0]) * os.sysconf("SC_CLK_TCK"))
+
+
 def _kill_a_worker_when(run_dir: Path, step: int, done: threading.Event, killed: list) -> None:
-    """Watch train_log.jsonl; at ``step``, SIGKILL one Ray Train worker process (rank 1's or 0's)."""
+    """Watch train_log.jsonl; at ``step``, SIGKILL one of THIS run's Ray Train worker processes
+    (those started after the watcher: idle workers of earlier runs must not be hit)."""
+    t0 = _now_ticks()
     log = run_dir / "train_log.jsonl"
     while not done.is_set():
         if log.is_file() and any(
             json.loads(x)["step"] >= step for x in log.read_text().splitlines()
         ):
             out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-            pids = [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line]
+            pids = [
+                int(line.split()[0])
+                for line in out.splitlines()
+                if "RayTrainWorker" in line and _started_after(int(line.split()[0]), t0)
+            ]
             if pids:
                 os.kill(max(pids), signal.SIGKILL)
                 killed.append(max(pids))
