@@ -619,3 +619,18 @@ def check_tokenizer(manifest: dict, fingerprint: dict, encoder: str | None = Non
             f"(vocab_size {fingerprint.get('vocab_size', '?')}, vocab_hash "
             f"{fingerprint['vocab_hash']}): re-run `mtrec prepare` with model.encoder={enc}"
         )
+
+
+def vocab_fingerprint(prepared_dir: str | Path) -> str:
+    """sha256 over the category, subcategory and entity vocabularies of a prepared folder.
+
+    Models index these vocabularies (category heads, AMF, MINER's category vectors), so a
+    checkpoint is only valid on data whose vocabularies hash the same.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in ("category", "subcategory", "entities"):
+        h.update(name.encode() + b"\0")
+        h.update((Path(prepared_dir) / "vocab" / f"{name}.json").read_bytes())
+    return h.hexdigest()

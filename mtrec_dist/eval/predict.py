@@ -457,6 +457,7 @@ def load_run(run_dir: str | Path) -> tuple[torch.nn.Module, Any, dict, str]:
     cfg = load_config(cfg_path)
     manifest = _read_manifest(cfg.prepared_dir)
     check_run_tokenizer(run_dir, cfg, manifest)
+    check_run_vocab(run_dir, cfg)
     model = build_model(cfg, manifest)
     model.load_state_dict(load_file(str(weights)), strict=True)
     return model.eval(), cfg, manifest, sha256_file(weights)
@@ -486,6 +487,26 @@ def check_run_tokenizer(run_dir: Path, cfg: Any, manifest: dict) -> None:
             f"{want.get('encoder', '?')}, vocab_hash {str(want.get('vocab_hash'))[:16]}...): "
             "evaluate on data prepared with the model's encoder (data.prepared) or re-run "
             "`mtrec prepare` with model.encoder set to it"
+        )
+
+
+def check_run_vocab(run_dir: Path, cfg: Any) -> None:
+    """The checkpoint's category/subcategory/entity vocabularies must be the data's: a model
+    trained on another news table reads category and entity ids as other classes."""
+    from mtrec_dist.config import ConfigError
+    from mtrec_dist.data.shards import vocab_fingerprint
+
+    meta_path = run_dir / "export" / "meta.json"
+    if not meta_path.is_file():
+        return
+    have = json.loads(meta_path.read_text(encoding="utf-8")).get("vocab_sha256")
+    want = vocab_fingerprint(cfg.prepared_dir)
+    if have is not None and have != want:
+        raise ConfigError(
+            f"{meta_path}: the checkpoint was trained on a news table with other vocabularies "
+            f"(vocab_sha256 {have[:16]}...) than {cfg.prepared_dir}/vocab ({want[:16]}...): "
+            "evaluate on the prepared folder the run was trained on (data.prepared in "
+            f"{run_dir}/config.yaml)"
         )
 
 

@@ -52,6 +52,7 @@ def export_run(
     """Export weights, encoder and meta into ``cfg.run_dir/export`` atomically (folder swap)."""
     from safetensors.torch import save_file
 
+    from mtrec_dist.data.shards import vocab_fingerprint
     from mtrec_dist.hub import load_tokenizer
 
     run_dir = Path(cfg.run_dir)
@@ -73,6 +74,7 @@ def export_run(
             "model": cfg.model.name,
             "encoder": cfg.model.encoder,
             "tokenizer": manifest.get("tokenizer", {}),
+            "vocab_sha256": vocab_fingerprint(cfg.prepared_dir),
             "model_sha256": sha256_file(tmp / "model.safetensors"),
         },
     )

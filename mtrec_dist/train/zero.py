@@ -92,10 +92,14 @@ class MultiTaskGradients:
             )
         if getattr(engine, "pipeline_parallelism", False):
             raise ValueError("DeepSpeed pipeline parallelism is not supported by the surgery")
-        if engine.zero_cpu_offload() or engine.zero_nvme_offload_optimizer():
+        # With optimizer offload the reduced gradients live in DeepSpeed's host buffers, which
+        # the fused surgery does not read; plain summation needs no per-group gradient at all.
+        self._summed = bool(engine.zero_cpu_offload() or engine.zero_nvme_offload_optimizer())
+        if self._summed and mode != "none":
             raise ValueError(
-                "DeepSpeed config: zero_optimization.offload_optimizer is not supported by the "
-                "fused surgery (gradients must stay in device memory)"
+                f"DeepSpeed config: zero_optimization.offload_optimizer is not supported by the "
+                f"fused surgery trainer.surgery={mode} (gradients must stay in device memory); "
+                "use trainer.surgery=none with offload, or a config without offload"
             )
         self.engine, self.model, self.groups, self.mode = engine, model, list(groups), mode
         self.scope, self.seed = scope, seed
@@ -189,6 +193,10 @@ class MultiTaskGradients:
                 f"group losses {sorted(group_losses)} do not match the configured gradient "
                 f"groups {self.groups} (model.groups)"
             )
+        if self._summed:  # surgery none under offload: ordinary DeepSpeed accumulation
+            self.engine.backward(sum(group_losses[g] for g in self.groups))
+            self._micro += 1
+            return
         t_n = len(self.groups)
         last_micro = self._micro == self.gas - 1
         if self.stage == 3 and self._micro == 0:
@@ -256,6 +264,11 @@ class MultiTaskGradients:
                 f"step() after {self._micro} micro-batches; expected gradient_accumulation_steps"
                 f" = {self.gas}"
             )
+        if self._summed:
+            self.engine.step()
+            self._micro = 0
+            self._steps += 1
+            return {"surgery/time_s": 0.0, "surgery/extra_bytes": 0.0}
         t0 = time.perf_counter()
         t_n = len(self.groups)
         slots = self._slots()

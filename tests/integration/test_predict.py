@@ -230,6 +230,15 @@ def test_tokenizer_mismatch_is_a_clear_error(data, run1):
         P.evaluate(runt, "dev", num_workers=1)
 
 
+def test_news_table_mismatch_is_a_clear_error(data, run1):
+    runv = copy_run(run1[0], "run_vocab")
+    meta = json.loads((runv / "export/meta.json").read_text())
+    meta["vocab_sha256"] = "f" * 64  # trained on a news table with other vocabularies
+    (runv / "export/meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="other vocabularies"):
+        P.evaluate(runv, "dev", num_workers=1)
+
+
 class TrueProbs(nn.Module):
     """A 'model' whose scores are the planted click probabilities (truth/dev_probs.tsv)."""
 

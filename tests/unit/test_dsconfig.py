@@ -19,6 +19,7 @@ def test_shipped_jsons_resolve(path):
             f"deepspeed={path}",
             "trainer.micro_batch=8",
             "trainer.grad_accum=3",
+            "trainer.surgery=none",  # the offload config needs it; the others do not care
             "trainer.num_workers=4",
         ],
     )
@@ -107,3 +108,13 @@ def test_bad_json_names_line(tmp_path):
         resolve_deepspeed(load_config(None, [f"deepspeed={p}"]))
     with pytest.raises(ConfigError, match="no such file"):
         resolve_deepspeed(load_config(None, ["deepspeed=/nonexistent.json"]))
+
+
+def test_offload_needs_surgery_none():
+    off = DS_DIR / "zero3_offload_bf16.json"
+    with pytest.raises(
+        ConfigError, match="offload_optimizer cannot be combined with trainer.surgery=mtrec"
+    ):
+        resolve_deepspeed(load_config(None, [f"deepspeed={off}"]))
+    ds = resolve_deepspeed(load_config(None, [f"deepspeed={off}", "trainer.surgery=none"]))
+    assert ds["zero_force_ds_cpu_optimizer"] is False

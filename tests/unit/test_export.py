@@ -41,6 +41,9 @@ def test_export_reloads_whole_model_and_encoder(tiny_cfg):
     assert meta["step"] == 7 and meta["model"] == "mtrec"
     assert meta["model_sha256"] == sha256_file(out / "model.safetensors")
     assert meta["tokenizer"]["vocab_hash"] == manifest["tokenizer"]["vocab_hash"]
+    from mtrec_dist.data.shards import vocab_fingerprint
+
+    assert meta["vocab_sha256"] == vocab_fingerprint(cfg.prepared_dir)
 
     again = build_model(cfg, manifest).eval()
     again.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
