@@ -3,8 +3,6 @@
 Everything that can be checked without weights is checked first (model name, task names,
 tasks the data cannot feed, group members, aggregators, the encoder folder), so a typo fails
 in a second with the key and the allowed values instead of after loading BERT.
-MINER and UNBERT are imported lazily (inside the lookup) so that this module, and models
-that do not need them, never depend on those files.
 """
 
 from __future__ import annotations
@@ -15,17 +13,10 @@ from pathlib import Path
 from torch import nn
 
 from mtrec_dist.config import Config, ConfigError
+from mtrec_dist.models.miner import MINER
+from mtrec_dist.models.mtrec import BERT, BertAMF, LSTURBert, MTRec, MTRecAMF, NRMSBert
+from mtrec_dist.models.unbert import UNBERT
 
-MODEL_NAMES = (
-    "mtrec",
-    "bert",
-    "mtrec_amf",
-    "bert_amf",
-    "nrms_bert",
-    "lstur_bert",
-    "miner",
-    "unbert",
-)
 TASKS = ("category", "ner", "sentiment", "disagreement")  # switchable; "main" is always on
 _AGGREGATORS = {
     "model.miner_aggregator": ("max", "mean", "weighted"),
@@ -33,61 +24,17 @@ _AGGREGATORS = {
 }
 
 
-def _load(name: str) -> type[nn.Module]:
-    from mtrec_dist.models import mtrec as m
-
-    eager = {
-        "mtrec": m.MTRec,
-        "bert": m.BERT,
-        "mtrec_amf": m.MTRecAMF,
-        "bert_amf": m.BertAMF,
-        "nrms_bert": m.NRMSBert,
-        "lstur_bert": m.LSTURBert,
-    }
-    if name in eager:
-        return eager[name]
-    if name == "miner":
-        from mtrec_dist.models.miner import MINER
-
-        return MINER
-    if name == "unbert":
-        from mtrec_dist.models.unbert import UNBERT
-
-        return UNBERT
-    raise ConfigError(f"model.name={name!r}: allowed values are {', '.join(MODEL_NAMES)}")
-
-
-class _Models(dict):
-    """``MODELS[name]`` -> class; MINER / UNBERT are imported on first access."""
-
-    def __missing__(self, name: str) -> type[nn.Module]:
-        cls = _load(name)
-        self[name] = cls
-        return cls
-
-    def __contains__(self, name: object) -> bool:
-        return name in MODEL_NAMES
-
-    def __iter__(self):
-        return iter(MODEL_NAMES)
-
-    def __len__(self) -> int:
-        return len(MODEL_NAMES)
-
-    def keys(self):  # type: ignore[override]
-        return list(MODEL_NAMES)
-
-    def get(self, name, default=None):  # type: ignore[override]
-        return self[name] if name in MODEL_NAMES else default
-
-    def items(self):  # type: ignore[override]
-        return [(n, self[n]) for n in MODEL_NAMES]
-
-    def values(self):  # type: ignore[override]
-        return [self[n] for n in MODEL_NAMES]
-
-
-MODELS: dict[str, type[nn.Module]] = _Models()
+MODELS: dict[str, type[nn.Module]] = {
+    "mtrec": MTRec,
+    "bert": BERT,
+    "mtrec_amf": MTRecAMF,
+    "bert_amf": BertAMF,
+    "nrms_bert": NRMSBert,
+    "lstur_bert": LSTURBert,
+    "miner": MINER,
+    "unbert": UNBERT,
+}
+MODEL_NAMES = tuple(MODELS)
 
 
 def validate_model_config(cfg: Config, manifest: dict) -> None:
