@@ -1,8 +1,8 @@
 """Every shipped DeepSpeed JSON trains: 2 optimizer steps, 2 CPU workers, tiny BERT.
 
 DeepSpeed 0.19.8 runs all of them on CPU (bf16 included). The offload config runs with
-``trainer.surgery=none``: the fused surgery reads gradients in device memory, and the driver
-refuses offload with any other surgery (tests/unit/test_dsconfig.py).
+``trainer.surgery=none``: the fused surgery reads gradients in device memory and refuses
+offload with any other surgery (tests/integration/test_tune.py records that failure).
 """
 
 from __future__ import annotations

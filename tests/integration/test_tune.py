@@ -131,7 +131,8 @@ def test_failures_are_recorded_and_the_sweep_goes_on(sweep):
     assert failed["offload_optimizer"] == "cpu" and failed["fit"] == ""
     assert failed["reason"] == (
         "ValueError: DeepSpeed config: zero_optimization.offload_optimizer is not supported "
-        "by the fused surgery (gradients must stay in device memory)"
+        "by the fused surgery trainer.surgery=mtrec (gradients must stay in device memory); "
+        "use trainer.surgery=none with offload, or a config without offload"
     )
     assert failed["samples_per_s"] == "" and failed["peak_mb"] == ""
     assert (sweep["out"] / "trials" / "006" / "deepspeed.json").is_file()

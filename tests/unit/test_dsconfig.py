@@ -110,11 +110,10 @@ def test_bad_json_names_line(tmp_path):
         resolve_deepspeed(load_config(None, ["deepspeed=/nonexistent.json"]))
 
 
-def test_offload_needs_surgery_none():
+def test_offload_keeps_our_adamw():
+    """With offload, DeepSpeed would demand its own CPU Adam; our AdamW (trainer.*) is kept."""
     off = DS_DIR / "zero3_offload_bf16.json"
-    with pytest.raises(
-        ConfigError, match="offload_optimizer cannot be combined with trainer.surgery=mtrec"
-    ):
-        resolve_deepspeed(load_config(None, [f"deepspeed={off}"]))
     ds = resolve_deepspeed(load_config(None, [f"deepspeed={off}", "trainer.surgery=none"]))
     assert ds["zero_force_ds_cpu_optimizer"] is False
+    no_off = resolve_deepspeed(load_config(None, [f"deepspeed={DS_DIR / 'zero2_bf16.json'}"]))
+    assert "zero_force_ds_cpu_optimizer" not in no_off
