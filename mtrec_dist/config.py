@@ -296,21 +296,27 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def read_yaml_mapping(path: Path, missing: str) -> tuple[dict, dict[str, int]]:
+    """A YAML file's top-level mapping and the line of every key (for errors naming file:line)."""
+    if not path.is_file():
+        raise ConfigError(missing)
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data, _key_lines(text)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file at ``path``, then ``key.sub=value`` overrides, in that order."""
     cfg = Config()
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        text = path.read_text()
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        where = {k: f"{path}:{line}: " for k, line in _key_lines(text).items()}
+        data, lines = read_yaml_mapping(path, f"config file {path} does not exist")
+        where = {k: f"{path}:{line}: " for k, line in lines.items()}
         _apply(cfg, data, "", where, merge=False)
     for text in overrides or []:
         key, value = parse_override(text)

@@ -15,13 +15,13 @@ streamed from the reader straight into shards, one at a time.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import datetime as dt
 import io
 import json
 import multiprocessing as mp
 import os
-import pickle
 import shutil
 import sys
 import time
@@ -416,7 +416,7 @@ _FORK_STATE: dict = {}
 
 
 def _split_job(split: str, folder: Path, tmp: Path, total: int | None, progress: bool) -> tuple:
-    """Run one split in a worker; errors come back as data (DataError does not unpickle)."""
+    """Run one split in a worker; errors come back as plain data (type name and message)."""
     st = _FORK_STATE
     try:
         rstats = ReadStats()
@@ -436,11 +436,7 @@ def _split_job(split: str, folder: Path, tmp: Path, total: int | None, progress:
     except BaseException as e:  # noqa: BLE001 - re-raised in the parent
         if isinstance(e, DataError):
             return ("data_error", str(e), str(e.path), e.line)
-        try:
-            pickle.loads(pickle.dumps(e))
-            return ("error", e)
-        except Exception:
-            return ("error", RuntimeError(f"{type(e).__name__}: {e}"))
+        return ("error", type(e).__name__, str(e))
 
 
 def _unwrap(result: tuple) -> dict:
@@ -452,7 +448,11 @@ def _unwrap(result: tuple) -> dict:
         ValueError.__init__(err, result[1])
         err.path, err.line = result[2], result[3]
         raise err
-    raise result[1]
+    # Rebuild a builtin exception type by name (OSError, ValueError, ...); others keep the name.
+    cls = getattr(builtins, result[1], None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        raise cls(result[2])
+    raise RuntimeError(f"{result[1]}: {result[2]}")
 
 
 def _run_splits(

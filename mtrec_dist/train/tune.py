@@ -47,9 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mtrec_dist.config import Config, ConfigError, load_config, validate
+from mtrec_dist.config import Config, ConfigError, load_config, read_yaml_mapping, validate
 from mtrec_dist.utils import atomic_write_json, atomic_write_text
 
 # Dimensions a space may grid over, in the order the table shows them.
@@ -118,16 +116,6 @@ class Space:
         return points[: self.max_trials] if self.max_trials > 0 else points
 
 
-def _key_lines(text: str) -> dict[str, int]:
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return {}
-    if not isinstance(root, yaml.MappingNode):
-        return {}
-    return {k.value: k.start_mark.line + 1 for k, _ in root.value}
-
-
 def _as_int(v: Any, where: str, key: str, minimum: int) -> int:
     # YAML 1.1 reads 5e7 (no dot) as a string: accept numeric strings that are whole numbers.
     if isinstance(v, str):
@@ -165,16 +153,7 @@ def _check_value(key: str, v: Any, where: str) -> Any:
 def load_space(path: str | Path) -> Space:
     """Parse a space YAML; unknown keys and bad values name the file, line and key."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--space {path}: no such file (see configs/tune/)")
-    text = path.read_text()
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of dimensions and settings")
-    lines = _key_lines(text)
+    data, lines = read_yaml_mapping(path, f"--space {path}: no such file (see configs/tune/)")
     space = Space(path=str(path), dims={})
     for key, value in data.items():
         where = f"{path}:{lines.get(str(key), '?')}: "

@@ -280,7 +280,8 @@ def test_reprepare_replaces_and_is_deterministic(prepared, monkeypatch):
     m2 = prepare(cfg, progress=False, workers=1)
     for split in m["splits"]:
         assert m2["splits"][split]["shards"] == m["splits"][split]["shards"]
-        assert m2["splits"][split]["seconds"] >= 0
+        wall = m2["splits"][split]["seconds"]  # recorded, not judged: no timing in tests
+        assert wall >= 0
 
 
 def test_missing_splits(tmp_path):
