@@ -1,11 +1,20 @@
 """Cost of the fused surgery: MTRec step (2 groups, mtrec) vs single-task step (1 group, none).
 
-Single process, DeepSpeed ZeRO-2 fp32 on CPU, the same batch and model for both; the ratio is
-measured in one run (performance.md). The floor is ~1.67x (one forward, two backward passes vs
-one of each). "surgery share" is everything MultiTaskGradients does beyond DeepSpeed's backward
-and step (copy-out of the held group, Gram, combination), over the MTRec step time.
+Single process, DeepSpeed ZeRO-2 fp32 (CUDA when there is one, else CPU), every ratio measured
+side by side in one run (performance.md), each configuration run twice, the faster kept:
 
-    .venv/bin/python bench/bench_surgery.py [--encoder tiny] [--steps 20]
+* ``registered_models``: the registered ``mtrec`` (groups main + aux, surgery ``mtrec``) vs the
+  ``bert`` baseline (main only) on the models benchmark's recommendation batch: the issue's
+  "MTRec step / BERT-baseline step" (target <= 1.8x; floor ~1.67x = one forward and two
+  backward passes vs one of each, when the encoder dominates);
+* the same encoder + heads with all three losses in one group vs two groups: the cost of the
+  second backward alone, at a larger title batch (``--batch`` x ``--seq``).
+
+"surgery share" is everything MultiTaskGradients does beyond DeepSpeed's backward and step
+(copy-out of the held group, Gram, combination), over the MTRec step time (target <= 3%);
+"extra_over_partition" is its buffer over this rank's gradient partition (target <= T-1 = 1).
+
+    .venv/bin/python bench/bench_surgery.py [--encoder minilm] [--steps 10] [--batch 32]
 Writes bench/results/surgery.json.
 """
 
@@ -14,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -21,6 +31,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_models (the shared batch)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 class Heads(nn.Module):
@@ -49,20 +62,22 @@ class Heads(nn.Module):
         return {n for n, _ in self.named_parameters() if n.startswith("encoder.")}
 
 
-def run(encoder: str, groups: dict, mode: str, batch, steps: int, warmup: int) -> dict:
+def _timed_steps(model, micro: int, groups: dict, mode: str, losses_of, steps: int, warmup: int):
+    """ZeRO-2 engine + MultiTaskGradients on ``model``; median step and surgery seconds.
+
+    ``losses_of(engine)`` runs the forward and returns the per-task losses.
+    """
     import deepspeed
 
-    from mtrec_dist.hub import load_encoder
+    from mtrec_dist.models.outputs import group_losses
     from mtrec_dist.train.zero import MultiTaskGradients
 
-    torch.manual_seed(0)
-    model = Heads(load_encoder(encoder))
     cfg = {
-        "train_micro_batch_size_per_gpu": batch[0].shape[0],
+        "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": 1,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "torch_adam": True}},
         "zero_optimization": {"stage": 2},
-        "gradient_clipping": 1.0,
+        "gradient_clipping": 0.0,
         "steps_per_print": 10**9,
     }
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
@@ -72,12 +87,10 @@ def run(encoder: str, groups: dict, mode: str, batch, steps: int, warmup: int) -
     times, shares, st = [], [], {}
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        losses = engine(*batch)
-        mtg.backward({g: sum(w * losses[t] for t, w in m.items()) for g, m in groups.items()})
+        mtg.backward(group_losses(losses_of(engine), groups))
         st = mtg.step()
-        dt = time.perf_counter() - t0
         if i >= warmup:
-            times.append(dt)
+            times.append(time.perf_counter() - t0)
             shares.append(st["surgery/time_s"])
     engine.destroy()
     return {
@@ -88,9 +101,38 @@ def run(encoder: str, groups: dict, mode: str, batch, steps: int, warmup: int) -
     }
 
 
+def run(encoder: str, groups: dict, mode: str, batch, steps: int, warmup: int) -> dict:
+    """Encoder + heads on a ``[batch, seq]`` title batch; all three losses in ``groups``."""
+    from mtrec_dist.hub import load_encoder
+
+    torch.manual_seed(0)
+    model = Heads(load_encoder(encoder))
+    return _timed_steps(model, batch[0].shape[0], groups, mode, lambda e: e(*batch), steps, warmup)
+
+
+def run_models(encoder: str, name: str, mode: str, steps: int, warmup: int) -> dict:
+    """The registered model ``name`` (MTRec: groups main/aux; bert: main only) on the
+    models benchmark's batch (8 impressions, 50 history, 1+4 candidates, de-duplicated)."""
+    from bench_models import N_CAT, N_ENT, bench_batch
+
+    from mtrec_dist.config import ModelConfig
+    from mtrec_dist.hub import load_encoder
+    from mtrec_dist.models.registry import MODELS
+
+    groups = ModelConfig().groups if name == "mtrec" else {"main": {"main": 1.0}}
+    meta = {
+        "has_sentiment": False,
+        "vocab": {"category": N_CAT, "subcategory": 1, "entities": N_ENT},
+    }
+    torch.manual_seed(0)
+    model = MODELS[name](ModelConfig(name=name, encoder=encoder), meta, load_encoder(encoder))
+    batch = bench_batch(0)
+    return _timed_steps(model, 8, groups, mode, lambda e: e(batch).losses, steps, warmup)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--encoder", default="tiny")
+    ap.add_argument("--encoder", default="minilm")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=64)
@@ -129,6 +171,13 @@ def main() -> None:
     for _ in range(2):
         runs_s.append(run(a.encoder, single, "none", batch, a.steps, a.warmup))
         runs_m.append(run(a.encoder, mtrec, "mtrec", batch, a.steps, a.warmup))
+    # the registered models on a news-recommendation batch: MTRec (2 groups) vs BERT baseline
+    runs_b, runs_t = [], []
+    for _ in range(2):
+        runs_b.append(run_models(a.encoder, "bert", "none", a.steps, a.warmup))
+        runs_t.append(run_models(a.encoder, "mtrec", "mtrec", a.steps, a.warmup))
+    rb = min(runs_b, key=lambda r: r["step_s_median"])
+    rt = min(runs_t, key=lambda r: r["step_s_median"])
     s = min(runs_s, key=lambda r: r["step_s_median"])
     m = min(runs_m, key=lambda r: r["step_s_median"])
     elem = 4
@@ -136,6 +185,14 @@ def main() -> None:
         "encoder": a.encoder,
         "zero_stage": 2,
         "device": dev,
+        "registered_models": {
+            "batch": "8 impressions, history 50, 1+4 candidates, titles of 20, de-duplicated",
+            "bert_baseline_step_s": rb["step_s_median"],
+            "mtrec_step_s": rt["step_s_median"],
+            "ratio_mtrec_over_bert": rt["step_s_median"] / rb["step_s_median"],
+            "surgery_s": rt["surgery_s_median"],
+            "surgery_share_of_step": rt["surgery_s_median"] / rt["step_s_median"],
+        },
         "batch": [a.batch, a.seq],
         "single_task_step_s": s["step_s_median"],
         "mtrec_step_s": m["step_s_median"],
@@ -148,7 +205,7 @@ def main() -> None:
         "extra_bytes": m["extra_bytes"],
         "partition_bytes": m["partition_elems"] * elem,
         "extra_over_partition": m["extra_bytes"] / max(1.0, m["partition_elems"] * elem),
-        "command": f"python bench/bench_surgery.py --encoder {a.encoder} --steps {a.steps}",
+        "command": "python bench/bench_surgery.py " + " ".join(sys.argv[1:]),
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(a.out, res)

@@ -91,4 +91,17 @@ def load_encoder(name: str, dropout: float = -1.0):
         return BertModel(BertConfig(vocab_size=30522, **TINY, **extra), add_pooling_layer=False)
     path = str(resolve_encoder(name))
     config = AutoConfig.from_pretrained(path, **extra)
-    return AutoModel.from_pretrained(path, config=config, add_pooling_layer=False)
+    # The checkpoint's pooler is dropped on purpose ([CLS] is read before it); transformers
+    # would print a load report listing it as unexpected in every process that builds the
+    # model. Errors still surface.
+    from transformers.utils import logging as hf_logging
+
+    level, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # a bar for a 90 MB local file is noise
+    try:
+        return AutoModel.from_pretrained(path, config=config, add_pooling_layer=False)
+    finally:
+        hf_logging.set_verbosity(level)
+        if bar:
+            hf_logging.enable_progress_bar()

@@ -40,6 +40,7 @@ import io
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -264,6 +265,13 @@ class Engine:
     def set_vectors(self, path: str | Path | None, array: np.ndarray | None = None) -> None:
         self.vectors = array if array is not None else np.load(path, mmap_mode="r")
 
+    @staticmethod
+    def peak_rss_mb() -> float:
+        """Peak resident memory of this worker process (MiB): the per-worker memory figure."""
+        from mtrec_dist.utils import peak_rss_mb
+
+        return round(peak_rss_mb(), 1)
+
     # ---------------------------------------------------------------- step 3: score
     @torch.no_grad()
     def score_samples(self, samples: list[Sample]) -> np.ndarray:
@@ -413,16 +421,16 @@ class _Pool:
             idle.append(actor)
             yield i, ray.get(done[0])
 
-    def broadcast(self, method: str, *args: Any) -> None:
+    def broadcast(self, method: str, *args: Any) -> list[Any]:
+        """``method(*args)`` on every started worker; their results (none before a start)."""
         if not self.started:
             self.pending.append((method, args))
-            return
+            return []
         if self.local is not None:
-            getattr(self.local, method)(*args)
-            return
+            return [getattr(self.local, method)(*args)]
         import ray
 
-        ray.get([getattr(a, method).remote(*args) for a in self.actors])
+        return ray.get([getattr(a, method).remote(*args) for a in self.actors])
 
     def close(self) -> None:
         if self.actors:
@@ -610,11 +618,15 @@ def _run(run_dir: str | Path, split: str, num_workers: int | None, need_labels: 
 
     pool = _Pool(n, run_dir, split, local)
     stats: dict[str, Any] = {"workers": n, "model_sha256": model_sha}
+    seconds: dict[str, float] = {}
     threads = _torch_threads(1) if n == 1 else contextlib.nullcontext()
     try:
         with threads:
+            t0 = time.perf_counter()
             index = _load_index(pool, manifest, split, out_dir / f"index-{dkey[:16]}.npz")
+            seconds["index"] = time.perf_counter() - t0
             if not cross:
+                t0 = time.perf_counter()
                 base = out_dir / f"news_vectors-{model_sha[:16]}"
                 meta = {"model_sha256": model_sha, "data_key": dkey}
                 table = NewsTable(prepared)
@@ -623,9 +635,15 @@ def _run(run_dir: str | Path, split: str, num_workers: int | None, need_labels: 
                 )
                 stats.update(enc)
                 pool.broadcast("set_vectors", str(vec_path))
+                seconds["encode"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
             stats.update(_score_parts(pool, parts, out_dir, labeled, f"{model_sha}:{dkey}"))
+            seconds["score"] = time.perf_counter() - t0
+            # workers that did no work in this call (all cached) report nothing
+            stats["worker_peak_rss_mb"] = pool.broadcast("peak_rss_mb") if pool.started else []
     finally:
         pool.close()
+    stats["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     return {
         "parts": parts,
         "out_dir": out_dir,
@@ -722,9 +740,14 @@ def predict(
                 yield str(imp), ranks[start:end]
                 start = end
 
+    t0 = time.perf_counter()
     path = write_prediction(
         lines(), out, [str(i) for i in idx["ids"].tolist()], idx["sizes"].tolist()
     )
+    stats = _result(r, {"split": split, "impressions": int(idx["ids"].size), "out": str(path)})
+    stats["seconds"]["merge"] = round(time.perf_counter() - t0, 3)
+    # a record of how the file was made (model, data, timings, per-worker memory)
+    atomic_write_json(r["out_dir"] / "prediction.json", stats)
     _say(f"wrote {path} ({idx['ids'].size} impressions)")
     return path
 

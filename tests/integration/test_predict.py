@@ -158,6 +158,12 @@ def test_three_ray_workers_byte_identical(data, run1):
     pred1 = P.predict(run, "dev", out=base / "dev1.zip", num_workers=1)
     assert _txt(pred3) == _txt(pred1)
     assert pred3.read_bytes() == pred1.read_bytes()  # fixed zip entry time: same bytes
+    # the record of the 3-worker prediction: one memory figure per worker, every stage timed
+    rec = json.loads((run3 / "eval/dev/prediction.json").read_text())
+    assert rec["workers"] == 3 and len(rec["worker_peak_rss_mb"]) == 3
+    assert rec["impressions"] == manifest["splits"]["dev"]["impressions"]
+    assert set(rec["seconds"]) == {"index", "encode", "score", "merge"}
+    assert rec["news_encoded"] == rec["news_needed"] and rec["parts_scored"] == 15
     a = np.load(next((run / "eval/dev").glob("news_vectors-*.npy")))
     b = np.load(next((run3 / "eval/dev").glob("news_vectors-*.npy")))
     assert np.array_equal(a, b)
