@@ -487,7 +487,14 @@ def _identity(x: Any) -> Any:
 
 
 class TrainLoader:
-    """One rank's batches for one epoch; iterate once. See :func:`train_loader`.
+    """This rank's training batches for ``epoch``: exactly ``batches_per_epoch(...)`` of them;
+    iterate once.
+
+    ``skip_samples`` (with ``skip_batches`` when the rank had already run out of samples and
+    yielded padding batches) resumes mid-epoch: the remaining batches equal those of the
+    uninterrupted run. ``skip_samples=None`` derives it from ``skip_batches`` (all a checkpoint
+    needs to store). The stream is deterministic for (seed, epoch, rank, world_size,
+    loader_workers, chunk_size, shuffle_buffer, neg_k).
 
     After each yielded batch, ``position`` is the number of real samples of this epoch consumed
     (including skipped ones) and ``batches_done`` the batch index reached; a checkpoint stores
@@ -656,49 +663,8 @@ class TrainLoader:
             del pending[:bs]
 
 
-def train_loader(
-    prepared_dir: str | Path,
-    *,
-    rank: int,
-    world_size: int,
-    batch_size: int,
-    epoch: int,
-    seed: int,
-    neg_k: int = 4,
-    history_len: int = 50,
-    shuffle_buffer: int = 2048,
-    loader_workers: int = 2,
-    dedup: bool = True,
-    skip_samples: int | None = 0,
-    skip_batches: int | None = None,
-    split: str = "train",
-    chunk_size: int = CHUNK_SIZE,
-) -> TrainLoader:
-    """This rank's training batches for ``epoch``: exactly ``batches_per_epoch(...)`` of them.
-
-    ``skip_samples`` (with ``skip_batches`` when the rank had already run out of samples and
-    yielded padding batches) resumes mid-epoch: the remaining batches equal those of the
-    uninterrupted run. ``skip_samples=None`` derives it from ``skip_batches`` (all a checkpoint
-    needs to store). The stream is deterministic for (seed, epoch, rank, world_size,
-    loader_workers, chunk_size, shuffle_buffer, neg_k).
-    """
-    return TrainLoader(
-        prepared_dir,
-        rank=rank,
-        world_size=world_size,
-        batch_size=batch_size,
-        epoch=epoch,
-        seed=seed,
-        neg_k=neg_k,
-        history_len=history_len,
-        shuffle_buffer=shuffle_buffer,
-        loader_workers=loader_workers,
-        dedup=dedup,
-        skip_samples=skip_samples,
-        skip_batches=skip_batches,
-        split=split,
-        chunk_size=chunk_size,
-    )
+# The name the trainers, tests and benchmarks call the loader by.
+train_loader = TrainLoader
 
 
 def loader_for(

@@ -162,7 +162,8 @@ def test_three_ray_workers_byte_identical(data, run1):
     rec = json.loads((run3 / "eval/dev/prediction.json").read_text())
     assert rec["workers"] == 3 and len(rec["worker_peak_rss_mb"]) == 3
     assert rec["impressions"] == manifest["splits"]["dev"]["impressions"]
-    assert set(rec["seconds"]) == {"index", "encode", "score", "merge"}
+    stages = set(rec["seconds"])  # which stages were timed; no duration is asserted
+    assert stages == {"index", "encode", "score", "merge"}
     assert rec["news_encoded"] == rec["news_needed"] and rec["parts_scored"] == 15
     a = np.load(next((run / "eval/dev").glob("news_vectors-*.npy")))
     b = np.load(next((run3 / "eval/dev").glob("news_vectors-*.npy")))

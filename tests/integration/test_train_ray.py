@@ -9,12 +9,14 @@ One uninterrupted run is the oracle for three claims:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -176,18 +178,25 @@ def _kill_a_worker_when(run_dir: Path, step: int, done: threading.Event, killed:
         time.sleep(0.02)
 
 
+@contextlib.contextmanager
+def _killing_a_worker_at(run_dir: Path, step: int) -> Iterator[list[int]]:
+    """Run the body while a watcher SIGKILLs a worker at ``step``; yields the killed pids."""
+    done, killed = threading.Event(), []
+    watcher = threading.Thread(target=_kill_a_worker_when, args=(run_dir, step, done, killed))
+    watcher.start()
+    try:
+        yield killed
+    finally:
+        done.set()
+        watcher.join()
+
+
 def test_killed_worker_is_replaced_and_resumes_exactly(uninterrupted, tiny_data, tmp_path, zero2):
     from mtrec_dist.train.launch import run_training
 
     run_dir = tmp_path / "b"
-    done, killed = threading.Event(), []
-    watcher = threading.Thread(target=_kill_a_worker_when, args=(run_dir, 13, done, killed))
-    watcher.start()
-    try:
+    with _killing_a_worker_at(run_dir, 13) as killed:
         run_training(_cfg(tiny_data, run_dir, zero2, "trainer.max_failures=1"))
-    finally:
-        done.set()
-        watcher.join()
     assert killed, "no worker was killed: the run ended before step 13"
     steps = [json.loads(x)["step"] for x in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert steps.count(11) == 2 and steps[-1] == STEPS  # restarted from the step-10 checkpoint
@@ -200,15 +209,9 @@ def test_explicit_resume_after_a_crash(uninterrupted, tiny_data, tmp_path, zero2
     from mtrec_dist.train.launch import checkpoints_of, run_training
 
     run_dir = tmp_path / "c"
-    done, killed = threading.Event(), []
-    watcher = threading.Thread(target=_kill_a_worker_when, args=(run_dir, 21, done, killed))
-    watcher.start()
-    try:
+    with _killing_a_worker_at(run_dir, 21) as killed:
         with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker death in its own type
             run_training(_cfg(tiny_data, run_dir, zero2, "trainer.max_failures=0"))
-    finally:
-        done.set()
-        watcher.join()
     assert killed and checkpoints_of(run_dir)
     # a fresh start refuses to overwrite the run; --resume continues it
     from mtrec_dist.config import ConfigError

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtrec_dist.train.surgery import pcgrad_order
+from mtrec_dist.models.outputs import group_losses
+from tests.surgery_reference import pcgrad_projected
 
 WORLD = 2
 STEPS = 3
@@ -91,10 +92,6 @@ def micro_batch(step: int, rank: int, micro: int) -> tuple[torch.Tensor, ...]:
     cat = torch.randint(0, 5, (MICRO,), generator=g)
     ner = torch.randint(0, 3, (MICRO, SEQ), generator=g)
     return ids, y, cat, ner
-
-
-def group_losses(losses, groups):
-    return {g: sum(w * losses[t] for t, w in m.items()) for g, m in groups.items()}
 
 
 def ds_config(stage: int, gas: int) -> dict:
@@ -208,15 +205,7 @@ def _project(vecs: list[torch.Tensor], mode: str, step: int) -> list[torch.Tenso
             return [gm - d / (ga @ ga) * ga, ga - d / (gm @ gm) * gm]
         return [gm, ga]
     assert mode == "pcgrad"  # Yu et al. 2020, Algorithm 1
-    out = []
-    for i, order in enumerate(pcgrad_order(len(vecs), 7, step)):
-        gi = vecs[i].clone()
-        for j in order:
-            d = gi @ vecs[j]
-            if d < 0:
-                gi = gi - d / (vecs[j] @ vecs[j]) * vecs[j]
-        out.append(gi)
-    return out
+    return pcgrad_projected(vecs, 7, step)
 
 
 def reference(stage_gas: int, mode: str, scope: str, groups: dict) -> dict:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
+from functools import partial
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,36 +13,12 @@ from mtrec_dist.config import ConfigError, ModelConfig
 from mtrec_dist.data.batch import Sample, collate
 from mtrec_dist.hub import load_encoder, load_tokenizer
 from mtrec_dist.models.miner import DEFAULT_GROUPS, MINER, default_groups
+from tests.unit.titles import sample, title_table
 
-CLS, SEP = 101, 102
 # news rows: 0 = empty title; categories 0..3 (0 = unknown)
 TITLES = [[], [2000, 2001], [2002], [2003, 2004, 2005], [2006], [2007, 2008], [2009]]
 CATEGORY = [0, 1, 2, 1, 3, 2, 0]
-
-
-def news_table() -> SimpleNamespace:
-    """In-memory stand-in for NewsTable (same attributes collate() reads)."""
-    L = 6
-    tokens = np.zeros((len(TITLES), L), dtype=np.int32)
-    for i, t in enumerate(TITLES):
-        row = [CLS, *t, SEP]
-        tokens[i, : len(row)] = row
-    n = len(TITLES)
-    return SimpleNamespace(
-        tokens=tokens,
-        ner=np.full((n, L), 255, dtype=np.uint8),
-        category=np.array(CATEGORY, dtype=np.int16),
-        subcategory=np.zeros(n, dtype=np.int16),
-        sentiment=np.full(n, -1, dtype=np.int8),
-        entities=np.zeros((n, 2), dtype=np.int32),
-    )
-
-
-def sample(hist: list[int], cand: list[int]) -> Sample:
-    labels = np.zeros(len(cand), dtype=np.float32)
-    labels[0] = 1
-    return Sample(0, np.array(hist, dtype=np.int64), np.array(cand, dtype=np.int64), labels)
-
+news_table = partial(title_table, TITLES, CATEGORY)
 
 TWO = [sample([1, 2, 3], [4, 5, 1]), sample([5, 3, 3, 6], [2, 6, 3])]
 META = {"count": len(TITLES), "vocab": {"category": 4, "subcategory": 1, "entities": 1}}

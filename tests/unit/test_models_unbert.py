@@ -3,45 +3,20 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
+from functools import partial
 
-import numpy as np
 import pytest
 import torch
 
 from mtrec_dist.config import ConfigError, ModelConfig
-from mtrec_dist.data.batch import Sample, collate
+from mtrec_dist.data.batch import collate
 from mtrec_dist.hub import load_encoder
 from mtrec_dist.models.unbert import UNBERT, build_pair_inputs
+from tests.unit.titles import CLS, SEP, sample, title_table
 
-CLS, SEP = 101, 102
 N = 30522  # [NSEP] = the tiny encoder's vocabulary size (new embedding row)
 TITLES = [[], [2000, 2001], [2002], [2003, 2004, 2005], [2006], [2005, 2004, 2003]]
-
-
-def news_table() -> SimpleNamespace:
-    """In-memory stand-in for NewsTable (same attributes collate() reads)."""
-    L = 6
-    tokens = np.zeros((len(TITLES), L), dtype=np.int32)
-    for i, t in enumerate(TITLES):
-        row = [CLS, *t, SEP]
-        tokens[i, : len(row)] = row
-    n = len(TITLES)
-    return SimpleNamespace(
-        tokens=tokens,
-        ner=np.full((n, L), 255, dtype=np.uint8),
-        category=np.zeros(n, dtype=np.int16),
-        subcategory=np.zeros(n, dtype=np.int16),
-        sentiment=np.full(n, -1, dtype=np.int8),
-        entities=np.zeros((n, 2), dtype=np.int32),
-    )
-
-
-def sample(hist: list[int], cand: list[int]) -> Sample:
-    labels = np.zeros(len(cand), dtype=np.float32)
-    labels[0] = 1
-    return Sample(0, np.array(hist, dtype=np.int64), np.array(cand, dtype=np.int64), labels)
-
+news_table = partial(title_table, TITLES)
 
 # sample A: clicked 1 then 2 (2 most recent), candidates 3, 4, 1; sample B: clicked 3, cands 2, 4
 TWO = [sample([1, 2], [3, 4, 1]), sample([3], [2, 4])]

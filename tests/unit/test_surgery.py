@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mtrec_dist.train import surgery
+from tests.surgery_reference import pcgrad_projected
 
 
 def gram_of(vecs: list[torch.Tensor]) -> torch.Tensor:
@@ -28,16 +29,7 @@ def mtrec_explicit(gm: torch.Tensor, ga: torch.Tensor) -> torch.Tensor:
 
 def pcgrad_explicit(vecs: list[torch.Tensor], seed: int, step: int) -> torch.Tensor:
     """Yu et al. 2020, Algorithm 1, with explicit vectors and the same seeded order."""
-    vecs = [v.double() for v in vecs]
-    out = []
-    for i, order in enumerate(surgery.pcgrad_order(len(vecs), seed, step)):
-        gi = vecs[i].clone()
-        for j in order:
-            d = gi @ vecs[j]
-            if d < 0:
-                gi = gi - d / (vecs[j] @ vecs[j]) * vecs[j]
-        out.append(gi)
-    return sum(out)
+    return sum(pcgrad_projected([v.double() for v in vecs], seed, step))
 
 
 def test_mtrec_hand_made_conflict():

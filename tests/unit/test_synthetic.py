@@ -15,18 +15,7 @@ from mtrec_dist.config import ConfigError
 from mtrec_dist.data import mind, synthetic
 from mtrec_dist.utils import sha256_file
 
-FILES = [
-    "train/news.tsv",
-    "train/behaviors.tsv",
-    "dev/news.tsv",
-    "dev/behaviors.tsv",
-    "test/news.tsv",
-    "test/behaviors.tsv",
-    "truth/dev_probs.tsv",
-    "truth/test_probs.tsv",
-    "truth/test_truth.txt",
-    "synth.json",
-]
+FILES = [*synthetic.FILES, "synth.json"]  # every file generate() writes
 
 
 @pytest.fixture(scope="module")
