@@ -62,6 +62,11 @@ class ModelConfig:
     encoder: str = "minilm"
     # Encoder hidden/attention dropout; -1 keeps the checkpoint's own (0.1 for BERT and MiniLM).
     dropout: float = -1.0
+    # Title vector read from the encoder: cls | mean | auto (= what the checkpoint was trained
+    # with: mean for sentence-transformers folders such as the shipped MiniLM, else [CLS]).
+    pooling: str = "auto"
+    # Keep only the first N transformer layers of the encoder (0 = all); a CPU speed knob.
+    encoder_layers: int = 0
     # Query dimension of additive attention (200 in MTRec, Appendix A).
     query_dim: int = 200
     # Tasks switched on; the main task is always on.
@@ -339,6 +344,7 @@ _CHOICES = {
     "trainer.surgery_scope": ("shared", "all"),
     "model.miner_aggregator": ("max", "mean", "weighted"),
     "model.unbert_aggregator": ("nsep", "mean", "attention"),
+    "model.pooling": ("auto", "cls", "mean"),
 }
 
 _POSITIVE = (
@@ -370,6 +376,10 @@ def validate(cfg: Config) -> None:
     for key in _POSITIVE:
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}={_get(cfg, key)}: must be a positive integer")
+    if cfg.model.encoder_layers < 0:
+        raise ConfigError(
+            f"model.encoder_layers={cfg.model.encoder_layers}: expected 0 (all) or more"
+        )
     if cfg.data.title_len < 3:
         raise ConfigError("data.title_len must be at least 3 ([CLS], one word piece, [SEP])")
     if not 0.0 <= cfg.trainer.warmup_ratio < 1.0:

@@ -7,8 +7,10 @@ runs; anything else must be a local folder holding a BERT-family checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -57,6 +59,34 @@ def resolve_encoder(name: str) -> Path:
     return p
 
 
+def checkpoint_pooling(name: str) -> str:
+    """How the checkpoint was trained to pool a sentence: ``"mean"`` or ``"cls"``.
+
+    Sentence-transformers checkpoints say it in ``1_Pooling/config.json`` (the shipped
+    all-MiniLM-L6-v2 was trained with mean pooling; its [CLS] vector was never trained to stand
+    for the title, and reading it costs many training steps, see ``model.pooling``). A plain
+    BERT checkpoint has no such file: [CLS], as the MTRec paper reads it (§2.1).
+    """
+    if name == "tiny":
+        return "cls"
+    import json
+
+    cfg = resolve_encoder(name) / "1_Pooling" / "config.json"
+    if not cfg.is_file():
+        return "cls"
+    try:
+        modes = json.loads(cfg.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{cfg}: not a sentence-transformers pooling config ({e})") from e
+    if modes.get("pooling_mode_mean_tokens"):
+        return "mean"
+    if modes.get("pooling_mode_cls_token"):
+        return "cls"
+    raise ValueError(
+        f"{cfg}: pooling mode {modes} is neither mean nor cls; set model.pooling=cls or mean"
+    )
+
+
 def load_tokenizer(name: str):
     """The encoder's own fast tokenizer."""
     from transformers import AutoTokenizer
@@ -94,13 +124,21 @@ def load_encoder(name: str, dropout: float = -1.0):
     # The checkpoint's pooler is dropped on purpose ([CLS] is read before it); transformers
     # would print a load report listing it as unexpected in every process that builds the
     # model. Errors still surface.
+    with quiet_transformers():
+        return AutoModel.from_pretrained(path, config=config, add_pooling_layer=False)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' info reports and progress bars off for the block (a bar for a 90 MB local
+    file, or for writing one shard, is noise on the console); errors still surface."""
     from transformers.utils import logging as hf_logging
 
     level, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # a bar for a 90 MB local file is noise
+    hf_logging.disable_progress_bar()
     try:
-        return AutoModel.from_pretrained(path, config=config, add_pooling_layer=False)
+        yield
     finally:
         hf_logging.set_verbosity(level)
         if bar:

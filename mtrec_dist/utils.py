@@ -9,7 +9,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -85,8 +85,16 @@ class Progress:
     because Ray and CI logs keep every line anyway.
     """
 
-    def __init__(self, what: str, total: int | None, unit: str = "it", every: float = 5.0):
+    def __init__(
+        self,
+        what: str,
+        total: int | None,
+        unit: str = "it",
+        every: float = 5.0,
+        sink: Callable[[str], None] | None = None,
+    ):
         self.what, self.total, self.unit, self.every = what, total, unit, every
+        self.sink = sink
         self.n = 0
         self.t0 = self.last = time.monotonic()
         self.enabled = os.environ.get("MTREC_QUIET", "") == ""
@@ -110,7 +118,11 @@ class Progress:
             msg = f"{self.what}: {self.n}/{self.total} {self.unit} ({pct:.1f}%) {_fmt_rate(rate, self.unit)}, elapsed {_fmt_secs(el)}, ETA {eta_s}"
         else:
             msg = f"{self.what}: {self.n} {self.unit} {_fmt_rate(rate, self.unit)}, elapsed {_fmt_secs(el)}"
-        print(msg + (f" {extra}" if extra else ""), file=sys.stderr, flush=True)
+        line = msg + (f" {extra}" if extra else "")
+        if self.sink is not None:
+            self.sink(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def close(self, extra: str = "") -> float:
         """Print the final line; return the elapsed seconds."""

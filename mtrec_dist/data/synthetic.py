@@ -1224,3 +1224,34 @@ def generate(out: str | Path, scale: str = "small", seed: int = 0, progress: boo
     }
     atomic_write_json(out / "synth.json", result)
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# What a content-only model can reach
+
+
+def content_logits(root: str | Path, split: str) -> Iterator[tuple[str, np.ndarray]]:
+    """``(impression id, logits)`` of the planted click model WITHOUT its popularity term, per
+    impression of ``root/<split>/behaviors.tsv``, in file order.
+
+    Why: popularity is learnable from click counts only, and no model here reads click counts;
+    the affinity part (category, entities, words) is all in the title and category. Ranking by
+    these logits is the best a model that reads only the news content can do (short of
+    memorising which titles were popular in training), so benchmarks report the lift fraction
+    against both this ceiling and the full one. The world is rebuilt from ``synth.json``'s
+    scale and seed (same seed -> same world, see "Determinism" above).
+    """
+    info = _json_load(Path(root) / "synth.json")
+    w = _build_world(SCALES[info["scale"]], np.random.SeedSequence(int(info["seed"])), False)
+    users = {u: i for i, u in enumerate(w.user_id)}
+    news = {n: i for i, n in enumerate(w.news_id.tolist())}
+    for imp in mind.iter_behaviors(Path(root) / split / "behaviors.tsv"):
+        n = np.array([news[c] for c in imp.candidates], dtype=np.int64)
+        u = np.full(len(n), users[imp.user_id], dtype=np.int64)
+        yield imp.impression_id, _logits(w, u, n) - POP * np.minimum(w.logpop[n], POP_CAP)
+
+
+def _json_load(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text(encoding="utf-8"))

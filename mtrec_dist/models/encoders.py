@@ -20,24 +20,34 @@ from mtrec_dist.models.user import AdditiveAttention
 
 
 class NewsEncoder(nn.Module):
-    """Wraps a transformers BERT-family model: titles -> ([CLS] vectors, token outputs).
+    """Wraps a transformers BERT-family model: titles -> (title vectors, token outputs).
 
     MTRec §2.1: "we feed the tokenized text T into the BERT model and adopt the embedding of
-    [CLS] token as the news representation r". The token outputs feed the NER head (eq. 7).
+    [CLS] token as the news representation r" (``pooling="cls"``). A checkpoint trained as a
+    sentence encoder with mean pooling (the shipped all-MiniLM-L6-v2) is read the way it was
+    trained (``pooling="mean"``: mean of the real tokens' outputs): its [CLS] output carries
+    little of the title, and a short run spends its steps re-learning it (README, "Learning
+    quality"). The token outputs feed the NER head (eq. 7).
     """
 
-    def __init__(self, bert: nn.Module):
+    def __init__(self, bert: nn.Module, pooling: str = "cls"):
         super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise ConfigError(f"model.pooling={pooling!r}: allowed values are cls, mean, auto")
         self.bert = bert
+        self.pooling = pooling
         self.hidden_size: int = int(bert.config.hidden_size)
 
     def forward(
         self, tokens: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens, attention_mask: [U, L] -> (cls [U, D], token states [U, L, D])."""
+        """tokens, attention_mask: [U, L] -> (title vectors [U, D], token states [U, L, D])."""
         out = self.bert(input_ids=tokens, attention_mask=attention_mask)
         hidden = out.last_hidden_state  # [U, L, D]
-        return hidden[:, 0], hidden
+        if self.pooling == "cls":
+            return hidden[:, 0], hidden
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [U, L, 1]
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0), hidden  # [U, D]
 
     @property
     def word_embeddings(self) -> nn.Embedding:
@@ -73,16 +83,37 @@ def apply_lora(bert: nn.Module, cfg: ModelConfig) -> nn.Module:
     return bert
 
 
+def resolve_pooling(cfg: ModelConfig) -> str:
+    """``cfg.pooling`` with ``auto`` replaced by what the checkpoint was trained with."""
+    if cfg.pooling != "auto":
+        return cfg.pooling
+    from mtrec_dist.hub import checkpoint_pooling
+
+    return checkpoint_pooling(cfg.encoder)
+
+
+def keep_layers(bert: nn.Module, n: int) -> nn.Module:
+    """Keep the first ``n`` transformer layers (``model.encoder_layers``; 0 = all): the lower
+    layers of a pretrained encoder keep its word-piece and early contextual knowledge at a
+    fraction of the cost, which is what a CPU run needs."""
+    layers = bert.encoder.layer
+    if n <= 0 or n >= len(layers):
+        return bert
+    bert.encoder.layer = layers[:n]
+    bert.config.num_hidden_layers = n
+    return bert
+
+
 def build_news_encoder(cfg: ModelConfig, encoder: nn.Module | None = None) -> NewsEncoder:
-    """The model's news encoder: ``encoder`` if given, else ``hub.load_encoder(cfg.encoder, cfg.dropout)``;
-    LoRA applied when ``cfg.lora``."""
+    """The model's news encoder: ``encoder`` if given, else ``hub.load_encoder(cfg.encoder, cfg.dropout)``
+    cut to ``cfg.encoder_layers``; LoRA applied when ``cfg.lora``."""
     if encoder is None:
         from mtrec_dist.hub import load_encoder
 
-        encoder = load_encoder(cfg.encoder, cfg.dropout)
+        encoder = keep_layers(load_encoder(cfg.encoder, cfg.dropout), cfg.encoder_layers)
     if cfg.lora:
         encoder = apply_lora(encoder, cfg)
-    return NewsEncoder(encoder)
+    return NewsEncoder(encoder, resolve_pooling(cfg))
 
 
 def name_embeddings(

@@ -156,8 +156,9 @@ class UNBERT(nn.Module):
             )
         if encoder is None:
             from mtrec_dist.hub import load_encoder
+            from mtrec_dist.models.encoders import keep_layers
 
-            encoder = load_encoder(cfg.encoder, cfg.dropout)
+            encoder = keep_layers(load_encoder(cfg.encoder, cfg.dropout), cfg.encoder_layers)
         bcfg = encoder.config
         self.max_len = min(int(cfg.unbert_max_len), int(bcfg.max_position_embeddings))
         if self.max_len < 4:

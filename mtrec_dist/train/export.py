@@ -53,7 +53,7 @@ def export_run(
     from safetensors.torch import save_file
 
     from mtrec_dist.data.shards import vocab_fingerprint
-    from mtrec_dist.hub import load_tokenizer
+    from mtrec_dist.hub import load_tokenizer, quiet_transformers
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -65,7 +65,8 @@ def export_run(
     save_file(sd, str(tmp / "model.safetensors"))
     enc = _news_encoder(model)
     if enc is not None and hasattr(enc, "save_pretrained"):
-        enc.save_pretrained(str(tmp / "encoder"))
+        with quiet_transformers():
+            enc.save_pretrained(str(tmp / "encoder"))
         load_tokenizer(cfg.model.encoder).save_pretrained(str(tmp / "encoder"))
     atomic_write_json(
         tmp / "meta.json",

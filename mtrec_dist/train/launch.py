@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from mtrec_dist.config import Config, ConfigError, load_config
+from mtrec_dist.train.console import CONSOLE_FILE, RAY_DRIVER_LOG, following, ray_driver_logs_to
 
 RAY_DIR = "ray"  # RUN_DIR/ray/<name>/checkpoint_* : Ray Train storage
 RAY_NAME = "train"
@@ -59,12 +60,9 @@ def run_training(cfg: Config, resume: str | None = None) -> dict:
     manifest, ds = validate_for_training(cfg)
 
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from mtrec_dist.data.stream import batches_per_epoch
     from mtrec_dist.train.dsconfig import describe
-    from mtrec_dist.train.loop import train_worker
 
     t = cfg.trainer
     per_epoch = batches_per_epoch(manifest, t.num_workers, t.micro_batch, t.seed, 0) // t.grad_accum
@@ -78,14 +76,41 @@ def run_training(cfg: Config, resume: str | None = None) -> dict:
     # Ray Train's print patch echoes every worker line twice on the driver (Ray 2.60); the
     # variable is propagated from here to the controller and the workers.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    if not ray.is_initialized():
-        ray.init(
-            address=os.environ.get("RAY_ADDRESS"),
-            include_dashboard=False,
-            log_to_driver=True,
-            runtime_env={"env_vars": {"MTREC_QUIET": os.environ.get("MTREC_QUIET", "")}},
-        )
-    storage = Path(cfg.run_dir).resolve() / RAY_DIR
+    run_dir = Path(cfg.run_dir)
+    with ray_driver_logs_to(run_dir / RAY_DRIVER_LOG) as driver_log:
+        if not ray.is_initialized():
+            # Workers are not echoed: the console shows rank 0's console.log (train/console.py).
+            ray.init(
+                address=os.environ.get("RAY_ADDRESS"),
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": {"MTREC_QUIET": os.environ.get("MTREC_QUIET", "")}},
+            )
+        print(f"ray logs: {_ray_logs_dir()} (driver: {driver_log})", flush=True)
+        result = _fit(ray, cfg, ds, run_dir)
+    ckpt = result.checkpoint.path if result.checkpoint else None
+    return {"run_dir": cfg.run_dir, "steps": steps, "last_checkpoint": ckpt}
+
+
+def _ray_logs_dir() -> str:
+    """Ray's log folder on this node (where every worker's and actor's output stays)."""
+    import ray
+
+    try:
+        return str(ray._private.worker.global_worker.node.get_logs_dir_path())
+    except AttributeError:  # connected to a cluster whose node object is not local
+        return "the Ray session's logs/ folder on each node"
+
+
+def _fit(ray, cfg: Config, ds: dict, run_dir: Path):
+    """Ray Train's TorchTrainer over ``train_worker``, rank 0's console lines followed."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from mtrec_dist.train.loop import train_worker
+
+    t = cfg.trainer
+    storage = run_dir.resolve() / RAY_DIR
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.to_dict(), "ds": ds},
@@ -102,9 +127,8 @@ def run_training(cfg: Config, resume: str | None = None) -> dict:
             checkpoint_config=CheckpointConfig(num_to_keep=max(1, t.keep_checkpoints)),
         ),
     )
-    result = trainer.fit()
-    ckpt = result.checkpoint.path if result.checkpoint else None
-    return {"run_dir": cfg.run_dir, "steps": steps, "last_checkpoint": ckpt}
+    with following(run_dir / CONSOLE_FILE):
+        return trainer.fit()
 
 
 def _resume_config(cfg: Config, run_dir: str) -> Config:

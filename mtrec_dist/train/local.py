@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -82,8 +83,15 @@ def total_steps(cfg: Config, batches_per_epoch: int) -> int:
     return min(steps, cfg.trainer.max_steps) if cfg.trainer.max_steps > 0 else steps
 
 
-def train_local(cfg: Config, progress: bool = True) -> dict:
-    """Train in this process (one worker, no DeepSpeed); export the run folder."""
+def train_local(
+    cfg: Config,
+    progress: bool = True,
+    on_step: Callable[[int, torch.nn.Module], None] | None = None,
+) -> dict:
+    """Train in this process (one worker, no DeepSpeed); export the run folder.
+
+    ``on_step(step, model)`` runs after every optimizer step (the quality benchmark measures
+    its learning curves there; the model is back in train mode afterwards)."""
     from mtrec_dist.data.shards import check_tokenizer, load_manifest
     from mtrec_dist.data.stream import batches_per_epoch, loader_for
     from mtrec_dist.hub import load_tokenizer, tokenizer_fingerprint
@@ -143,6 +151,9 @@ def train_local(cfg: Config, progress: bool = True) -> dict:
                 step += 1
                 rec = _log_record(step, stats, scheduler.get_last_lr()[0], samples, t0)
                 log.write(json.dumps(rec) + "\n")
+                if on_step is not None:
+                    on_step(step, model)
+                    model.train()
                 if t.log_every and step % t.log_every == 0:
                     bar.n = step - 1
                     bar.update(1, extra=_short(rec))

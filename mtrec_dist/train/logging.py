@@ -13,7 +13,10 @@ import json
 from pathlib import Path
 
 from mtrec_dist.config import Config, dump_config
+from mtrec_dist.train.console import ConsoleLog
 from mtrec_dist.utils import Progress
+
+DEV_LOG = "dev_log.jsonl"  # one line per periodic dev evaluation: {"step": s, "auc": ...}
 
 
 class RunLogger:
@@ -25,11 +28,14 @@ class RunLogger:
         dump_config(cfg, self.dir / "config.yaml")
         self.tb = SummaryWriter(str(self.dir / "tb"))
         self.every = max(cfg.trainer.log_every, 1)
-        self.bar = Progress("train", total_steps, unit="steps", every=0.0)
+        # Lines for a person go to RUN_DIR/console.log, which the driver prints (train/console.py).
+        self.say = ConsoleLog(self.dir, echo=False)
+        self.bar = Progress("train", total_steps, unit="steps", every=0.0, sink=self.say)
         self.bar.n = start_step
         self.cos: list[tuple[int, float, float]] = []
         self.conflicts = 0
         self.jsonl = open(self.dir / "train_log.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self.dev_path = self.dir / DEV_LOG
 
     def step(self, step, losses, stats: dict, lr: float, samples: int, titles: int, secs: float):
         rec: dict = {"step": step, "lr": lr}
@@ -63,10 +69,13 @@ class RunLogger:
         for k, v in metrics.items():
             if isinstance(v, (int, float)):
                 self.tb.add_scalar(f"dev/{k}", v, step)
-        print(
+        rec = {"step": step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+        with open(self.dev_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+        shown = ("auc", "mrr", "ndcg@5", "ndcg@10")
+        self.say(
             f"dev @ step {step}: "
-            + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)),
-            flush=True,
+            + ", ".join(f"{k}={metrics[k]:.4f}" for k in shown if isinstance(metrics.get(k), float))
         )
 
     def close(self) -> None:
@@ -74,6 +83,7 @@ class RunLogger:
         self.tb.flush()
         self.tb.close()
         self.jsonl.close()
+        self.say.close()
         if self.cos:
             plot_cosine(self.cos, self.dir / "cosine_trace.png")
 

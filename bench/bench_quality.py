@@ -1,0 +1,205 @@
+"""Learning quality: dev metrics of each model against the planted ceiling, over seeds.
+
+    python bench/bench_quality.py [--out bench/results/quality.json] [--rows mtrec,bert ...]
+                                  [--seeds 0 1 2] [--steps 150] [--data DIR]
+
+The CPU regime (chosen so that the whole default table fits in about an hour on 2 cores):
+
+* data: synthetic MIND ``small`` (seed 0: 20,000 train / 5,000 dev impressions, 8,000 news,
+  planted click model), prepared with titles of 20 word pieces and the 20 most recent clicks;
+* encoder: the shipped MiniLM-L6-H384 cut to its first ``--layers`` (2) layers, read with the
+  pooling it was trained with (mean; ``model.pooling=auto``);
+* training: the single-process reference trainer (``train/local.py``, the trainer the
+  distributed one is tested equal to), micro-batch ``--batch`` (32) x 1, ``--steps`` optimizer
+  steps at lr ``--lr`` with 10% warm-up then linear decay, one thread per run, seeds 0..2
+  (model init, data order, negatives);
+* curve: dev AUC on the first ``--eval-impressions`` (1,000) dev impressions every
+  ``--eval-every`` steps; the final row on ALL dev impressions.
+
+Reported per row (mean ± sample std over seeds): AUC, MRR, nDCG@5, nDCG@10, the fraction of the
+ceiling's lift ``(AUC - 0.5) / (ceiling - 0.5)`` and of the content ceiling's (the planted model
+without popularity, which no model here can see: ``synthetic.content_logits``); the papers'
+orderings (MTRec > w/o GS > BERT; MINER weighted > mean > max) with their gaps and spreads.
+Writes the JSON (``--out``), a Markdown table and a learning-curve PNG beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mtrec_dist.config import load_config  # noqa: E402
+from mtrec_dist.eval import quality  # noqa: E402
+from mtrec_dist.eval.metrics import METRICS  # noqa: E402
+from mtrec_dist.utils import Progress, atomic_write_json, atomic_write_text  # noqa: E402
+
+# row -> overrides of configs/demo.yaml-like defaults (model and surgery only).
+ROWS: dict[str, list[str]] = {
+    "mtrec": ["model.name=mtrec", "trainer.surgery=mtrec"],
+    "mtrec w/o GS": ["model.name=mtrec", "trainer.surgery=none"],
+    "mtrec aux_only": ["model.name=mtrec", "trainer.surgery=aux_only"],
+    "mtrec pcgrad": ["model.name=mtrec", "trainer.surgery=pcgrad"],
+    "bert": ["model.name=bert", "trainer.surgery=none"],
+    "miner max": ["model.name=miner", "model.miner_aggregator=max", "trainer.surgery=none"],
+    "miner mean": ["model.name=miner", "model.miner_aggregator=mean", "trainer.surgery=none"],
+    "miner weighted": [
+        "model.name=miner",
+        "model.miner_aggregator=weighted",
+        "trainer.surgery=none",
+    ],
+    "unbert": ["model.name=unbert", "trainer.surgery=none"],
+}
+ORDERINGS = (["mtrec", "mtrec w/o GS", "bert"], ["miner weighted", "miner mean", "miner max"])
+
+
+def ensure_data(data: Path) -> Path:
+    from mtrec_dist.data.shards import prepare
+    from mtrec_dist.data.synthetic import generate
+
+    if not (data / "synth.json").is_file():
+        generate(data, scale="small", seed=0, progress=False)
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [f"data.root={data}"])
+    if not (cfg.prepared_dir / "manifest.json").is_file():
+        prepare(cfg, progress=False)
+    return data
+
+
+def run_one(a: argparse.Namespace, data: Path, row: str, seed: int) -> dict:
+    run_dir = Path(a.work) / "runs" / f"{row.replace(' ', '_')}_s{seed}"
+    cfg = load_config(
+        ROOT / "configs" / "demo.yaml",
+        [
+            f"data.root={data}",
+            f"run_dir={run_dir}",
+            f"model.encoder={a.encoder}",
+            f"model.encoder_layers={a.layers}",
+            f"trainer.micro_batch={a.batch}",
+            f"trainer.max_steps={a.steps}",
+            f"trainer.lr={a.lr}",
+            f"trainer.seed={seed}",
+            "trainer.log_every=0",
+            *ROWS[row],
+        ],
+    )
+    t0, c0 = time.monotonic(), time.process_time()
+    curve = quality.train_curve(cfg, a.eval_every, a.eval_impressions)
+    from mtrec_dist.eval.predict import evaluate_model, load_run
+
+    model = load_run(run_dir)[0]
+    final = evaluate_model(model, cfg.prepared_dir, "dev", 0)
+    return {
+        "row": row,
+        "seed": seed,
+        "curve": curve,
+        "final": {k: float(final[k]) for k in METRICS},
+        "seconds": time.monotonic() - t0,
+        "cpu_seconds": time.process_time() - c0,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality.json"))
+    ap.add_argument("--data", default="", help="synthetic small data folder (made if missing)")
+    ap.add_argument("--work", default="/tmp/mtrec_bench_quality", help="run folders")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma list of: {', '.join(ROWS)}")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--encoder", default="minilm")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--eval-impressions", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(a.threads)
+    rows = [r.strip() for r in a.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        ap.error(f"--rows: unknown {unknown}; allowed: {', '.join(ROWS)}")
+    data = ensure_data(Path(a.data or Path(a.work) / "data"))
+    ceil_curve = quality.ceilings(data, "dev", a.eval_impressions)
+    ceil_all = quality.ceilings(data, "dev", 0)
+    runs: list[dict] = []
+    bar = Progress("quality runs", len(rows) * len(a.seeds), unit="runs", every=0.0)
+    for row in rows:
+        for seed in a.seeds:
+            r = run_one(a, data, row, seed)
+            runs.append(r)
+            bar.update(1, extra=f"{row} seed {seed}: dev AUC {r['final']['auc']:.4f}")
+    table = []
+    for row in rows:
+        mine = [r for r in runs if r["row"] == row]
+        entry = {"row": row}
+        for k in METRICS:
+            entry[k] = quality.summarize_runs([r["final"][k] for r in mine])
+        entry["lift"] = quality.summarize_runs(
+            [quality.lift_fraction(r["final"]["auc"], ceil_all["full"]["auc"]) for r in mine]
+        )
+        entry["content_lift"] = quality.summarize_runs(
+            [quality.lift_fraction(r["final"]["auc"], ceil_all["content"]["auc"]) for r in mine]
+        )
+        table.append(entry)
+    by_row = {e["row"]: e for e in table}
+    orderings = [quality.ordering(by_row, o) for o in ORDERINGS if all(n in by_row for n in o)]
+    curves = _mean_curves(runs, rows, ceil_curve["full"]["auc"])
+    out = Path(a.out)
+    png = quality.plot_curves(
+        curves,
+        out.with_suffix(".png"),
+        f"dev AUC lift fraction vs steps (first {a.eval_impressions} dev impressions, "
+        f"mean of {len(a.seeds)} seeds; MiniLM {a.layers} layers, batch {a.batch})",
+    )
+    md = quality.markdown_table(table)
+    atomic_write_text(out.with_suffix(".md"), md)
+    atomic_write_json(
+        out,
+        {
+            "benchmark": "quality",
+            "regime": {k: v for k, v in vars(a).items() if k not in ("out",)},
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "ceiling": {"all_dev": ceil_all, "curve_impressions": ceil_curve},
+            "table": table,
+            "orderings": orderings,
+            "runs": runs,
+            "png": str(png),
+        },
+    )
+    print(md)
+    for o in orderings:
+        print(
+            f"{o['claim']}: {'holds' if o['holds'] else 'does NOT hold'} "
+            f"(gaps {', '.join(f'{g:+.4f}' for g in o['gaps'])}; std "
+            f"{', '.join(f'{s:.4f}' for s in o['std'])}; beyond noise: {o['beyond_noise']})"
+        )
+    print(f"wrote {out}, {out.with_suffix('.md')}, {png}")
+    return 0
+
+
+def _mean_curves(runs: list[dict], rows: list[str], ceiling_auc: float) -> dict:
+    """Row -> [(step, mean lift fraction over seeds)] on the curve impressions."""
+    out = {}
+    for row in rows:
+        pts: dict[int, list[float]] = {}
+        for r in runs:
+            if r["row"] == row:
+                for p in r["curve"]:
+                    pts.setdefault(p["step"], []).append(
+                        quality.lift_fraction(p["auc"], ceiling_auc)
+                    )
+        out[row] = [(s, sum(v) / len(v)) for s, v in sorted(pts.items())]
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,178 @@
+"""Does training produce a good recommender? Learning curves against the planted ceiling.
+
+The synthetic data (``mtrec_dist.data.synthetic``) knows every candidate's true click
+probability, so the best achievable dev AUC (the *ceiling*) is known, and a model is read as the
+**fraction of the ceiling's lift**: ``(AUC - 0.5) / (ceiling AUC - 0.5)`` (0 = chance, 1 = the
+planted model itself). The same fraction is also given against the *content ceiling*: the
+planted model without its popularity term, which only click counts reveal and no model here
+reads (``synthetic.content_logits``).
+
+Pieces, each small and tested on its own: :func:`lift_fraction`, :func:`ceilings` (metrics of
+the true probabilities on exactly the impressions a curve point is evaluated on),
+:func:`train_curve` (the single-process reference trainer with dev metrics every few steps),
+:func:`plot_curves` and :func:`markdown_table`. ``bench/bench_quality.py`` runs the table.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from mtrec_dist.config import Config
+from mtrec_dist.eval.metrics import METRICS, compute_metrics_lists
+
+
+def lift_fraction(auc: float, ceiling_auc: float) -> float:
+    """(auc - 0.5) / (ceiling_auc - 0.5): the share of the achievable lift over chance."""
+    if not ceiling_auc > 0.5:
+        raise ValueError(f"ceiling AUC {ceiling_auc} is not above chance (0.5): no lift to share")
+    return (auc - 0.5) / (ceiling_auc - 0.5)
+
+
+def _true_probs(root: Path, split: str) -> Iterable[tuple[str, np.ndarray]]:
+    """``(impression id, true click probabilities)`` from ``truth/<split>_probs.tsv``."""
+    path = root / "truth" / f"{split}_probs.tsv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; the ceiling needs data from `mtrec synth`")
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            imp, probs = line.rstrip("\n").split("\t")
+            yield imp, np.array([float(x) for x in probs.split(",")])
+
+
+def ceilings(root: str | Path, split: str = "dev", max_impressions: int = 0) -> dict[str, dict]:
+    """Metrics of the planted model (``full``) and of its content part (``content``) on the
+    first ``max_impressions`` impressions of ``split`` (0 = all), file order: the impressions
+    ``evaluate_model(..., max_impressions)`` scores, so a curve point and its ceiling agree."""
+    from mtrec_dist.data import mind
+    from mtrec_dist.data.synthetic import content_logits
+
+    root = Path(root)
+    limit = max_impressions if max_impressions > 0 else None
+    imps = list(itertools.islice(mind.iter_behaviors(root / split / "behaviors.tsv"), limit))
+    labels = [imp.labels for imp in imps]
+    out = {}
+    for name, scores in (
+        ("full", itertools.islice(_true_probs(root, split), limit)),
+        ("content", itertools.islice(content_logits(root, split), limit)),
+    ):
+        pairs = list(scores)
+        ids = [i for i, _ in pairs]
+        if ids != [imp.impression_id for imp in imps]:
+            raise ValueError(f"{root}: truth and behaviors of split {split!r} disagree on ids")
+        out[name] = compute_metrics_lists(labels, [s for _, s in pairs])
+    return out
+
+
+def train_curve(cfg: Config, eval_every: int, eval_impressions: int) -> list[dict]:
+    """Train ``cfg`` with the single-process reference trainer; dev metrics (first
+    ``eval_impressions`` impressions) at step 0, every ``eval_every`` steps and at the end."""
+    import torch
+
+    from mtrec_dist.eval.predict import evaluate_model
+    from mtrec_dist.train.local import total_steps, train_local
+
+    curve: list[dict] = []
+
+    def measure(step: int, model: torch.nn.Module) -> None:
+        model.eval()
+        with torch.no_grad():
+            m = evaluate_model(model, cfg.prepared_dir, "dev", eval_impressions)
+        curve.append({"step": step, **{k: float(m[k]) for k in METRICS}})
+
+    from mtrec_dist.data.shards import load_manifest
+    from mtrec_dist.data.stream import batches_per_epoch
+    from mtrec_dist.models.registry import build_model
+
+    t = cfg.trainer
+    n = total_steps(cfg, batches_per_epoch(cfg.prepared_dir, 1, t.micro_batch, t.seed, 0))
+
+    def on_step(step: int, model: torch.nn.Module) -> None:
+        if step % eval_every == 0 or step == n:
+            measure(step, model)
+
+    torch.manual_seed(t.seed)  # the same initial model as train_local's
+    measure(0, build_model(cfg, load_manifest(cfg.prepared_dir)))
+    result = train_local(cfg, progress=False, on_step=on_step)
+    if curve[-1]["step"] != result["steps"]:
+        raise RuntimeError(f"trained {result['steps']} of {n} steps; the last point is missing")
+    return curve
+
+
+def summarize_runs(values: list[float]) -> dict:
+    """Mean and spread (sample standard deviation, min, max) over seeds."""
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+def plot_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path, title: str) -> Path:
+    """One line per model: lift fraction (y) against optimizer steps (x); PNG written
+    atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, pts in curves.items():
+        xs, ys = zip(*pts) if pts else ((), ())
+        ax.plot(xs, ys, marker="o", ms=3, label=name)
+    ax.axhline(1.0, color="black", lw=0.8, ls="--", label="planted ceiling")
+    ax.axhline(0.0, color="grey", lw=0.6)
+    ax.set_xlabel("optimizer steps")
+    ax.set_ylabel("fraction of the ceiling's lift")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Rows of ``{"row", "auc", "mrr", "ndcg@5", "ndcg@10", "lift", "content_lift"}``, each
+    value a :func:`summarize_runs` dict, as a Markdown table of mean ± std (n seeds)."""
+
+    def cell(d: dict, pct: bool = False) -> str:
+        k = 100.0 if pct else 1.0
+        fmt = "{:.1f}" if pct else "{:.4f}"
+        return f"{fmt.format(d['mean'] * k)} ± {fmt.format(d['std'] * k)}"
+
+    head = "| row | AUC | MRR | nDCG@5 | nDCG@10 | % of lift | % of content lift | seeds |"
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        lines.append(
+            f"| {r['row']} | {cell(r['auc'])} | {cell(r['mrr'])} | {cell(r['ndcg@5'])} | "
+            f"{cell(r['ndcg@10'])} | {cell(r['lift'], True)} | {cell(r['content_lift'], True)} "
+            f"| {r['auc']['n']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def ordering(rows: dict[str, dict], names: list[str]) -> dict:
+    """Does mean AUC follow ``names`` in decreasing order? With each gap and the seed spread,
+    so a reader can tell an ordering from noise."""
+    means = [rows[n]["auc"]["mean"] for n in names]
+    stds = [rows[n]["auc"]["std"] for n in names]
+    gaps = [a - b for a, b in zip(means, means[1:])]
+    return {
+        "claim": " > ".join(names),
+        "holds": all(g > 0 for g in gaps),
+        "gaps": gaps,
+        "std": stds,
+        "beyond_noise": all(g > math.hypot(s1, s2) for g, s1, s2 in zip(gaps, stds, stds[1:])),
+    }

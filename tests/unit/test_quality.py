@@ -1,0 +1,121 @@
+"""The quality benchmark's pieces: lift fraction, ceilings, curve file, table, orderings, and
+that a few steps on planted data learn (main loss below chance)."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mtrec_dist.eval import quality
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_lift_fraction_by_hand():
+    assert quality.lift_fraction(0.65, 0.8) == pytest.approx(0.5, abs=1e-15)
+    assert quality.lift_fraction(0.5, 0.8) == 0.0
+    assert quality.lift_fraction(0.8, 0.8) == 1.0
+    assert quality.lift_fraction(0.45, 0.75) == pytest.approx(-0.2, abs=1e-15)
+    with pytest.raises(ValueError, match="not above chance"):
+        quality.lift_fraction(0.6, 0.5)
+
+
+def test_full_ceiling_equals_the_generators_own(tiny_data):
+    """Recomputed from truth/dev_probs.tsv with eval/metrics.py: the generator's ceiling."""
+    synth = json.loads((tiny_data / "synth.json").read_text())
+    got = quality.ceilings(tiny_data, "dev")["full"]
+    for k in ("auc", "mrr", "ndcg@5", "ndcg@10"):
+        assert got[k] == pytest.approx(synth["ceiling"]["dev"][k], abs=1e-12), k
+
+
+def test_content_ceiling_removes_a_per_news_term_only(tiny_data):
+    """logit(true p) - content logit is the popularity term: one value per news, whatever the
+    user (checked across every impression in which a news appears)."""
+    from mtrec_dist.data import mind
+
+    probs = dict(quality._true_probs(tiny_data, "dev"))
+    content = dict(
+        __import__("mtrec_dist.data.synthetic", fromlist=["x"]).content_logits(tiny_data, "dev")
+    )
+    per_news: dict[str, list[float]] = {}
+    for imp in mind.iter_behaviors(tiny_data / "dev" / "behaviors.tsv"):
+        p = probs[imp.impression_id]
+        diff = np.log(p / (1 - p)) - content[imp.impression_id]
+        for n, d in zip(imp.candidates, diff):
+            per_news.setdefault(n, []).append(float(d))
+    repeated = [v for v in per_news.values() if len(v) > 1]
+    assert len(repeated) > 20
+    # p is quantised to 1e-7, so the recovered logit carries up to ~1e-4 of rounding
+    assert max(max(v) - min(v) for v in repeated) < 2e-3
+    spread = np.std([v[0] for v in per_news.values()])
+    assert spread > 0.1  # the removed term is not a constant: popularity differs by news
+    c = quality.ceilings(tiny_data, "dev")
+    assert 0.5 < c["content"]["auc"] < c["full"]["auc"]
+
+
+def test_ceiling_on_the_first_impressions_matches_sklearn(tiny_data):
+    from sklearn.metrics import roc_auc_score
+
+    from mtrec_dist.data import mind
+
+    imps = list(mind.iter_behaviors(tiny_data / "dev" / "behaviors.tsv"))[:30]
+    probs = dict(quality._true_probs(tiny_data, "dev"))
+    aucs = [
+        roc_auc_score(i.labels, probs[i.impression_id])
+        for i in imps
+        if 0 < sum(i.labels) < len(i.labels)
+    ]
+    got = quality.ceilings(tiny_data, "dev", max_impressions=30)["full"]["auc"]
+    assert got == pytest.approx(float(np.mean(aucs)), abs=1e-12)
+
+
+def test_curve_png_written(tmp_path):
+    import matplotlib.image as mpimg
+
+    path = quality.plot_curves(
+        {"a": [(0, 0.0), (10, 0.4)], "b": [(0, 0.05), (10, 0.2)]}, tmp_path / "c.png", "t"
+    )
+    assert path == tmp_path / "c.png" and path.is_file()
+    assert mpimg.imread(path).shape[:2] == (420, 700)  # 7 x 4.2 inches at 100 dpi
+    assert not list(tmp_path.glob("*.tmp.png"))
+
+
+def test_summary_table_and_orderings_by_hand():
+    s = quality.summarize_runs([0.6, 0.7, 0.8])
+    assert s["mean"] == pytest.approx(0.7) and s["std"] == pytest.approx(0.1)
+    assert (s["min"], s["max"], s["n"]) == (0.6, 0.8, 3)
+    one = quality.summarize_runs([0.5])
+    row = {"row": "x", "auc": one, "mrr": one, "ndcg@5": one, "ndcg@10": one}
+    row |= {"lift": quality.summarize_runs([0.25]), "content_lift": quality.summarize_runs([0.5])}
+    md = quality.markdown_table([row]).splitlines()
+    assert md[2] == (
+        "| x | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 "
+        "| 25.0 ± 0.0 | 50.0 ± 0.0 | 1 |"
+    )
+    rows = {
+        "a": {"auc": {"mean": 0.70, "std": 0.01}},
+        "b": {"auc": {"mean": 0.68, "std": 0.01}},
+        "c": {"auc": {"mean": 0.69, "std": 0.01}},
+    }
+    o = quality.ordering(rows, ["a", "b", "c"])
+    assert o["holds"] is False
+    assert o["gaps"] == pytest.approx([0.02, -0.01])
+    o = quality.ordering(rows, ["a", "c", "b"])
+    assert o["holds"] is True and o["beyond_noise"] is False  # 0.01 < hypot(0.01, 0.01)
+
+
+def test_a_few_steps_on_planted_data_beat_chance(tiny_cfg):
+    """The tiny BERT on the tiny planted data, fixed seed: the main loss of the last steps is
+    below chance, ln(1 + 4), after starting at or above it."""
+    from mtrec_dist.train.local import train_local
+
+    cfg = tiny_cfg("trainer.max_steps=40", "trainer.lr=3e-3", "trainer.log_every=0")
+    train_local(cfg)
+    recs = [json.loads(x) for x in (Path(cfg.run_dir) / "train_log.jsonl").read_text().splitlines()]
+    main = [r["loss/main"] for r in recs]
+    assert len(main) == 40
+    chance = math.log(5)
+    assert np.mean(main[:5]) >= chance - 0.02
+    assert np.mean(main[-10:]) < chance - 0.05
