@@ -21,7 +21,7 @@ def validate_for_training(cfg: Config) -> tuple[dict, dict]:
     """(manifest, resolved DeepSpeed dict) or a clear error naming the key to fix.
 
     Side effect: ``cfg.model.groups`` is narrowed to the groups the model computes."""
-    from mtrec_dist.data.shards import check_tokenizer, load_manifest
+    from mtrec_dist.data.prepared import check_tokenizer, load_manifest
     from mtrec_dist.hub import load_tokenizer, tokenizer_fingerprint
     from mtrec_dist.models.registry import build_model, resolve_groups
     from mtrec_dist.train.dsconfig import resolve_deepspeed

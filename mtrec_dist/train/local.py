@@ -84,7 +84,7 @@ def total_steps(cfg: Config, batches_per_epoch: int) -> int:
 
 def train_local(cfg: Config, progress: bool = True) -> dict:
     """Train in this process (one worker, no DeepSpeed); export the run folder."""
-    from mtrec_dist.data.shards import check_tokenizer, load_manifest
+    from mtrec_dist.data.prepared import check_tokenizer, load_manifest
     from mtrec_dist.data.stream import batches_per_epoch, loader_for
     from mtrec_dist.hub import load_tokenizer, tokenizer_fingerprint
     from mtrec_dist.models.registry import build_model, resolve_groups
