@@ -68,6 +68,7 @@ class _Source:
     news: Callable[[list[tuple[str, Path]], ReadStats], Iterator[News]]
     behaviors: Callable[[Path, ReadStats], Iterator[Impression]]
     count: Callable[[Path], int | None]
+    behaviors_file: Callable[[Path], Path]  # what errors about a split's impressions name
 
 
 def _count_lines(path: Path) -> int | None:
@@ -94,6 +95,7 @@ def _mind_source(root: Path) -> _Source:
         news=news,
         behaviors=lambda folder, stats: mind.iter_behaviors(folder / "behaviors.tsv", stats),
         count=lambda folder: _count_lines(folder / "behaviors.tsv"),
+        behaviors_file=lambda folder: folder / "behaviors.tsv",
     )
 
 
@@ -116,6 +118,7 @@ def _ebnerd_source(root: Path) -> _Source:
         news=news,
         behaviors=lambda folder, stats: ebnerd.iter_behaviors(folder, stats),
         count=count,
+        behaviors_file=lambda folder: folder / "behaviors.parquet",
     )
 
 
@@ -474,7 +477,7 @@ def _split_job(split: str, folder: Path, tmp: Path, total: int | None, progress:
             st["impressions_per_shard"],
             total=total,
             progress=progress,
-            source=str(folder),
+            source=str(st["src"].behaviors_file(folder)),
         )
         entry["read_stats"] = rstats.as_dict()
         return ("ok", entry)
