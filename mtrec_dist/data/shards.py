@@ -3,7 +3,12 @@
 Why a prepare step: readers parse text/parquet once; training workers then only memory-map
 integer arrays and stream integer-only shards (never pickles), so N workers on M machines do
 no parsing and no tokenization. The folder layout is documented in ``mtrec_dist.data.batch``;
-the manifest schema is the prepared-folder contract (format_version 1).
+the manifest, the shard sample members and the reader of both are in
+``mtrec_dist.data.prepared`` (format_version 1).
+
+Refused here, with the file and line: a repeated impression id anywhere in a split (ids are
+strings, carried unchanged into the shard keys), an id that cannot be a shard key, a split
+mixing labeled and unlabeled impressions, a split without impressions.
 
 Crash safety: everything is written into a temporary sibling folder which is renamed into
 place only after manifest.json (written last) is complete, so a folder that has a manifest is
