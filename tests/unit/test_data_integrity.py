@@ -31,7 +31,10 @@ from tests.unit.test_stream import N_NEWS, build_prepared, make_impressions
 def small(tmp_path):
     """Train: 2 shards of 5 impressions; dev: 1 shard of 4 (every impression has a click)."""
     rng = np.random.default_rng(3)
-    train = [make_impressions(rng, 5, N_NEWS, first_id=1), make_impressions(rng, 5, N_NEWS, first_id=100)]
+    train = [
+        make_impressions(rng, 5, N_NEWS, first_id=1),
+        make_impressions(rng, 5, N_NEWS, first_id=100),
+    ]
     dev = [make_impressions(rng, 4, N_NEWS, first_id=1000)]
     manifest = build_prepared(tmp_path, {"train": train, "dev": dev}, n_news=N_NEWS)
     return tmp_path, manifest, train, dev
