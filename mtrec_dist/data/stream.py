@@ -28,14 +28,13 @@ Why it is shaped this way:
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -57,6 +56,7 @@ from mtrec_dist.data.prepared import (
     split_info,
 )
 from mtrec_dist.data.tables import DataError
+from mtrec_dist.utils import sha256_file
 
 CHUNK_SIZE = 256  # samples per worker -> trainer message
 
@@ -126,8 +126,9 @@ def batches_per_epoch(
 # A shard is checked against its manifest entry while it is read, in one pass: every tar header
 # checksum, every sample's members, ids and labels (range-checked against the news table), the
 # tar end-of-archive marker (a file cut anywhere, even between samples, is "truncated"), then
-# the impression count and the sha256 of the whole file (hashed block by block as it is read,
-# so no second pass). Count and hash are known only at the end of the shard: a consumer sees
+# the impression count and the sha256 of the whole file (a second read of the file, from the
+# page cache: about 5% of the parse, see bench/bench_shard_check.py). Count and hash are known
+# only at the end of the shard: a consumer sees
 # every sample of an altered shard before the error, and the error stops it before it writes
 # any result (predict reads every shard to the end in its index step, before scoring).
 
@@ -145,7 +146,7 @@ def _at(i: int, key: str) -> str:
     return f"sample #{i} (key {key!r})"
 
 
-def _npy(data: bytes, path: Path, where: str, member: str) -> np.ndarray:
+def _npy(data: bytes, path: Path, i: int, key: str, member: str) -> np.ndarray:
     """Decode one .npy payload without pickles.
 
     Fast path for the 1-D plain-integer arrays of the shards: the header (a few distinct ones
@@ -169,32 +170,9 @@ def _npy(data: bytes, path: Path, where: str, member: str) -> np.ndarray:
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as e:  # object arrays (pickles), truncated or corrupt headers, not npy
-        raise DataError(path, None, f"{where}: {member} is not a plain .npy array ({e})") from e
-
-
-class _HashingReader:
-    """Reads a file front to back, hashing each 1 MiB block once as it comes in."""
-
-    def __init__(self, f: Any):
-        self.f, self.h = f, hashlib.sha256()
-        self.buf, self.pos = b"", 0
-
-    def read(self, n: int) -> bytes:
-        while len(self.buf) - self.pos < n:
-            block = self.f.read(max(_BLOCK, n))
-            if not block:
-                break
-            self.h.update(block)
-            self.buf, self.pos = self.buf[self.pos :] + block, 0
-        out = self.buf[self.pos : self.pos + n]
-        self.pos += len(out)
-        return out
-
-    def digest(self) -> str:
-        """sha256 of the whole file (reads what is left)."""
-        while block := self.f.read(_BLOCK):
-            self.h.update(block)
-        return self.h.hexdigest()
+        raise DataError(
+            path, None, f"{_at(i, key)}: {member} is not a plain .npy array ({e})"
+        ) from e
 
 
 def _octal(field: bytes, path: Path, where: str) -> int:
@@ -228,7 +206,7 @@ def _member_name(hdr: bytes, pax: dict[str, str], longname: str | None) -> str:
     return name
 
 
-def _tar_members(path: Path, f: _HashingReader) -> Iterator[tuple[str, bytes]]:
+def _tar_members(path: Path, f: BinaryIO) -> Iterator[tuple[str, bytes]]:
     """(member name, payload) of the regular files of an uncompressed tar, in order.
 
     A minimal ustar/pax/GNU reader: ``tarfile`` spends ~4x longer per member on the pax
@@ -259,8 +237,8 @@ def _tar_members(path: Path, f: _HashingReader) -> Iterator[tuple[str, bytes]]:
         size = int(pax["size"]) if "size" in pax else _octal(hdr[124:136], path, where)
         kind = hdr[156:157]
         data = f.read(size)
-        pad = f.read((-size) % 512)
-        if len(data) < size or len(pad) < (-size) % 512:
+        pad = (-size) % 512
+        if len(data) < size or len(f.read(pad)) < pad:
             raise DataError(
                 path, None, f"truncated: the file ends {where} inside a tar member; "
                 "re-run `mtrec prepare`",
@@ -288,12 +266,10 @@ def iter_shard(
     read to its end.
     """
     path = Path(path)
-    with open(path, "rb") as raw:
-        f = _HashingReader(raw)
-        head = f.read(512)
+    with open(path, "rb", buffering=_BLOCK) as f:
+        head = f.peek(512)[:512]
         if len(head) == 512 and head[257:262] != b"ustar" and head.count(0) != 512:
             raise DataError(path, None, "not an uncompressed tar shard; re-run `mtrec prepare`")
-        f.pos = 0  # read the first header again
         n, key, cur = 0, None, {}
         for name, data in _tar_members(path, f):
             k, _, ext = name.rsplit("/", 1)[-1].partition(".")
@@ -303,15 +279,15 @@ def iter_shard(
                     n += 1
                 key, cur = k, {}
             if ext in SHARD_MEMBERS:
-                cur[ext] = _npy(data, path, _at(n, k), ext)
+                cur[ext] = _npy(data, path, n, k, ext)
         if key is not None:
             yield key, cur
             n += 1
         if expect is not None:
-            _check_whole(path, f, n, expect)
+            _check_whole(path, n, expect)
 
 
-def _check_whole(path: Path, f: _HashingReader, n: int, expect: Shard) -> None:
+def _check_whole(path: Path, n: int, expect: Shard) -> None:
     if n != expect.impressions:
         raise DataError(
             path,
@@ -319,7 +295,7 @@ def _check_whole(path: Path, f: _HashingReader, n: int, expect: Shard) -> None:
             f"holds {n} impressions but the manifest says {expect.impressions} (truncated or "
             "altered); re-run `mtrec prepare`",
         )
-    digest = f.digest()
+    digest = sha256_file(path)  # a second read, from the page cache: ~5% of the parse
     if digest != expect.sha256:
         raise DataError(
             path,
@@ -333,8 +309,15 @@ def _ids(a: np.ndarray, lo: int, n_news: int, path: Path, where: str, member: st
     """News rows of one member as int64, each in ``[lo, n_news)`` (the news table's rows)."""
     if a.dtype.kind not in "iu":
         raise DataError(path, None, f"{where}: {member} has dtype {a.dtype}, expected integers")
-    a = a.astype(np.int64, copy=False).reshape(-1)
-    if a.size and (a.min() < lo or a.max() >= n_news):
+    a = a.reshape(-1)
+    if (
+        a.dtype.itemsize == 4 and a.dtype.isnative
+    ):  # what prepare writes: one unsigned reduction checks both ends
+        bad = a.size and (a.view(np.uint32) - np.uint32(lo)).max() >= n_news - lo
+    else:
+        bad = a.size and (a.min() < lo or a.max() >= n_news)
+    a = a.astype(np.int64, copy=False)
+    if bad:
         bad = int(a[(a < lo) | (a >= n_news)][0])
         raise DataError(
             path, None, f"{where}: {member} holds news row {bad}, expected {lo} <= row < {n_news} "
@@ -367,10 +350,9 @@ def _impressions(
                 raise DataError(
                     path, None, f"{where}: {label.size} labels for {cand.size} candidates"
                 )
-            if (
-                label.dtype.kind not in "iub"
-                or (label.size and label.max() > 1)
-                or (label.size and label.min() < 0)
+            kind = label.dtype.kind
+            if kind not in "iub" or (
+                label.size and (label.max() > 1 or (kind == "i" and label.min() < 0))
             ):
                 raise DataError(
                     path, None, f"{where}: labels {label.tolist()}: expected 0 or 1 per candidate"
