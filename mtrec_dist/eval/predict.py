@@ -583,7 +583,7 @@ def _run(run_dir: str | Path, split: str, num_workers: int | None, need_labels: 
     model, cfg, manifest, model_sha = load_run(run_dir)
     prepared = cfg.prepared_dir
     info = split_info(manifest, split, prepared)
-    labeled = is_labeled(manifest, split)
+    labeled = is_labeled(manifest, split, prepared)
     if need_labels and not labeled:
         raise ValueError(
             f"{prepared}/manifest.json: split {split!r} has no labels; use `mtrec predict` "
