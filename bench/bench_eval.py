@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mtrec_dist.config import Config  # noqa: E402
+from mtrec_dist.data.prepared import load_manifest  # noqa: E402
 from mtrec_dist.eval import predict as P  # noqa: E402
 from mtrec_dist.utils import atomic_write_json, peak_rss_mb, sha256_file  # noqa: E402
 
@@ -83,7 +84,7 @@ def _make_run(work: Path, prepared: Path, workers: int, per_part: int) -> tuple[
     cfg.eval.num_workers = workers
     cfg.eval.impressions_per_part = per_part
     cfg.run_dir = str(work / "run")
-    manifest = P._read_manifest(prepared)
+    manifest = load_manifest(prepared)
     torch.manual_seed(0)
     model = build_model(cfg, manifest).eval()
     export_run(model, cfg, manifest, step=0)
@@ -147,7 +148,7 @@ def main() -> None:
     else:
         _say("generating + preparing synthetic small data")
         prepared, source = _prepare_small(work), "synthetic small (generated + prepared)"
-    manifest = P._read_manifest(prepared)
+    manifest = load_manifest(prepared)
     info = manifest["splits"][a.split]
     n_imp, n_cand = int(info["impressions"]), int(info["candidates"])
 

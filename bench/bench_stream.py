@@ -26,7 +26,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mtrec_dist.data.stream import read_manifest, train_loader  # noqa: E402
+from mtrec_dist.data.prepared import load_manifest  # noqa: E402
+from mtrec_dist.data.stream import train_loader  # noqa: E402
 from mtrec_dist.utils import Progress, atomic_write_json  # noqa: E402
 
 H100_SAMPLES_PER_S = 700.0
@@ -61,7 +62,7 @@ def _via_fixture(work: Path, impressions: int) -> Path:
             rng, per_shard, 20000, clicks=(1, 3), negs=(4, 40), hist_max=50, first_id=first
         )
         shards.append(imps)
-        first = imps[-1][0] + 1
+        first = int(imps[-1][0]) + 1
         prog.update(len(imps))
     prog.close()
     out = work / "prepared"
@@ -129,7 +130,7 @@ def main() -> None:
                 print(f"bench: synthetic+prepare unavailable ({e!r}); using fixture", flush=True)
                 prepared = _via_fixture(Path(tmp), args.impressions)
                 source = f"tests fixture builder ({args.impressions} impressions)"
-        m = read_manifest(prepared)["splits"]["train"]
+        m = load_manifest(prepared)["splits"]["train"]
         results = [measure(prepared, w, args.repeat) for w in (0, 2)]
     best = max(r["samples_per_s"] for r in results)
     report = {

@@ -1,4 +1,4 @@
-"""The news table on disk and the de-duplicated batch the models consume (DESIGN.md §2).
+"""The news table on disk and the de-duplicated batch the models consume (data contracts: the README's architecture section).
 
 A batch encodes each distinct title once: ``news_rows[U]`` are the unique news-table rows,
 and samples point at them by index (``hist_idx``, ``cand_idx``). Autograd sums the gradient
@@ -21,7 +21,6 @@ Layout of a prepared folder (written by ``mtrec_dist.data.shards``)::
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -63,15 +62,12 @@ class NewsTable:
     def row_of(self) -> dict[str, int]:
         return {nid: i for i, nid in enumerate(self.news_ids)}
 
-    def vocab(self, name: str) -> list:
-        return json.loads((self.dir.parent / "vocab" / f"{name}.json").read_text(encoding="utf-8"))
-
 
 @dataclass
 class Sample:
     """One training sample (a click with its negatives) or one evaluation impression."""
 
-    impression_id: int
+    impression_id: str  # exactly as the source file spells it ("003" stays "003")
     hist: np.ndarray  # int64 [h<=H] news rows, most recent last
     cand: np.ndarray  # int64 [C] news rows; in training the clicked one first
     labels: np.ndarray  # float32 [C]
@@ -95,11 +91,18 @@ class Batch:
     labels: torch.Tensor  # [B, C] float
     sample_mask: torch.Tensor  # [B] bool, False for padding samples that fill the last batch
     hist_count: torch.Tensor  # [U] float, occurrences among real history slots of real samples
-    impression_ids: torch.Tensor  # [B] long
+    impression_ids: tuple[str, ...]  # [B] source ids; "" for padding samples (not a tensor)
     click_pos: torch.Tensor  # [B] long
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        """The tensors moved to ``device`` (the impression ids are strings and stay)."""
+        return Batch(
+            **{
+                f.name: v.to(device) if isinstance(v, torch.Tensor) else v
+                for f in fields(self)
+                for v in (getattr(self, f.name),)
+            }
+        )
 
     @property
     def num_titles(self) -> int:
@@ -176,8 +179,6 @@ def collate(
         labels=t(labels),
         sample_mask=t(sample_mask),
         hist_count=t(hist_count),
-        impression_ids=t(
-            np.array([s.impression_id for s in samples] + [-1] * (B - n_real), dtype=np.int64)
-        ),
+        impression_ids=tuple(str(s.impression_id) for s in samples) + ("",) * (B - n_real),
         click_pos=t(np.array([s.click_pos for s in samples] + [-1] * (B - n_real), dtype=np.int64)),
     )

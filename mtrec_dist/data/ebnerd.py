@@ -143,6 +143,8 @@ def read_articles(path: str | Path, stats: ReadStats | None = None) -> list[News
                     sentiment=sentiment,
                 )
             )
+    if not out:
+        raise DataError(path, None, "no rows: expected one row per article")
     st["news"] += len(out)
     return out
 
@@ -237,9 +239,11 @@ def iter_behaviors(
                     elif sum(labels) != len(click_set):
                         st["clicked_not_in_inview"] += 1
                 yield Impression(
-                    str(imp_id), str(user), time, list(hist), [str(a) for a in inview], labels
+                    str(imp_id), str(user), time, list(hist), [str(a) for a in inview], labels, row
                 )
                 n += 1
+        if n == 0:
+            raise DataError(beh_path, None, "no rows: expected one row per impression")
     finally:
         st["impressions"] += n
         st["empty_history"] += n_empty

@@ -116,7 +116,8 @@ def _parse_entities(path: Path, line_no: int, column: str, text: str) -> list[En
 
 
 def read_news(path: str | Path, stats: ReadStats | None = None) -> list[News]:
-    """Read a MIND ``news.tsv``; a NewsID seen twice in one file is a DataError."""
+    """Read a MIND ``news.tsv``; a NewsID seen twice in one file is a DataError, and so is a
+    file without news (prepare would otherwise take every news from the other splits)."""
     path = Path(path)
     out: list[News] = []
     seen: dict[str, int] = {}
@@ -145,6 +146,8 @@ def read_news(path: str | Path, stats: ReadStats | None = None) -> list[News]:
         )
         if stats is not None:
             stats["news"] += 1
+    if not out:
+        raise DataError(path, None, "no news lines: expected one line per news (file is empty)")
     return out
 
 
@@ -185,13 +188,31 @@ def format_time(t: dt.datetime) -> str:
 # Behaviors
 
 
+def _labeled_tokens(
+    path: Path, line_no: int, toks: list[str], imp_s: str
+) -> tuple[list[str], list[int]]:
+    """Candidates and labels of ``N1-1 N2-0 ...``; a malformed token is a DataError."""
+    # Vectorised check: every token ends in -0/-1, has no other '-', non-empty id.
+    try:
+        labels = list(map(_LABEL.__getitem__, [t[-2:] for t in toks]))
+    except KeyError:
+        labels = None
+    cands = [t[:-2] for t in toks]
+    if labels is None or imp_s.count("-") != len(toks) or "" in cands:
+        bad = next(t for t in toks if len(t) < 3 or t[-2:] not in _LABEL or "-" in t[:-2])
+        raise DataError(
+            path, line_no, f"malformed impression token {bad!r}: expected <NewsID>-<0|1>"
+        )
+    return cands, labels
+
+
 def iter_behaviors(path: str | Path, stats: ReadStats | None = None) -> Iterator[Impression]:
     """Stream a MIND ``behaviors.tsv`` one impression at a time (never the whole file).
 
     The first impression decides whether the file is labeled; a later line of the other kind is
     a DataError naming that line. Empty histories are routine (cold users): ``history=[]`` and
     ``stats["empty_history"]`` counts them. Stats are added when the generator finishes or is
-    closed.
+    closed. A file without impressions is a DataError (not a split of 0 impressions).
     """
     path = Path(path)
     st = stats if stats is not None else ReadStats()
@@ -236,22 +257,8 @@ def iter_behaviors(path: str | Path, stats: ReadStats | None = None) -> Iterator
                     "(a file is either all labeled or all unlabeled)",
                 )
             if labeled:
-                # Vectorised check: every token ends in -0/-1, has no other '-', non-empty id.
-                try:
-                    labels = list(map(_LABEL.__getitem__, [t[-2:] for t in toks]))
-                except KeyError:
-                    labels = None
-                cands = [t[:-2] for t in toks]
-                if labels is None or imp_s.count("-") != len(toks) or "" in cands:
-                    bad = next(
-                        t for t in toks if len(t) < 3 or t[-2:] not in _LABEL or "-" in t[:-2]
-                    )
-                    raise DataError(
-                        path,
-                        line_no,
-                        f"malformed impression token {bad!r}: expected <NewsID>-<0|1>",
-                    )
-                yield Impression(imp_id, user, time, history, cands, labels)
+                cands, labels = _labeled_tokens(path, line_no, toks, imp_s)
+                yield Impression(imp_id, user, time, history, cands, labels, line_no)
             else:
                 if "-" in imp_s:
                     bad = next(t for t in toks if "-" in t)
@@ -261,8 +268,12 @@ def iter_behaviors(path: str | Path, stats: ReadStats | None = None) -> Iterator
                         f"malformed impression token {bad!r}: expected <NewsID> without label "
                         "like earlier lines (a file is either all labeled or all unlabeled)",
                     )
-                yield Impression(imp_id, user, time, history, toks, None)
+                yield Impression(imp_id, user, time, history, toks, None, line_no)
             n += 1
+        if n == 0:
+            raise DataError(
+                path, None, "no impression lines: expected one line per impression (file is empty)"
+            )
     finally:
         st["impressions"] += n
         st["empty_history"] += n_empty

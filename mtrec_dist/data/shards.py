@@ -3,7 +3,12 @@
 Why a prepare step: readers parse text/parquet once; training workers then only memory-map
 integer arrays and stream integer-only shards (never pickles), so N workers on M machines do
 no parsing and no tokenization. The folder layout is documented in ``mtrec_dist.data.batch``;
-the manifest schema is the prepared-folder contract (format_version 1).
+the manifest, the shard sample members and the reader of both are in
+``mtrec_dist.data.prepared`` (format_version 1).
+
+Refused here, with the file and line: a repeated impression id anywhere in a split (ids are
+strings, carried unchanged into the shard keys), an id that cannot be a shard key, a split
+mixing labeled and unlabeled impressions, a split without impressions.
 
 Crash safety: everything is written into a temporary sibling folder which is renamed into
 place only after manifest.json (written last) is complete, so a folder that has a manifest is
@@ -33,11 +38,21 @@ import numpy as np
 
 from mtrec_dist.config import Config, ConfigError
 from mtrec_dist.data.batch import PAD_NEWS_ID
+from mtrec_dist.data.prepared import (
+    CAND,
+    FORMAT_VERSION,
+    HIST,
+    LABEL,
+    MANIFEST,
+    SHARD_DIR,
+    check_impression_id,
+    shard_pattern,
+    vocab_path,
+)
 from mtrec_dist.data.tables import DataError, Entity, Impression, News, ReadStats
 from mtrec_dist.data.tokenize import title_entity_order, tokenize_titles
 from mtrec_dist.utils import Progress, atomic_write_json, peak_rss_mb, sha256_file
 
-FORMAT_VERSION = 1
 OPTIONAL_SPLITS = ("test",)
 SPLIT_STATS = (
     "empty_history",
@@ -58,6 +73,7 @@ class _Source:
     news: Callable[[list[tuple[str, Path]], ReadStats], Iterator[News]]
     behaviors: Callable[[Path, ReadStats], Iterator[Impression]]
     count: Callable[[Path], int | None]
+    behaviors_file: Callable[[Path], Path]  # what errors about a split's impressions name
 
 
 def _count_lines(path: Path) -> int | None:
@@ -84,6 +100,7 @@ def _mind_source(root: Path) -> _Source:
         news=news,
         behaviors=lambda folder, stats: mind.iter_behaviors(folder / "behaviors.tsv", stats),
         count=lambda folder: _count_lines(folder / "behaviors.tsv"),
+        behaviors_file=lambda folder: folder / "behaviors.tsv",
     )
 
 
@@ -106,6 +123,7 @@ def _ebnerd_source(root: Path) -> _Source:
         news=news,
         behaviors=lambda folder, stats: ebnerd.iter_behaviors(folder, stats),
         count=count,
+        behaviors_file=lambda folder: folder / "behaviors.parquet",
     )
 
 
@@ -142,6 +160,40 @@ def _split_folders(src: _Source, root: Path, splits: list[str], say) -> list[tup
 
 def _vocab(names: set[str]) -> list[str]:
     return ["<unk>"] + sorted(n for n in names if n)
+
+
+def _entity_table(
+    titles: list[str], ents: list[list[Entity]], max_entities: int
+) -> tuple[list[dict], np.ndarray]:
+    """Entity vocabulary over all title entities (sorted by WikidataId; surface and type from
+    the first news that mentions one) and each title's first ``max_entities`` entity ids in
+    title order."""
+    n = len(titles)
+    first: dict[str, Entity] = {}
+    for el in ents:
+        for e in el:
+            if e.wikidata_id and e.wikidata_id not in first:
+                first[e.wikidata_id] = e
+    ent_vocab: list[dict] = [{"id": "<none>"}]
+    for wid in sorted(first):
+        e = first[wid]
+        surface = e.surface_forms[0] if e.surface_forms else e.label
+        ent_vocab.append({"id": wid, "surface": surface, "type": e.type})
+    ent_ix = {d["id"]: i for i, d in enumerate(ent_vocab) if i > 0}
+    entities = np.zeros((n, max_entities), dtype=np.int32)
+    if max_entities > 0:
+        for row, (title, el) in enumerate(zip(titles, ents)):
+            if not el:
+                continue
+            picked: list[int] = []
+            for k in title_entity_order(title, el):
+                ix = ent_ix.get(el[k].wikidata_id)
+                if ix is not None and ix not in picked:
+                    picked.append(ix)
+            picked = picked[:max_entities]
+            entities[row, : len(picked)] = picked
+
+    return ent_vocab, entities
 
 
 def build_news_table(
@@ -184,31 +236,7 @@ def build_news_table(
     subcategory = np.array([sub_ix[c] for c in subs], dtype=np.int16)
     sentiment = np.array(sents, dtype=np.int8)
 
-    # Entity vocabulary over all title entities, sorted by WikidataId; surface/type from the
-    # first news that mentions the entity.
-    first: dict[str, Entity] = {}
-    for el in ents:
-        for e in el:
-            if e.wikidata_id and e.wikidata_id not in first:
-                first[e.wikidata_id] = e
-    ent_vocab: list[dict] = [{"id": "<none>"}]
-    for wid in sorted(first):
-        e = first[wid]
-        surface = e.surface_forms[0] if e.surface_forms else e.label
-        ent_vocab.append({"id": wid, "surface": surface, "type": e.type})
-    ent_ix = {d["id"]: i for i, d in enumerate(ent_vocab) if i > 0}
-    entities = np.zeros((n, max_entities), dtype=np.int32)
-    if max_entities > 0:
-        for row, (title, el) in enumerate(zip(titles, ents)):
-            if not el:
-                continue
-            picked: list[int] = []
-            for k in title_entity_order(title, el):
-                ix = ent_ix.get(el[k].wikidata_id)
-                if ix is not None and ix not in picked:
-                    picked.append(ix)
-            picked = picked[:max_entities]
-            entities[row, : len(picked)] = picked
+    ent_vocab, entities = _entity_table(titles, ents, max_entities)
 
     tokens, ner, ner_stats = tokenize_titles(titles, ents, tokenizer, title_len, batch_size)
     arrays = {
@@ -251,6 +279,72 @@ def npy_bytes(a: np.ndarray) -> bytes:
     return h + a.tobytes()
 
 
+def _shard_sample(
+    imp: Impression, key: str, row_of: dict[str, int], history_len: int, st: dict[str, int]
+) -> tuple[dict, int]:
+    """The tar sample of one impression (members named in ``prepared``) and its clicks."""
+    get = row_of.get
+    rows = [get(h) for h in imp.history]
+    hist = [r for r in rows if r is not None]
+    st["history_missing_news"] += len(rows) - len(hist)
+    if len(hist) > history_len:
+        st["history_truncated"] += 1
+        hist = hist[-history_len:]
+    if not hist:
+        st["empty_history"] += 1
+    cand = [get(c, 0) for c in imp.candidates]
+    st["candidates_missing_news"] += sum(1 for c in imp.candidates if c not in row_of)
+    sample = {
+        "__key__": key,
+        HIST: npy_bytes(np.array(hist, dtype="<i4")),
+        CAND: npy_bytes(np.array(cand, dtype="<i4")),
+    }
+    clicks = 0
+    if imp.labels is not None:
+        lab = np.array(imp.labels, dtype=np.uint8)
+        if lab.shape[0] != len(cand):
+            raise ValueError("expected one label per candidate")
+        clicks = int(lab.sum())
+        if clicks == 0:
+            st["impressions_without_click"] += 1
+        sample[LABEL] = npy_bytes(lab)
+    return sample, clicks
+
+
+class _IdCheck:
+    """Impression ids of one split: each a valid sample key, none repeated anywhere in the split
+    (every id is kept with its line: about 100 bytes per impression)."""
+
+    def __init__(self, source: str):
+        self.source, self.lines = source, {}
+        self.labeled: bool | None = None
+
+    def __call__(self, imp: Impression, n: int) -> str:
+        """The checked key of the ``n``-th impression (0-based; its line when the reader has none)."""
+        key, line = str(imp.impression_id), imp.line if imp.line is not None else n + 1
+        why = check_impression_id(key)
+        if why is not None:
+            raise DataError(self.source, line, f"impression id {key!r} {why}")
+        first = self.lines.setdefault(key, line)
+        if first != line:
+            raise DataError(
+                self.source,
+                line,
+                f"impression id {key!r} repeats the id of line {first}: expected unique ids",
+            )
+        has_labels = imp.labels is not None
+        if self.labeled is None:
+            self.labeled = has_labels
+        elif self.labeled != has_labels:
+            raise DataError(
+                self.source,
+                line,
+                f"impression {key}: expected {'labels' if self.labeled else 'no labels'} "
+                "like the split's first impression",
+            )
+        return key
+
+
 def write_split(
     split: str,
     impressions: Iterator[Impression],
@@ -268,20 +362,18 @@ def write_split(
     """
     import webdataset as wds
 
-    shard_dir = out_dir / "shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     st = dict.fromkeys(SPLIT_STATS, 0)
     shards: list[dict] = []
     cur = {"impressions": 0, "clicks": 0}
     n_imp = n_cand = n_click = 0
-    labeled: bool | None = None
-    last_key = None
+    check = _IdCheck(source or split)
 
     def on_close(fname: str) -> None:
         p = Path(fname)
         shards.append(
             {
-                "path": f"shards/{p.name}",
+                "path": f"{SHARD_DIR}/{p.name}",
                 "sha256": sha256_file(p),
                 "impressions": cur["impressions"],
                 "clicks": cur["clicks"],
@@ -292,10 +384,8 @@ def write_split(
     cpu0 = time.process_time()
     prog = Progress(f"prepare {split}", total, unit="impressions")
     prog.enabled = prog.enabled and progress
-    get = row_of.get
-    H = history_len
     writer = wds.ShardWriter(
-        str(shard_dir / f"{split}-%06d.tar"),
+        str(out_dir / shard_pattern(split)),
         maxcount=impressions_per_shard,
         maxsize=float("inf"),
         post=on_close,
@@ -305,63 +395,26 @@ def write_split(
     )
     try:
         for imp in impressions:
-            key = str(imp.impression_id)
-            if not key or "." in key or "/" in key or key == last_key:
-                why = "repeats the previous one" if key == last_key else "is empty or has . or /"
-                raise DataError(
-                    source or split, None, f"impression id {key!r} {why}: expected unique ids"
-                )
-            last_key = key
-            rows = [get(h) for h in imp.history]
-            hist = [r for r in rows if r is not None]
-            st["history_missing_news"] += len(rows) - len(hist)
-            if len(hist) > H:
-                st["history_truncated"] += 1
-                hist = hist[-H:]
-            if not hist:
-                st["empty_history"] += 1
-            cand = [get(c, 0) for c in imp.candidates]
-            missing = sum(1 for c in imp.candidates if c not in row_of)
-            st["candidates_missing_news"] += missing
-            sample = {
-                "__key__": key,
-                "hist.npy": npy_bytes(np.array(hist, dtype="<i4")),
-                "cand.npy": npy_bytes(np.array(cand, dtype="<i4")),
-            }
-            has_labels = imp.labels is not None
-            if labeled is None:
-                labeled = has_labels
-            elif labeled != has_labels:
-                raise DataError(
-                    source or split,
-                    None,
-                    f"impression {key}: expected {'labels' if labeled else 'no labels'} "
-                    "like the split's first impression",
-                )
-            clicks = 0
-            if has_labels:
-                lab = np.array(imp.labels, dtype=np.uint8)
-                if lab.shape[0] != len(cand):
-                    raise DataError(
-                        source or split, None, f"impression {key}: expected one label per candidate"
-                    )
-                clicks = int(lab.sum())
-                if clicks == 0:
-                    st["impressions_without_click"] += 1
-                sample["label.npy"] = npy_bytes(lab)
+            key = check(imp, n_imp)
+            try:
+                sample, clicks = _shard_sample(imp, key, row_of, history_len, st)
+            except ValueError as e:
+                raise DataError(check.source, imp.line, f"impression {key}: {e}") from None
             writer.write(sample)
             # After write(): a shard switch inside write() already closed the previous shard.
             cur["impressions"] += 1
             cur["clicks"] += clicks
             n_imp += 1
-            n_cand += len(cand)
+            n_cand += len(imp.candidates)
             n_click += clicks
             prog.update()
     finally:
         writer.close()
+    if n_imp == 0:
+        raise DataError(check.source, None, f"split {split!r} has no impressions")
     seconds = prog.close(f"-> {len(shards)} shards")
     return {
-        "labeled": bool(labeled) if labeled is not None else split != "test",
+        "labeled": bool(check.labeled),
         "impressions": n_imp,
         "candidates": n_cand,
         "clicks": n_click,
@@ -429,7 +482,7 @@ def _split_job(split: str, folder: Path, tmp: Path, total: int | None, progress:
             st["impressions_per_shard"],
             total=total,
             progress=progress,
-            source=str(folder),
+            source=str(st["src"].behaviors_file(folder)),
         )
         entry["read_stats"] = rstats.as_dict()
         return ("ok", entry)
@@ -495,7 +548,7 @@ def prepare(cfg: Config, progress: bool = True, workers: int | None = None) -> d
     d = cfg.data
     root = Path(d.root)
     out = cfg.prepared_dir
-    if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
+    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
         raise FileExistsError(
             f"data.prepared={str(out)!r} exists, is not empty and has no manifest.json: "
             "refusing to replace a folder that is not a prepared dataset"
@@ -513,23 +566,10 @@ def prepare(cfg: Config, progress: bool = True, workers: int | None = None) -> d
     (tmp / "vocab").mkdir()
     try:
         say(f"prepare: reading news of {[s for s, _ in folders]} from {root}")
-        news_stats = ReadStats()
-        arrays, ids, vocabs, news_info = build_news_table(
-            src.news(folders, news_stats), tok, d.title_len, d.max_entities, d.tokenize_batch
-        )
-        news_info["read_stats"] = news_stats.as_dict()
+        news_info, row_of = _write_news(cfg, src, folders, tok, tmp)
         news_info["seconds"] = round(time.monotonic() - t0, 2)  # informational
         news_info["cpu_seconds"] = round(time.process_time() - cpu0, 2)
-        for name, arr in arrays.items():
-            np.save(tmp / "news" / f"{name}.npy", arr, allow_pickle=False)
-        (tmp / "news" / "news_ids.txt").write_text("\n".join(ids) + "\n", encoding="utf-8")
-        for name, voc in vocabs.items():
-            (tmp / "vocab" / f"{name}.json").write_text(
-                json.dumps(voc, ensure_ascii=False, indent=0) + "\n", encoding="utf-8"
-            )
         say(f"prepare: news table {news_info['count']} rows (incl. <pad>), NER {news_info['ner']}")
-        row_of = {nid: i for i, nid in enumerate(ids) if i > 0}
-        del arrays, ids, vocabs
 
         if workers is None:
             workers = min(2, os.cpu_count() or 1)
@@ -555,7 +595,7 @@ def prepare(cfg: Config, progress: bool = True, workers: int | None = None) -> d
             "splits": splits,
             "config": dataclasses.asdict(d),
         }
-        atomic_write_json(tmp / "manifest.json", manifest)
+        atomic_write_json(tmp / MANIFEST, manifest)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -566,71 +606,27 @@ def prepare(cfg: Config, progress: bool = True, workers: int | None = None) -> d
     for split, e in splits.items():
         say(
             f"  {split}: {e['impressions']} impressions, {e['clicks']} clicks, "
-            f"{len(e['shards'])} shards -> {out / 'shards'}/{split}-*.tar; stats {e['stats']}"
+            f"{len(e['shards'])} shards -> {out / SHARD_DIR}/{split}-*.tar; stats {e['stats']}"
         )
     return manifest
 
 
-# --------------------------------------------------------------------------------------------
-# Reading a prepared folder back
-
-
-_REQUIRED = ("format_version", "tokenizer", "title_len", "history_len", "news", "splits")
-
-
-def load_manifest(prepared_dir: str | Path) -> dict:
-    """Read and sanity-check ``manifest.json``; a missing or broken one is a clear error."""
-    path = Path(prepared_dir) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: no manifest.json; run `mtrec prepare` first (or set data.prepared to a "
-            "prepared folder)"
+def _write_news(
+    cfg: Config, src: _Source, folders: list[tuple[str, Path]], tok, tmp: Path
+) -> tuple[dict, dict[str, int]]:
+    """Build the news table into ``tmp``; returns the manifest's ``news`` part and the
+    news id -> row mapping the shards are written with."""
+    d = cfg.data
+    news_stats = ReadStats()
+    arrays, ids, vocabs, news_info = build_news_table(
+        src.news(folders, news_stats), tok, d.title_len, d.max_entities, d.tokenize_batch
+    )
+    news_info["read_stats"] = news_stats.as_dict()
+    for name, arr in arrays.items():
+        np.save(tmp / "news" / f"{name}.npy", arr, allow_pickle=False)
+    (tmp / "news" / "news_ids.txt").write_text("\n".join(ids) + "\n", encoding="utf-8")
+    for name, voc in vocabs.items():
+        vocab_path(tmp, name).write_text(
+            json.dumps(voc, ensure_ascii=False, indent=0) + "\n", encoding="utf-8"
         )
-    try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(path, e.lineno, f"expected JSON ({e.msg})") from None
-    if not isinstance(m, dict):
-        raise DataError(path, None, "expected a JSON object")
-    missing = [k for k in _REQUIRED if k not in m]
-    if missing:
-        raise DataError(path, None, f"expected keys {list(_REQUIRED)}, missing {missing}")
-    if m["format_version"] != FORMAT_VERSION:
-        raise DataError(
-            path,
-            None,
-            f"format_version {m['format_version']!r}: expected {FORMAT_VERSION}; "
-            "re-run `mtrec prepare`",
-        )
-    if "vocab_hash" not in m["tokenizer"]:
-        raise DataError(path, None, "tokenizer: expected a vocab_hash")
-    return m
-
-
-def check_tokenizer(manifest: dict, fingerprint: dict, encoder: str | None = None) -> None:
-    """Refuse a model whose tokenizer differs from the one the titles were tokenized with."""
-    got = manifest["tokenizer"]
-    if got["vocab_hash"] != fingerprint["vocab_hash"]:
-        enc = encoder or "<the model's encoder>"
-        raise ConfigError(
-            f"tokenizer mismatch: prepared with {got.get('encoder', '?')} "
-            f"({got.get('name', '?')}, vocab_size {got.get('vocab_size', '?')}, "
-            f"vocab_hash {got['vocab_hash']}), model uses {fingerprint.get('name', '?')} "
-            f"(vocab_size {fingerprint.get('vocab_size', '?')}, vocab_hash "
-            f"{fingerprint['vocab_hash']}): re-run `mtrec prepare` with model.encoder={enc}"
-        )
-
-
-def vocab_fingerprint(prepared_dir: str | Path) -> str:
-    """sha256 over the category, subcategory and entity vocabularies of a prepared folder.
-
-    Models index these vocabularies (category heads, AMF, MINER's category vectors), so a
-    checkpoint is only valid on data whose vocabularies hash the same.
-    """
-    import hashlib
-
-    h = hashlib.sha256()
-    for name in ("category", "subcategory", "entities"):
-        h.update(name.encode() + b"\0")
-        h.update((Path(prepared_dir) / "vocab" / f"{name}.json").read_bytes())
-    return h.hexdigest()
+    return news_info, {nid: i for i, nid in enumerate(ids) if i > 0}

@@ -1,4 +1,4 @@
-"""Stream prepared shards to training workers as de-duplicated batches (DESIGN.md §2).
+"""Stream prepared shards to training workers as de-duplicated batches (data contracts: the README's architecture section).
 
 Why it is shaped this way:
 
@@ -29,68 +29,43 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import io
-import json
 import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mtrec_dist.data.batch import Batch, NewsTable, Sample, collate
+from mtrec_dist.data.prepared import (
+    CAND,
+    HIST,
+    LABEL,
+    MANIFEST,
+    SHARD_MEMBERS,
+    Shard,
+    check_impression_id,
+    is_labeled,
+    load_manifest,
+    require_labeled,
+    shards,
+    split_info,
+)
 from mtrec_dist.data.tables import DataError
+from mtrec_dist.utils import sha256_file
 
 CHUNK_SIZE = 256  # samples per worker -> trainer message
-_MEMBERS = ("hist.npy", "cand.npy", "label.npy")
 
 
-# --------------------------------------------------------------------------- manifest / plan
-
-
-def read_manifest(prepared_dir: str | Path) -> dict[str, Any]:
-    """Load ``manifest.json`` of a prepared folder (FileNotFoundError suggests `mtrec prepare`)."""
-    path = Path(prepared_dir) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest; run `mtrec prepare` first")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(path, e.lineno, f"not valid JSON ({e.msg}); re-run `mtrec prepare`") from e
-
-
-def _split(manifest: Mapping[str, Any], split: str) -> dict[str, Any]:
-    splits = manifest.get("splits", {})
-    if split not in splits:
-        raise DataError(
-            "manifest.json", None, f"no split {split!r}; prepared splits: {sorted(splits)}"
-        )
-    info = splits[split]
-    for i, sh in enumerate(info.get("shards", [])):
-        for k in ("path", "clicks", "impressions"):
-            if k not in sh:
-                raise DataError("manifest.json", None, f"splits.{split}.shards[{i}]: no {k!r}")
-    return info
+# --------------------------------------------------------------------------- plan
 
 
 def _as_manifest(manifest: Mapping[str, Any] | str | Path) -> Mapping[str, Any]:
-    return manifest if isinstance(manifest, Mapping) else read_manifest(manifest)
-
-
-def shard_paths(prepared_dir: str | Path, manifest: Mapping[str, Any], split: str) -> list[Path]:
-    """Paths of the split's shards; FileNotFoundError names the first missing one."""
-    info = _split(manifest, split)
-    paths = [Path(prepared_dir) / sh["path"] for sh in info["shards"]]
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(
-                f"{p}: shard of split {split!r} listed in the manifest is missing; "
-                "run `mtrec prepare` again"
-            )
-    return paths
+    return manifest if isinstance(manifest, Mapping) else load_manifest(manifest)
 
 
 def _deal(weights: list[int], order: list[int], bins: int) -> list[list[int]]:
@@ -121,15 +96,15 @@ def epoch_plan(
     The shard order is a permutation seeded by (seed, epoch); shards are dealt to ranks
     balancing their click counts. Identical on every rank: it reads the manifest only.
     """
-    info = _split(_as_manifest(manifest), split)
+    info = split_info(_as_manifest(manifest), split)
     clicks = [int(sh["clicks"]) for sh in info["shards"]]
     order = np.random.default_rng([seed, epoch, 0x5D]).permutation(len(clicks)).tolist()
     return _deal(clicks, order, world_size)
 
 
 def _rank_clicks(manifest: Mapping[str, Any], plan: list[list[int]], split: str) -> list[int]:
-    shards = _split(manifest, split)["shards"]
-    return [sum(int(shards[i]["clicks"]) for i in p) for p in plan]
+    entries = split_info(manifest, split)["shards"]
+    return [sum(int(entries[i]["clicks"]) for i in p) for p in plan]
 
 
 def batches_per_epoch(
@@ -147,6 +122,15 @@ def batches_per_epoch(
 
 
 # --------------------------------------------------------------------------- shard reading
+#
+# A shard is checked against its manifest entry while it is read, in one pass: every tar header
+# checksum, every sample's members, ids and labels (range-checked against the news table), the
+# tar end-of-archive marker (a file cut anywhere, even between samples, is "truncated"), then
+# the impression count and the sha256 of the whole file (a second read of the file, from the
+# page cache: about 5% of the parse, see bench/bench_shard_check.py). Count and hash are known
+# only at the end of the shard: a consumer sees
+# every sample of an altered shard before the error, and the error stops it before it writes
+# any result (predict reads every shard to the end in its index step, before scoring).
 
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -154,9 +138,15 @@ _NPY_HEADER = re.compile(
     r"\{'descr': '([<>|=][a-z]\d+)', 'fortran_order': (?:False|True), 'shape': \((\d*),?\), \}"
 )
 _npy_cache: dict[bytes, tuple[np.dtype, int]] = {}
+_BLOCK = 1 << 20
 
 
-def _npy(data: bytes, path: Path, key: str, member: str) -> np.ndarray:
+def _at(i: int, key: str) -> str:
+    """How errors name a sample: its position in the shard and its key (impression id)."""
+    return f"sample #{i} (key {key!r})"
+
+
+def _npy(data: bytes, path: Path, i: int, key: str, member: str) -> np.ndarray:
     """Decode one .npy payload without pickles.
 
     Fast path for the 1-D plain-integer arrays of the shards: the header (a few distinct ones
@@ -181,17 +171,17 @@ def _npy(data: bytes, path: Path, key: str, member: str) -> np.ndarray:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as e:  # object arrays (pickles), truncated or corrupt headers, not npy
         raise DataError(
-            path, None, f"sample {key}: {member} is not a plain .npy array ({e})"
+            path, None, f"{_at(i, key)}: {member} is not a plain .npy array ({e})"
         ) from e
 
 
-def _octal(field: bytes, path: Path) -> int:
+def _octal(field: bytes, path: Path, where: str) -> int:
     if field[:1] and field[0] & 0x80:  # GNU base-256
         return int.from_bytes(field[1:], "big")
     try:
         return int(field.rstrip(b"\0 ").lstrip(b" ") or b"0", 8)
     except ValueError:
-        raise DataError(path, None, f"corrupt tar header field {field!r}") from None
+        raise DataError(path, None, f"{where}: corrupt tar header field {field!r}") from None
 
 
 def _pax(data: bytes) -> dict[str, str]:
@@ -205,106 +195,172 @@ def _pax(data: bytes) -> dict[str, str]:
     return out
 
 
-def _tar_members(path: Path) -> Iterator[tuple[str, bytes]]:
+def _member_name(hdr: bytes, pax: dict[str, str], longname: str | None) -> str:
+    if "path" in pax:
+        return pax["path"]
+    if longname is not None:
+        return longname
+    name = hdr[:100].split(b"\0", 1)[0].decode("utf-8")
+    if hdr[257:262] == b"ustar" and hdr[345] != 0:
+        name = hdr[345:500].split(b"\0", 1)[0].decode("utf-8") + "/" + name
+    return name
+
+
+def _tar_members(path: Path, f: BinaryIO) -> Iterator[tuple[str, bytes]]:
     """(member name, payload) of the regular files of an uncompressed tar, in order.
 
     A minimal ustar/pax/GNU reader: ``tarfile`` spends ~4x longer per member on the pax
     headers webdataset writes, and a shard holds 3 members per impression. Header checksums
-    are verified; anything not a regular file is skipped unread.
+    are verified; anything not a regular file is skipped unread. The archive must end with
+    the end-of-archive block: a file that stops anywhere before it is "truncated".
     """
-    with open(path, "rb", buffering=1 << 20) as f:
-        pax: dict[str, str] = {}
-        longname: str | None = None
-        while True:
-            hdr = f.read(512)
-            if len(hdr) < 512:
-                if hdr:
-                    raise DataError(path, None, "truncated tar header; re-run `mtrec prepare`")
-                return
-            if hdr.count(0) == 512:  # end-of-archive block
-                return
-            chk = _octal(hdr[148:156], path)
-            if chk != sum(hdr[:148]) + 256 + sum(hdr[156:]):
-                raise DataError(path, None, "tar header checksum mismatch; re-run `mtrec prepare`")
-            size = _octal(hdr[124:136], path)
-            kind = hdr[156:157]
-            if "size" in pax:
-                size = int(pax["size"])
-            data = f.read(size)
-            if len(data) < size:
-                raise DataError(path, None, "truncated tar member; re-run `mtrec prepare`")
-            f.seek((-size) % 512, 1)
-            if kind == b"x":
-                pax = _pax(data)
-                continue
-            if kind == b"L":
-                longname = data.rstrip(b"\0").decode("utf-8")
-                continue
-            if kind == b"g":
-                continue
-            if kind in (b"0", b"\0", b"7"):
-                if "path" in pax:
-                    name = pax["path"]
-                elif longname is not None:
-                    name = longname
-                else:
-                    name = hdr[:100].split(b"\0", 1)[0].decode("utf-8")
-                    if hdr[257:262] == b"ustar" and hdr[345] != 0:
-                        name = hdr[345:500].split(b"\0", 1)[0].decode("utf-8") + "/" + name
-                yield name, data
-            pax, longname = {}, None
+    pax: dict[str, str] = {}
+    longname: str | None = None
+    last = "the start of the file"
+    while True:
+        where = f"after {last}"
+        hdr = f.read(512)
+        if len(hdr) < 512:
+            raise DataError(
+                path,
+                None,
+                f"truncated: the file ends {where} without the tar end-of-archive marker; "
+                "re-run `mtrec prepare`",
+            )
+        if hdr.count(0) == 512:  # end-of-archive block
+            return
+        chk = _octal(hdr[148:156], path, where)
+        if chk != sum(hdr[:148]) + 256 + sum(hdr[156:]):
+            raise DataError(
+                path, None, f"{where}: tar header checksum mismatch; re-run `mtrec prepare`"
+            )
+        size = int(pax["size"]) if "size" in pax else _octal(hdr[124:136], path, where)
+        kind = hdr[156:157]
+        data = f.read(size)
+        pad = (-size) % 512
+        if len(data) < size or len(f.read(pad)) < pad:
+            raise DataError(
+                path, None, f"truncated: the file ends {where} inside a tar member; "
+                "re-run `mtrec prepare`",
+            )  # fmt: skip
+        if kind == b"x":
+            pax = _pax(data)
+            continue
+        if kind == b"L":
+            longname = data.rstrip(b"\0").decode("utf-8")
+            continue
+        if kind in (b"0", b"\0", b"7"):
+            name = _member_name(hdr, pax, longname)
+            last = f"member {name!r}"
+            yield name, data
+        pax, longname = {}, None
 
 
-def iter_shard(path: str | Path) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+def iter_shard(
+    path: str | Path, expect: Shard | None = None
+) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
     """Yield ``(key, {"hist.npy": .., "cand.npy": .., ["label.npy": ..]})`` in tar order.
 
-    Members other than the three .npy payloads are ignored, never decoded.
+    Members other than the shard members are ignored, never decoded. With ``expect`` (the
+    shard's manifest entry), the impression count and the sha256 are checked once the file is
+    read to its end.
     """
     path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(512)
-    if head[257:262] != b"ustar" and head.count(0) != 512:
-        raise DataError(path, None, "not an uncompressed tar shard; re-run `mtrec prepare`")
-    key: str | None = None
-    cur: dict[str, np.ndarray] = {}
-    for name, data in _tar_members(path):
-        base = name.rsplit("/", 1)[-1]
-        k, _, ext = base.partition(".")
-        if k != key:
-            if key is not None:
-                yield key, cur
-            key, cur = k, {}
-        if ext in _MEMBERS:
-            cur[ext] = _npy(data, path, k, ext)
-    if key is not None:
-        yield key, cur
+    with open(path, "rb", buffering=_BLOCK) as f:
+        head = f.peek(512)[:512]
+        if len(head) == 512 and head[257:262] != b"ustar" and head.count(0) != 512:
+            raise DataError(path, None, "not an uncompressed tar shard; re-run `mtrec prepare`")
+        n, key, cur = 0, None, {}
+        for name, data in _tar_members(path, f):
+            k, _, ext = name.rsplit("/", 1)[-1].partition(".")
+            if k != key:
+                if key is not None:
+                    yield key, cur
+                    n += 1
+                key, cur = k, {}
+            if ext in SHARD_MEMBERS:
+                cur[ext] = _npy(data, path, n, k, ext)
+        if key is not None:
+            yield key, cur
+            n += 1
+        if expect is not None:
+            _check_whole(path, n, expect)
+
+
+def _check_whole(path: Path, n: int, expect: Shard) -> None:
+    if n != expect.impressions:
+        raise DataError(
+            path,
+            None,
+            f"holds {n} impressions but the manifest says {expect.impressions} (truncated or "
+            "altered); re-run `mtrec prepare`",
+        )
+    digest = sha256_file(path)  # a second read, from the page cache: ~5% of the parse
+    if digest != expect.sha256:
+        raise DataError(
+            path,
+            None,
+            f"sha256 {digest} differs from the manifest's {expect.sha256}: the shard was "
+            "altered after `mtrec prepare`; re-run it",
+        )
+
+
+def _ids(a: np.ndarray, lo: int, n_news: int, path: Path, where: str, member: str) -> np.ndarray:
+    """News rows of one member as int64, each in ``[lo, n_news)`` (the news table's rows)."""
+    if a.dtype.kind not in "iu":
+        raise DataError(path, None, f"{where}: {member} has dtype {a.dtype}, expected integers")
+    a = a.reshape(-1)
+    if (
+        a.dtype.itemsize == 4 and a.dtype.isnative
+    ):  # what prepare writes: one unsigned reduction checks both ends
+        bad = a.size and (a.view(np.uint32) - np.uint32(lo)).max() >= n_news - lo
+    else:
+        bad = a.size and (a.min() < lo or a.max() >= n_news)
+    a = a.astype(np.int64, copy=False)
+    if bad:
+        bad = int(a[(a < lo) | (a >= n_news)][0])
+        raise DataError(
+            path, None, f"{where}: {member} holds news row {bad}, expected {lo} <= row < {n_news} "
+            "(the news table's rows); re-run `mtrec prepare`",
+        )  # fmt: skip
+    return a
 
 
 def _impressions(
-    path: Path, labeled: bool
-) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-    """(impression id, hist int64, cand int64, label uint8) per sample of one shard."""
-    for key, d in iter_shard(path):
-        missing = [m for m in _MEMBERS[: 3 if labeled else 2] if m not in d]
+    shard: Shard, labeled: bool, n_news: int
+) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """(impression id, hist int64, cand int64, label uint8) per sample of one shard, checked:
+    history rows in [1, n_news) (prepare drops history news missing from the table), candidate
+    rows in [0, n_news) (0 = missing news), labels 0 or 1, one per candidate."""
+    path = shard.path
+    need = SHARD_MEMBERS if labeled else (HIST, CAND)
+    for i, (key, d) in enumerate(iter_shard(path, shard)):
+        where = _at(i, key)
+        why = check_impression_id(key)
+        if why is not None:
+            raise DataError(path, None, f"{where}: impression id {why}")
+        missing = [m for m in need if m not in d]
         if missing:
-            raise DataError(path, None, f"sample {key}: missing {missing}")
-        try:
-            imp = int(key)
-        except ValueError:
-            raise DataError(
-                path, None, f"sample key {key!r}: expected a decimal impression id"
-            ) from None
-        hist = d["hist.npy"].astype(np.int64, copy=False).reshape(-1)
-        cand = d["cand.npy"].astype(np.int64, copy=False).reshape(-1)
-        if "label.npy" in d:
-            label = d["label.npy"].reshape(-1)
+            raise DataError(path, None, f"{where}: missing {missing}")
+        hist = _ids(d[HIST], 1, n_news, path, where, HIST)
+        cand = _ids(d[CAND], 0, n_news, path, where, CAND)
+        if labeled:
+            label = d[LABEL].reshape(-1)
             if label.shape != cand.shape:
                 raise DataError(
-                    path, None, f"sample {key}: {label.size} labels for {cand.size} candidates"
+                    path, None, f"{where}: {label.size} labels for {cand.size} candidates"
                 )
+            kind = label.dtype.kind
+            if kind not in "iub" or (
+                label.size and (label.max() > 1 or (kind == "i" and label.min() < 0))
+            ):
+                raise DataError(
+                    path, None, f"{where}: labels {label.tolist()}: expected 0 or 1 per candidate"
+                )
+            label = label.astype(np.uint8, copy=False)
         else:
             label = np.zeros(cand.shape, dtype=np.uint8)
-        yield imp, hist, cand, label
+        yield key, hist, cand, label
 
 
 def eval_impressions(
@@ -312,14 +368,17 @@ def eval_impressions(
 ) -> Iterator[Sample]:
     """Every impression of a split with all its candidates, for the evaluator.
 
-    Order: shards in ``shard_indices`` order (default all), impressions in shard order.
-    ``labels`` are the 0/1 labels as float32, zeros for an unlabeled split; ``click_pos`` = -1.
+    Order: shards in ``shard_indices`` order (default all), impressions in shard order; the
+    impression id is the source file's string. ``labels`` are the 0/1 labels as float32, zeros
+    for an unlabeled split; ``click_pos`` = -1. Each shard is checked against the manifest as
+    it is read (see the section comment above).
     """
-    manifest = read_manifest(prepared_dir)
-    paths = shard_paths(prepared_dir, manifest, split)
-    labeled = bool(_split(manifest, split).get("labeled", True))
-    for i in range(len(paths)) if shard_indices is None else shard_indices:
-        for imp, hist, cand, label in _impressions(paths[i], labeled):
+    manifest = load_manifest(prepared_dir)
+    found = shards(prepared_dir, manifest, split)
+    labeled = is_labeled(manifest, split, prepared_dir)
+    n_news = int(manifest["news"]["count"])
+    for i in range(len(found)) if shard_indices is None else shard_indices:
+        for imp, hist, cand, label in _impressions(found[i], labeled, n_news):
             yield Sample(imp, hist, cand, label.astype(np.float32))
 
 
@@ -330,7 +389,7 @@ def eval_impressions(
 class _Packed:
     """A chunk of samples as a few flat arrays: cheap to pickle between processes."""
 
-    imp: np.ndarray  # [n] int64
+    imp: np.ndarray  # [n] str, impression ids as the source spells them
     click_pos: np.ndarray  # [n] int64
     cand: np.ndarray  # [n, 1+K] int64, click first
     hist: np.ndarray  # [sum h] int64
@@ -341,13 +400,14 @@ class _Packed:
         return int(self.imp.size)
 
 
-def _pack(rows: list[tuple[int, int, np.ndarray, np.ndarray, bool]], k: int) -> _Packed:
+def _pack(rows: list[tuple[str, int, np.ndarray, np.ndarray, bool]], k: int) -> _Packed:
     n = len(rows)
     if n == 0:
         z = np.zeros(0, dtype=np.int64)
-        return _Packed(z, z, np.zeros((0, k + 1), np.int64), z, z, np.zeros(0, bool))
+        ids = np.zeros(0, dtype=str)
+        return _Packed(ids, z, np.zeros((0, k + 1), np.int64), z, z, np.zeros(0, bool))
     return _Packed(
-        imp=np.array([r[0] for r in rows], dtype=np.int64),
+        imp=np.array([r[0] for r in rows], dtype=str),
         click_pos=np.array([r[1] for r in rows], dtype=np.int64),
         cand=np.stack([r[2] for r in rows]),
         hist=np.concatenate([r[3] for r in rows]),
@@ -359,7 +419,7 @@ def _pack(rows: list[tuple[int, int, np.ndarray, np.ndarray, bool]], k: int) -> 
 def _unpack(p: _Packed, labels: np.ndarray) -> list[Sample]:
     hists = np.split(p.hist, np.cumsum(p.hist_len)[:-1]) if len(p) else []
     return [
-        Sample(int(i), h, c, labels, int(cp))
+        Sample(i, h, c, labels, int(cp))
         for i, h, c, cp in zip(p.imp.tolist(), hists, p.cand, p.click_pos.tolist())
     ]
 
@@ -368,8 +428,8 @@ def _unpack(p: _Packed, labels: np.ndarray) -> list[Sample]:
 class _WorkerSpec:
     """Everything one loader worker needs; plain data so that it pickles to workers."""
 
-    paths: list[Path]
-    clicks: list[int]  # manifest clicks per shard, checked while reading
+    shards: list[Shard]  # manifest entries; clicks, count and sha256 checked while reading
+    n_news: int  # rows of the news table, for the range checks
     seed: int
     epoch: int
     rank: int
@@ -381,14 +441,14 @@ class _WorkerSpec:
     chunk_size: int
 
 
-def _clicks(spec: _WorkerSpec) -> Iterator[tuple[int, int, np.ndarray, np.ndarray, bool]]:
+def _clicks(spec: _WorkerSpec) -> Iterator[tuple[str, int, np.ndarray, np.ndarray, bool]]:
     """One row per click: (impression id, click position, [click, negatives], hist, pad_neg)."""
     rng = np.random.default_rng([spec.seed, spec.epoch, spec.rank, spec.worker, 1])
     k, H = spec.neg_k, spec.history_len
     pad = np.zeros(k, dtype=np.int64)
-    for path, expected in zip(spec.paths, spec.clicks):
+    for shard in spec.shards:
         n = 0
-        for imp, hist, cand, label in _impressions(path, labeled=True):
+        for imp, hist, cand, label in _impressions(shard, True, spec.n_news):
             pos = np.flatnonzero(label == 1)
             if pos.size == 0:
                 continue
@@ -401,11 +461,11 @@ def _clicks(spec: _WorkerSpec) -> Iterator[tuple[int, int, np.ndarray, np.ndarra
                     negs, pad_neg = rng.choice(neg, size=k, replace=neg.size < k), False
                 yield imp, p, np.concatenate([cand[p : p + 1], negs]), hist, pad_neg
             n += pos.size
-        if n != expected:
+        if n != shard.clicks:
             raise DataError(
-                path,
+                shard.path,
                 None,
-                f"holds {n} clicks but the manifest says {expected}; re-run `mtrec prepare`",
+                f"holds {n} clicks but the manifest says {shard.clicks}; re-run `mtrec prepare`",
             )
 
 
@@ -430,7 +490,7 @@ def _worker_chunks(spec: _WorkerSpec) -> Iterator[_Packed]:
     """This worker's chunks; chunk j = samples [j*c, (j+1)*c) minus the first ``skip``."""
     rng = np.random.default_rng([spec.seed, spec.epoch, spec.rank, spec.worker, 2])
     c, skip = spec.chunk_size, spec.skip
-    rows: list[tuple[int, int, np.ndarray, np.ndarray, bool]] = []
+    rows: list[tuple[str, int, np.ndarray, np.ndarray, bool]] = []
     i = 0
     for row in _shuffled(_clicks(spec), spec.shuffle_buffer, rng):
         if i >= skip:
@@ -486,6 +546,47 @@ def _identity(x: Any) -> Any:
 # --------------------------------------------------------------------------- training process
 
 
+def _check_loader_args(*, rank: int, world_size: int, **lower_bounded: int) -> None:
+    """ValueError naming the argument: integers with their lower bounds, rank in range."""
+    lows = {"world_size": 1, "batch_size": 1, "neg_k": 1, "history_len": 1, "chunk_size": 1}
+    for name, v in {"world_size": world_size, **lower_bounded}.items():
+        lo = lows.get(name, 0)
+        if not isinstance(v, int) or v < lo:
+            raise ValueError(f"train_loader: {name} must be an integer >= {lo}, got {v!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"train_loader: rank {rank} outside [0, {world_size})")
+
+
+def _resume_point(
+    skip_samples: int | None,
+    skip_batches: int | None,
+    batch_size: int,
+    total: int,
+    num_batches: int,
+    rank: int,
+) -> tuple[int, int]:
+    """(samples, batches) already consumed this epoch; either may be derived from the other,
+    and together they must sit on a batch boundary of this rank."""
+    if skip_samples is None:  # derived from the batch index (what a checkpoint stores)
+        skip_samples = min((skip_batches or 0) * batch_size, total)
+    if skip_samples > total:
+        raise ValueError(f"skip_samples={skip_samples} > {total} samples of rank {rank}")
+    if skip_batches is None:
+        if skip_samples < total and skip_samples % batch_size:
+            raise ValueError(
+                f"skip_samples={skip_samples} is not a multiple of batch_size={batch_size}"
+            )
+        skip_batches = math.ceil(skip_samples / batch_size)
+    if not 0 <= skip_batches <= num_batches or skip_samples != min(
+        skip_batches * batch_size, total
+    ):
+        raise ValueError(
+            f"skip_samples={skip_samples}, skip_batches={skip_batches} do not match a batch "
+            f"boundary of rank {rank} ({total} samples, {num_batches} batches)"
+        )
+    return skip_samples, skip_batches
+
+
 class TrainLoader:
     """This rank's training batches for ``epoch``: exactly ``batches_per_epoch(...)`` of them;
     iterate once.
@@ -520,70 +621,45 @@ class TrainLoader:
         split: str = "train",
         chunk_size: int = CHUNK_SIZE,
     ):
-        for name, v, lo in (
-            ("world_size", world_size, 1),
-            ("batch_size", batch_size, 1),
-            ("neg_k", neg_k, 1),
-            ("history_len", history_len, 1),
-            ("shuffle_buffer", shuffle_buffer, 0),
-            ("loader_workers", loader_workers, 0),
-            ("epoch", epoch, 0),
-            ("seed", seed, 0),
-            ("skip_samples", 0 if skip_samples is None else skip_samples, 0),
-            ("chunk_size", chunk_size, 1),
-        ):
-            if not isinstance(v, int) or v < lo:
-                raise ValueError(f"train_loader: {name} must be an integer >= {lo}, got {v!r}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"train_loader: rank {rank} outside [0, {world_size})")
-        self.dir = Path(prepared_dir)
-        manifest = read_manifest(self.dir)
-        info = _split(manifest, split)
-        if not info.get("labeled", True):
-            raise DataError(self.dir / "manifest.json", None, f"split {split!r} has no labels")
-        paths = shard_paths(self.dir, manifest, split)
-        self.table = NewsTable(self.dir)
-        self.batch_size, self.history_len, self.dedup, self.neg_k = (
-            batch_size,
-            history_len,
-            dedup,
-            neg_k,
+        _check_loader_args(
+            rank=rank,
+            world_size=world_size,
+            batch_size=batch_size,
+            neg_k=neg_k,
+            history_len=history_len,
+            shuffle_buffer=shuffle_buffer,
+            loader_workers=loader_workers,
+            epoch=epoch,
+            seed=seed,
+            skip_samples=0 if skip_samples is None else skip_samples,
+            chunk_size=chunk_size,
         )
+        self.dir = Path(prepared_dir)
+        manifest = load_manifest(self.dir)
+        require_labeled(manifest, split, self.dir, ": the training stream needs clicks")
+        found = shards(self.dir, manifest, split)
+        self.table = NewsTable(self.dir)
+        self.batch_size, self.history_len, self.dedup = batch_size, history_len, dedup
+        self.neg_k = neg_k
 
         plan = epoch_plan(manifest, world_size, seed, epoch, split)
         self.shards = plan[rank]  # shard indices of this rank, in stream order
-        clicks = [int(sh["clicks"]) for sh in info["shards"]]
+        clicks = [sh.clicks for sh in found]
         self.total = sum(clicks[i] for i in self.shards)  # real samples of this rank
         self.num_batches = math.ceil(max(_rank_clicks(manifest, plan, split)) / batch_size)
-
-        if skip_samples is None:  # derived from the batch index (what a checkpoint stores)
-            skip_samples = min((skip_batches or 0) * batch_size, self.total)
-        if skip_samples > self.total:
-            raise ValueError(f"skip_samples={skip_samples} > {self.total} samples of rank {rank}")
-        if skip_batches is None:
-            if skip_samples < self.total and skip_samples % batch_size:
-                raise ValueError(
-                    f"skip_samples={skip_samples} is not a multiple of batch_size={batch_size}"
-                )
-            skip_batches = math.ceil(skip_samples / batch_size)
-        if not 0 <= skip_batches <= self.num_batches or skip_samples != min(
-            skip_batches * batch_size, self.total
-        ):
-            raise ValueError(
-                f"skip_samples={skip_samples}, skip_batches={skip_batches} do not match a batch "
-                f"boundary of rank {rank} ({self.total} samples, {self.num_batches} batches)"
-            )
+        skip_samples, skip_batches = _resume_point(
+            skip_samples, skip_batches, batch_size, self.total, self.num_batches, rank
+        )
         self.position, self.batches_done = skip_samples, skip_batches
         self.padding_negatives = 0  # samples whose impression had no negative (row 0 used)
 
-        n_workers = max(loader_workers, 1)
-        per_worker = _deal(clicks, self.shards, n_workers)
+        per_worker = _deal(clicks, self.shards, max(loader_workers, 1))
         counts = [sum(clicks[i] for i in ws) for ws in per_worker]
         skips = _merged_skips(counts, chunk_size, skip_samples)
         self.specs = [
             _WorkerSpec(
-                paths=[paths[i] for i in ws],
-                clicks=[clicks[i] for i in ws],
+                shards=[found[i] for i in ws],
+                n_news=int(manifest["news"]["count"]),
                 seed=seed,
                 epoch=epoch,
                 rank=rank,
@@ -622,7 +698,7 @@ class TrainLoader:
     def _emit(self, samples: list[Sample]) -> Batch:
         if self.batches_done >= self.num_batches:
             raise DataError(
-                self.dir / "manifest.json", None, "shards hold more clicks than the manifest says"
+                self.dir / MANIFEST, None, "shards hold more clicks than the manifest says"
             )
         b = collate(
             samples,

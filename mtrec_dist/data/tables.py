@@ -47,6 +47,8 @@ class Impression:
     history: list[str]  # clicked news ids, oldest first, most recent last
     candidates: list[str]
     labels: list[int] | None  # 0/1 per candidate; None in a test split without labels
+    # Line (MIND) or row (EBNeRD) of the source file, for errors; provenance, not content.
+    line: int | None = field(default=None, compare=False)
 
 
 class ReadStats(Counter):

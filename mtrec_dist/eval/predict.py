@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from mtrec_dist.data.batch import NER_IGNORE, Batch, NewsTable, Sample, collate
+from mtrec_dist.data.prepared import is_labeled, load_manifest, split_info, vocab_fingerprint
 from mtrec_dist.data.stream import eval_impressions
 from mtrec_dist.eval.metrics import METRICS, impression_metrics, summarize
 from mtrec_dist.eval.submission import ranks_grouped, write_prediction
@@ -98,23 +99,6 @@ def _atomic_save_npy(path: Path, a: np.ndarray) -> None:
         np.save(f, a, allow_pickle=False)
 
 
-def _read_manifest(prepared: Path) -> dict:
-    try:
-        from mtrec_dist.data.shards import load_manifest
-    except ImportError:  # pragma: no cover - prepare is part of the package
-        from mtrec_dist.data.stream import read_manifest as load_manifest
-    return load_manifest(prepared)
-
-
-def _split_info(manifest: dict, split: str, prepared: Path) -> dict:
-    if split not in manifest.get("splits", {}):
-        raise ValueError(
-            f"{prepared}/manifest.json: no split {split!r}; prepared splits: "
-            f"{sorted(manifest.get('splits', {}))}"
-        )
-    return manifest["splits"][split]
-
-
 def data_key(manifest: dict, split: str) -> str:
     """Identity of the split's data: its shard hashes and the news table size."""
     info = manifest["splits"][split]
@@ -159,7 +143,7 @@ def news_batch(table: NewsTable, rows: np.ndarray) -> Batch:
         labels=torch.zeros(1, 1),
         sample_mask=torch.zeros(1, dtype=torch.bool),
         hist_count=torch.zeros(U),
-        impression_ids=torch.full((1,), -1, dtype=torch.long),
+        impression_ids=("",),
         click_pos=torch.full((1,), -1, dtype=torch.long),
     )
 
@@ -249,7 +233,7 @@ class Engine:
             rows.append(s.cand)
         flat = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
         return {
-            "ids": np.asarray(ids, dtype=np.int64),
+            "ids": np.asarray(ids, dtype=str),
             "sizes": np.asarray(sizes, dtype=np.int64),
             "rows": np.unique(flat).astype(np.int64),
         }
@@ -326,7 +310,7 @@ class Engine:
         """Scores (and, when labeled, labels and per-impression metrics) of one part."""
         samples = list(iter_part(self.prepared, self.split, spec))
         out = {
-            "ids": np.array([s.impression_id for s in samples], dtype=np.int64),
+            "ids": np.array([s.impression_id for s in samples], dtype=str),
             "sizes": np.array([len(s.cand) for s in samples], dtype=np.int64),
             "scores": self.score_many(samples),
         }
@@ -463,7 +447,7 @@ def load_run(run_dir: str | Path) -> tuple[torch.nn.Module, Any, dict, str]:
         if not p.is_file():
             raise FileNotFoundError(f"{p}: missing; is {run_dir} a run folder of `mtrec train`?")
     cfg = load_config(cfg_path)
-    manifest = _read_manifest(cfg.prepared_dir)
+    manifest = load_manifest(cfg.prepared_dir)
     check_run_tokenizer(run_dir, cfg, manifest)
     check_run_vocab(run_dir, cfg)
     model = build_model(cfg, manifest)
@@ -502,7 +486,6 @@ def check_run_vocab(run_dir: Path, cfg: Any) -> None:
     """The checkpoint's category/subcategory/entity vocabularies must be the data's: a model
     trained on another news table reads category and entity ids as other classes."""
     from mtrec_dist.config import ConfigError
-    from mtrec_dist.data.shards import vocab_fingerprint
 
     meta_path = run_dir / "export" / "meta.json"
     if not meta_path.is_file():
@@ -599,8 +582,8 @@ def _run(run_dir: str | Path, split: str, num_workers: int | None, need_labels: 
     run_dir = Path(run_dir)
     model, cfg, manifest, model_sha = load_run(run_dir)
     prepared = cfg.prepared_dir
-    info = _split_info(manifest, split, prepared)
-    labeled = bool(info.get("labeled", split != "test"))
+    info = split_info(manifest, split, prepared)
+    labeled = is_labeled(manifest, split, prepared)
     if need_labels and not labeled:
         raise ValueError(
             f"{prepared}/manifest.json: split {split!r} has no labels; use `mtrec predict` "
@@ -773,9 +756,9 @@ def evaluate_model(
     impressions (0 = all), their news encoded once, scored in batches of SCORE_BATCH.
     """
     prepared = Path(prepared_dir)
-    manifest = _read_manifest(prepared)
-    info = _split_info(manifest, split, prepared)
-    if not info.get("labeled", split != "test"):
+    manifest = load_manifest(prepared)
+    info = split_info(manifest, split, prepared)
+    if not is_labeled(manifest, split, prepared):
         raise ValueError(f"{prepared}/manifest.json: split {split!r} has no labels")
     limit = max_impressions if max_impressions > 0 else None
 

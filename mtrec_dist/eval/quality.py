@@ -85,7 +85,7 @@ def train_curve(cfg: Config, eval_every: int, eval_impressions: int) -> list[dic
             m = evaluate_model(model, cfg.prepared_dir, "dev", eval_impressions)
         curve.append({"step": step, **{k: float(m[k]) for k in METRICS}})
 
-    from mtrec_dist.data.shards import load_manifest
+    from mtrec_dist.data.prepared import load_manifest
     from mtrec_dist.data.stream import batches_per_epoch
     from mtrec_dist.models.registry import build_model
 

@@ -7,12 +7,10 @@ in a second with the key and the allowed values instead of after loading BERT.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from torch import nn
 
 from mtrec_dist.config import Config, ConfigError
+from mtrec_dist.data.prepared import vocab_names
 from mtrec_dist.models.miner import MINER
 from mtrec_dist.models.mtrec import BERT, BertAMF, LSTURBert, MTRec, MTRecAMF, NRMSBert
 from mtrec_dist.models.unbert import UNBERT
@@ -73,20 +71,6 @@ def validate_model_config(cfg: Config, manifest: dict) -> None:
     resolve_encoder(m.encoder)  # missing folder / not BERT-family -> error naming model.encoder
 
 
-def _vocab_names(cfg: Config) -> dict | None:
-    """Category names and entity surface forms from <prepared>/vocab, for AMF initialisation."""
-    vocab = cfg.prepared_dir / "vocab"
-    out: dict[str, list[str]] = {}
-    cat, ent = Path(vocab / "category.json"), Path(vocab / "entities.json")
-    if cat.is_file():
-        out["category"] = [str(x) for x in json.loads(cat.read_text(encoding="utf-8"))]
-    if ent.is_file():
-        rows = json.loads(ent.read_text(encoding="utf-8"))
-        out["entities"] = [r.get("surface", "") if isinstance(r, dict) else str(r) for r in rows]
-        out["entities"][0] = ""  # "<none>"
-    return out or None
-
-
 def build_model(cfg: Config, manifest: dict) -> nn.Module:
     """Validate ``cfg.model`` against the manifest, then build ``MODELS[cfg.model.name]``.
 
@@ -98,7 +82,7 @@ def build_model(cfg: Config, manifest: dict) -> nn.Module:
     meta = dict(manifest.get("news", {}))
     # AMF initialisation and MINER's fixed category vectors read the vocabulary names.
     if "names" not in meta:
-        names = _vocab_names(cfg)
+        names = vocab_names(cfg.prepared_dir)
         if names:
             meta["names"] = names
     return cls(cfg.model, meta)

@@ -52,7 +52,7 @@ def export_run(
     """Export weights, encoder and meta into ``cfg.run_dir/export`` atomically (folder swap)."""
     from safetensors.torch import save_file
 
-    from mtrec_dist.data.shards import vocab_fingerprint
+    from mtrec_dist.data.prepared import vocab_fingerprint
     from mtrec_dist.hub import load_tokenizer, quiet_transformers
 
     run_dir = Path(cfg.run_dir)

@@ -22,7 +22,7 @@ def validate_for_training(cfg: Config) -> tuple[dict, dict]:
     """(manifest, resolved DeepSpeed dict) or a clear error naming the key to fix.
 
     Side effect: ``cfg.model.groups`` is narrowed to the groups the model computes."""
-    from mtrec_dist.data.shards import check_tokenizer, load_manifest
+    from mtrec_dist.data.prepared import check_tokenizer, load_manifest, split_info
     from mtrec_dist.hub import load_tokenizer, tokenizer_fingerprint
     from mtrec_dist.models.registry import build_model, resolve_groups
     from mtrec_dist.train.dsconfig import resolve_deepspeed
@@ -33,7 +33,7 @@ def validate_for_training(cfg: Config) -> tuple[dict, dict]:
     # Build once on the driver: every model/task error surfaces here, and the gradient groups
     # shipped to the workers are the ones this model really computes.
     cfg.model.groups = resolve_groups(cfg, build_model(cfg, manifest))
-    if not manifest["splits"].get("train", {}).get("clicks"):
+    if not split_info(manifest, "train", cfg.prepared_dir).get("clicks"):
         raise ConfigError(f"{cfg.prepared_dir}: the train split has no clicks to train on")
     return manifest, ds
 

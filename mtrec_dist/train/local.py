@@ -92,7 +92,7 @@ def train_local(
 
     ``on_step(step, model)`` runs after every optimizer step (the quality benchmark measures
     its learning curves there; the model is back in train mode afterwards)."""
-    from mtrec_dist.data.shards import check_tokenizer, load_manifest
+    from mtrec_dist.data.prepared import check_tokenizer, load_manifest
     from mtrec_dist.data.stream import batches_per_epoch, loader_for
     from mtrec_dist.hub import load_tokenizer, tokenizer_fingerprint
     from mtrec_dist.models.registry import build_model, resolve_groups

@@ -32,7 +32,7 @@ def train_worker(config: dict[str, Any]) -> None:
     import deepspeed  # imported here, not on the driver (ray#50406)
     import ray.train
 
-    from mtrec_dist.data.shards import load_manifest
+    from mtrec_dist.data.prepared import load_manifest
     from mtrec_dist.data.stream import batches_per_epoch, loader_for
     from mtrec_dist.models.registry import build_model
     from mtrec_dist.train.checkpoint import restore, save

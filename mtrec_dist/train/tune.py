@@ -529,7 +529,7 @@ def run_sweep(
     ``best`` holds the winner's row plus ``command`` (the launch/train.py line), ``overrides``
     (what to pass to load_config) and ``deepspeed_path``; None when no trial fit.
     """
-    from mtrec_dist.data.shards import load_manifest
+    from mtrec_dist.data.prepared import load_manifest
     from mtrec_dist.train.launch import run_training
 
     overrides = list(overrides or [])

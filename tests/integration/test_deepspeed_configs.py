@@ -32,7 +32,7 @@ def ray_session():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_shipped_deepspeed_config_trains_two_steps(ray_session, tiny_data, tmp_path, path):
     from mtrec_dist.config import load_config
-    from mtrec_dist.data.shards import load_manifest
+    from mtrec_dist.data.prepared import load_manifest
     from mtrec_dist.models.registry import build_model
     from mtrec_dist.train.launch import checkpoints_of, run_training
 

@@ -256,15 +256,15 @@ class TrueProbs(nn.Module):
         self.p = {}
         for line in path.read_text().splitlines():
             imp, probs = line.split("\t")
-            self.p[int(imp)] = [float(x) for x in probs.split(",")]
+            self.p[imp] = [float(x) for x in probs.split(",")]
 
     def encode_news(self, batch):
         return torch.zeros(batch.news_rows.numel(), 1)
 
     def score_news_vectors(self, news_vecs, batch):
         out = torch.full(batch.cand_mask.shape, float("-inf"), dtype=torch.float64)
-        for b, imp in enumerate(batch.impression_ids.tolist()):
-            if imp >= 0:
+        for b, imp in enumerate(batch.impression_ids):
+            if imp:  # "" = padding sample
                 p = self.p[imp]
                 out[b, : len(p)] = torch.tensor(p, dtype=torch.float64)
         return out

@@ -94,7 +94,7 @@ def uninterrupted(ray_session, tiny_data, tmp_path_factory, zero2):
 
 def _reference_weights(cfg) -> dict[str, torch.Tensor]:
     """The single-process reference on the same global batches (both ranks' micro-batches)."""
-    from mtrec_dist.data.shards import load_manifest
+    from mtrec_dist.data.prepared import load_manifest
     from mtrec_dist.data.stream import loader_for
     from mtrec_dist.models.registry import build_model
     from mtrec_dist.train.local import reference_step
@@ -134,7 +134,7 @@ def test_two_workers_equal_single_process_reference(uninterrupted, tiny_data, ze
     worst = max((got[k] - ref[k].float()).abs().max().item() for k in ref)
     assert worst < 1e-4, worst
     # and training moved the weights far more than that
-    from mtrec_dist.data.shards import load_manifest
+    from mtrec_dist.data.prepared import load_manifest
     from mtrec_dist.models.registry import build_model
 
     torch.manual_seed(cfg.trainer.seed)

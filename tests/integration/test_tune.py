@@ -273,7 +273,7 @@ def test_shipped_spaces_parse_to_the_expected_grids():
 
 
 def test_plan_rejects_bad_batch_arithmetic_and_bad_json(tiny_cfg, tmp_path):
-    from mtrec_dist.data.shards import load_manifest
+    from mtrec_dist.data.prepared import load_manifest
     from mtrec_dist.train.tune import load_space, plan_trials
 
     p = tmp_path / "s.yaml"

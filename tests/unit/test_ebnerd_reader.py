@@ -196,3 +196,18 @@ def test_split_dir_and_missing_columns(tmp_path):
     assert str(ei.value).startswith(
         f"{tmp_path / 'x' / 'history.parquet'}: expected column 'impression_time_fixed'"
     )
+
+
+def test_empty_articles_or_behaviors_is_an_error(tmp_path):
+    """No rows is an error naming the file, not 0 news / a split of 0 impressions."""
+    path = _articles(tmp_path)
+    pq.write_table(pq.read_table(path).slice(0, 0), path)
+    with pytest.raises(DataError) as ei:
+        read_articles(path)
+    assert str(ei.value) == f"{path}: no rows: expected one row per article"
+    _split(tmp_path / "train", True)
+    beh = tmp_path / "train" / "behaviors.parquet"
+    pq.write_table(pq.read_table(beh).slice(0, 0), beh)
+    with pytest.raises(DataError) as ei:
+        list(iter_behaviors(tmp_path / "train"))
+    assert str(ei.value) == f"{beh}: no rows: expected one row per impression"

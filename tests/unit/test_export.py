@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 from mtrec_dist.data.batch import NewsTable, Sample, collate
-from mtrec_dist.data.shards import load_manifest
+from mtrec_dist.data.prepared import load_manifest
 from mtrec_dist.models.registry import build_model
 from mtrec_dist.train.export import export_run
 from mtrec_dist.utils import sha256_file
@@ -41,7 +41,7 @@ def test_export_reloads_whole_model_and_encoder(tiny_cfg):
     assert meta["step"] == 7 and meta["model"] == "mtrec"
     assert meta["model_sha256"] == sha256_file(out / "model.safetensors")
     assert meta["tokenizer"]["vocab_hash"] == manifest["tokenizer"]["vocab_hash"]
-    from mtrec_dist.data.shards import vocab_fingerprint
+    from mtrec_dist.data.prepared import vocab_fingerprint
 
     assert meta["vocab_sha256"] == vocab_fingerprint(cfg.prepared_dir)
 

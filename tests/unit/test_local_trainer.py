@@ -4,7 +4,7 @@ import copy
 
 import torch
 
-from mtrec_dist.data.shards import load_manifest
+from mtrec_dist.data.prepared import load_manifest
 from mtrec_dist.data.stream import train_loader
 from mtrec_dist.models.outputs import group_losses
 from mtrec_dist.models.registry import build_model

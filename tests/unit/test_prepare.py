@@ -35,7 +35,8 @@ import webdataset as wds
 from mtrec_dist.config import load_config
 from mtrec_dist.data import mind
 from mtrec_dist.data.batch import NER_IGNORE, NewsTable
-from mtrec_dist.data.shards import check_tokenizer, load_manifest, prepare
+from mtrec_dist.data.prepared import check_tokenizer, load_manifest
+from mtrec_dist.data.shards import prepare
 from mtrec_dist.data.tables import DataError, Entity, Impression, News
 from mtrec_dist.hub import load_tokenizer, tokenizer_fingerprint
 from mtrec_dist.utils import sha256_file

@@ -131,7 +131,7 @@ def test_amf_names_read_from_prepared_vocab(tmp_path):
 
 def test_resolve_groups_asks_the_model(tiny_cfg):
     """Groups are narrowed to the tasks the built model returns; mismatches fail early."""
-    from mtrec_dist.data.shards import load_manifest
+    from mtrec_dist.data.prepared import load_manifest
     from mtrec_dist.models.registry import build_model, computed_tasks, resolve_groups
 
     def groups(*o):

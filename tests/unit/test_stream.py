@@ -30,8 +30,9 @@ from mtrec_dist.data.stream import (
     train_loader,
 )
 from mtrec_dist.data.tables import DataError
+from mtrec_dist.utils import sha256_file
 
-Imp = tuple[int, np.ndarray, np.ndarray, np.ndarray]  # id, hist, cand, label
+Imp = tuple[str, np.ndarray, np.ndarray, np.ndarray]  # id, hist, cand, label
 
 
 # --------------------------------------------------------------------------- fixture builder
@@ -47,7 +48,9 @@ def make_impressions(
     hist_max: int = 6,
     first_id: int = 1,
 ) -> list[Imp]:
-    """``n`` random impressions: distinct candidates, clicks/negatives counts in the ranges."""
+    """``n`` random impressions: distinct candidates, clicks/negatives counts in the ranges.
+
+    Ids are zero-padded strings ("0007"): the stream must carry them unchanged."""
     out, iid = [], first_id
     for _ in range(n):
         c, g = int(rng.integers(clicks[0], clicks[1] + 1)), int(rng.integers(negs[0], negs[1] + 1))
@@ -56,7 +59,7 @@ def make_impressions(
         label[:c] = 1
         perm = rng.permutation(c + g)
         hist = rng.choice(np.arange(1, n_news), size=int(rng.integers(0, hist_max + 1)))
-        out.append((iid, hist.astype(np.int32), rows[perm].astype(np.int32), label[perm]))
+        out.append((f"{iid:04d}", hist.astype(np.int32), rows[perm].astype(np.int32), label[perm]))
         iid += int(rng.integers(1, 4))
     return out
 
@@ -100,12 +103,13 @@ def build_prepared(
             pattern = str(root / f"shards/{split}-%06d.tar")
             with wds.ShardWriter(pattern, maxcount=len(imps) + 1, start_shard=s, verbose=0) as w:
                 for iid, hist, cand, label in imps:
-                    sample = {"__key__": str(iid), "hist.npy": hist, "cand.npy": cand}
+                    sample = {"__key__": iid, "hist.npy": hist, "cand.npy": cand}
                     if labeled:
                         sample["label.npy"] = label
                     w.write(sample)
             clicks = sum(int(x[3].sum()) for x in imps) if labeled else 0
-            entries.append({"path": rel, "sha256": "", "impressions": len(imps), "clicks": clicks})
+            sha = sha256_file(root / rel)
+            entries.append({"path": rel, "sha256": sha, "impressions": len(imps), "clicks": clicks})
         msplits[split] = {
             "labeled": labeled,
             "impressions": sum(e["impressions"] for e in entries),
@@ -114,6 +118,7 @@ def build_prepared(
         }
     manifest = {
         "format_version": 1,
+        "tokenizer": {"vocab_hash": "test"},
         "title_len": title_len,
         "history_len": history_len,
         "news": {"count": n_news},
@@ -134,7 +139,7 @@ def prepared(tmp_path_factory):
     for n in SIZES:
         imps = make_impressions(rng, n, N_NEWS, first_id=first)
         shards.append(imps)
-        first = imps[-1][0] + 1
+        first = int(imps[-1][0]) + 1
     dev = [make_impressions(rng, 4, N_NEWS, first_id=1000)]
     test = [make_impressions(rng, 3, N_NEWS, first_id=2000)]
     root = tmp_path_factory.mktemp("prep")
@@ -156,9 +161,7 @@ def real_rows(b):
             continue
         cand = b.news_rows[b.cand_idx[i][b.cand_mask[i]]].tolist()
         hist = b.news_rows[b.hist_idx[i][b.hist_mask[i]]].tolist()
-        out.append(
-            (int(b.impression_ids[i]), int(b.click_pos[i]), cand, hist, b.labels[i].tolist())
-        )
+        out.append((b.impression_ids[i], int(b.click_pos[i]), cand, hist, b.labels[i].tolist()))
     return out
 
 
@@ -166,7 +169,8 @@ def assert_batches_equal(xs, ys):
     assert len(xs) == len(ys)
     for a, b in zip(xs, ys):
         for f in a.__dataclass_fields__:
-            assert torch.equal(getattr(a, f), getattr(b, f)), f
+            x, y = getattr(a, f), getattr(b, f)
+            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, f
 
 
 # --------------------------------------------------------------------------- tests
@@ -280,7 +284,7 @@ def test_dedup_same_encoder_inputs(prepared):
     on = collect(train_loader(root, dedup=True, **kw))
     off = collect(train_loader(root, dedup=False, **kw))
     for a, b in zip(on, off):
-        assert torch.equal(a.impression_ids, b.impression_ids)
+        assert a.impression_ids == b.impression_ids
         assert torch.equal(a.hist_mask, b.hist_mask) and torch.equal(a.cand_mask, b.cand_mask)
         assert a.num_titles <= b.num_titles
         for idx in ("hist_idx", "cand_idx"):
@@ -319,7 +323,7 @@ def test_few_and_zero_negatives_and_history_truncation(tmp_path):
         _, t_hist, t_cand, t_lab = truth[iid]
         assert cand[0] == t_cand[pos]
         assert hist == t_hist[-3:].tolist()
-        if iid >= 500:
+        if int(iid) >= 500:
             assert cand[1:] == [0, 0, 0, 0]
             n_pad += 1
         else:
@@ -384,11 +388,15 @@ def test_errors(prepared, tmp_path):
         np.save(bad, np.array([{"x": 1}], dtype=object), allow_pickle=True)
         ok = np.array([1], dtype=np.int32)
         w.write({"__key__": "1", "hist.npy": bad.getvalue(), "cand.npy": ok, "label.npy": ok})
-    with pytest.raises(DataError, match="sample 1: hist.npy is not a plain .npy"):
+    with pytest.raises(
+        DataError, match=r"train-000000.tar: sample #0 \(key '1'\): hist.npy is not a plain .npy"
+    ):
         list(eval_impressions(tmp_path / "b", "train"))
     with wds.TarWriter(str(tmp_path / "b/shards/train-000000.tar")) as w:
         w.write({"__key__": "1", "hist.npy": ok, "cand.npy": b"", "label.npy": ok})
-    with pytest.raises(DataError, match="sample 1: cand.npy is not a plain .npy"):
+    with pytest.raises(
+        DataError, match=r"train-000000.tar: sample #0 \(key '1'\): cand.npy is not a plain .npy"
+    ):
         list(eval_impressions(tmp_path / "b", "train"))
     # the manifest's click count is checked against the shard
     m = json.loads((tmp_path / "a/manifest.json").read_text())

@@ -1,0 +1,235 @@
+"""The prepared folder, read in one place: manifest, splits, shards, vocabularies, tokenizer.
+
+``mtrec prepare`` (``mtrec_dist.data.shards``) writes the folder; the trainers, the training
+stream, the evaluator and the model registry read it only through this module, so every reader
+gets the same checks, the same error type (:class:`DataError`, naming the file and what was
+expected) and the same answer to each question:
+
+* a split not in the manifest is a ``DataError`` listing the prepared splits;
+* a split is labeled iff its manifest entry says ``"labeled": true`` (prepare writes it for
+  every split; there is no guess from the split's name);
+* a shard is described by its manifest entry: path, sha256, impressions, clicks.
+
+The folder layout is in ``mtrec_dist.data.batch``. The shard sample contract lives here too, so
+that the writer and the reader share it: one tar sample per impression, its key the impression
+id exactly as the source file spells it (``003`` stays ``003``), with members ``hist.npy``
+(int32 news rows, most recent last), ``cand.npy`` (int32 news rows; 0 = a candidate missing
+from the news table) and, in a labeled split, ``label.npy`` (uint8 0/1 per candidate).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mtrec_dist.config import ConfigError
+from mtrec_dist.data.tables import DataError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_DIR = "shards"
+VOCABS = ("category", "subcategory", "entities")
+
+# Shard sample members (the writer in shards.py and the reader in stream.py use these names).
+HIST = "hist.npy"
+CAND = "cand.npy"
+LABEL = "label.npy"
+SHARD_MEMBERS = (HIST, CAND, LABEL)
+
+_REQUIRED = ("format_version", "tokenizer", "title_len", "history_len", "news", "splits")
+_SHARD_KEYS = ("path", "sha256", "impressions", "clicks")
+
+
+def shard_pattern(split: str) -> str:
+    """The writer's file name pattern of a split's shards, relative to the prepared folder."""
+    return f"{SHARD_DIR}/{split}-%06d.tar"
+
+
+def check_impression_id(key: str) -> str | None:
+    """Why ``key`` cannot be a shard sample key (None if it can).
+
+    webdataset splits a member name at its first ``.`` into key and member, and ``/`` would
+    make a folder inside the tar, so neither may occur in an id.
+    """
+    if not key:
+        return "is empty"
+    if "." in key or "/" in key:
+        return "contains '.' or '/'"
+    return None
+
+
+# ------------------------------------------------------------------------------- manifest
+
+
+def load_manifest(prepared_dir: str | Path) -> dict[str, Any]:
+    """Read and check ``manifest.json``; a missing folder says to run ``mtrec prepare``."""
+    path = Path(prepared_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no manifest.json; run `mtrec prepare` first (or set data.prepared to a "
+            "prepared folder)"
+        )
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(
+            path, e.lineno, f"expected JSON ({e.msg}); re-run `mtrec prepare`"
+        ) from None
+    if not isinstance(m, dict):
+        raise DataError(path, None, "expected a JSON object")
+    missing = [k for k in _REQUIRED if k not in m]
+    if missing:
+        raise DataError(path, None, f"expected keys {list(_REQUIRED)}, missing {missing}")
+    if m["format_version"] != FORMAT_VERSION:
+        raise DataError(
+            path,
+            None,
+            f"format_version {m['format_version']!r}: expected {FORMAT_VERSION}; "
+            "re-run `mtrec prepare`",
+        )
+    if not isinstance(m["tokenizer"], dict) or "vocab_hash" not in m["tokenizer"]:
+        raise DataError(path, None, "tokenizer: expected a vocab_hash")
+    if not isinstance(m["news"], dict) or not isinstance(m["news"].get("count"), int):
+        raise DataError(path, None, "news: expected an integer 'count'")
+    if not isinstance(m["splits"], dict):
+        raise DataError(path, None, "splits: expected an object")
+    return m
+
+
+def _where(prepared_dir: str | Path | None) -> Path:
+    return Path(prepared_dir) / MANIFEST if prepared_dir is not None else Path(MANIFEST)
+
+
+def split_info(
+    manifest: dict[str, Any], split: str, prepared_dir: str | Path | None = None
+) -> dict[str, Any]:
+    """The manifest entry of ``split``; a missing split or a malformed shard entry is a
+    DataError naming the manifest (its full path when ``prepared_dir`` is given)."""
+    splits = manifest["splits"]
+    if split not in splits:
+        raise DataError(
+            _where(prepared_dir), None, f"no split {split!r}; prepared splits: {sorted(splits)}"
+        )
+    info = splits[split]
+    for i, sh in enumerate(info.get("shards", [])):
+        for k in _SHARD_KEYS:
+            if k not in sh:
+                raise DataError(
+                    _where(prepared_dir), None, f"splits.{split}.shards[{i}]: expected key {k!r}"
+                )
+    return info
+
+
+def splits(manifest: dict[str, Any]) -> list[str]:
+    """Prepared split names in manifest order."""
+    return list(manifest["splits"])
+
+
+def is_labeled(
+    manifest: dict[str, Any], split: str, prepared_dir: str | Path | None = None
+) -> bool:
+    """True iff the manifest says the split has labels (absent = unlabeled)."""
+    return split_info(manifest, split, prepared_dir).get("labeled") is True
+
+
+def require_labeled(
+    manifest: dict[str, Any], split: str, prepared_dir: str | Path | None = None, hint: str = ""
+) -> None:
+    """DataError naming the manifest when ``split`` has no labels."""
+    if not is_labeled(manifest, split, prepared_dir):
+        raise DataError(_where(prepared_dir), None, f"split {split!r} has no labels{hint}")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard as the manifest describes it; the reader checks the file against it."""
+
+    path: Path
+    sha256: str
+    impressions: int
+    clicks: int
+
+
+def shards(prepared_dir: str | Path, manifest: dict[str, Any], split: str) -> list[Shard]:
+    """The split's shards; FileNotFoundError names the first one missing on disk."""
+    out = []
+    for sh in split_info(manifest, split, prepared_dir)["shards"]:
+        p = Path(prepared_dir) / sh["path"]
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"{p}: shard of split {split!r} listed in the manifest is missing; "
+                "run `mtrec prepare` again"
+            )
+        out.append(Shard(p, str(sh["sha256"]), int(sh["impressions"]), int(sh["clicks"])))
+    return out
+
+
+# ------------------------------------------------------------------------------- vocabularies
+
+
+def vocab_path(prepared_dir: str | Path, name: str) -> Path:
+    if name not in VOCABS:
+        raise ValueError(f"vocabulary {name!r}: expected one of {VOCABS}")
+    return Path(prepared_dir) / "vocab" / f"{name}.json"
+
+
+def read_vocab(prepared_dir: str | Path, name: str) -> list:
+    """One vocabulary (index = id used in the news table); a broken file names itself."""
+    path = vocab_path(prepared_dir, name)
+    try:
+        v = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(
+            path, e.lineno, f"expected JSON ({e.msg}); re-run `mtrec prepare`"
+        ) from None
+    if not isinstance(v, list):
+        raise DataError(path, None, "expected a JSON list")
+    return v
+
+
+def vocab_names(prepared_dir: str | Path) -> dict[str, list[str]] | None:
+    """Category names and entity surface forms (index 0 = ""), for the models' AMF init and
+    MINER's category vectors; vocabularies absent from the folder are left out."""
+    out: dict[str, list[str]] = {}
+    if vocab_path(prepared_dir, "category").is_file():
+        out["category"] = [str(x) for x in read_vocab(prepared_dir, "category")]
+    if vocab_path(prepared_dir, "entities").is_file():
+        rows = read_vocab(prepared_dir, "entities")
+        out["entities"] = [r.get("surface", "") if isinstance(r, dict) else str(r) for r in rows]
+        out["entities"][0] = ""  # "<none>"
+    return out or None
+
+
+def vocab_fingerprint(prepared_dir: str | Path) -> str:
+    """sha256 over the category, subcategory and entity vocabularies of a prepared folder.
+
+    Models index these vocabularies (category heads, AMF, MINER's category vectors), so a
+    checkpoint is only valid on data whose vocabularies hash the same.
+    """
+    h = hashlib.sha256()
+    for name in VOCABS:
+        h.update(name.encode() + b"\0")
+        h.update(vocab_path(prepared_dir, name).read_bytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------- tokenizer
+
+
+def check_tokenizer(
+    manifest: dict[str, Any], fingerprint: dict, encoder: str | None = None
+) -> None:
+    """Refuse a model whose tokenizer differs from the one the titles were tokenized with."""
+    got = manifest["tokenizer"]
+    if got["vocab_hash"] != fingerprint["vocab_hash"]:
+        enc = encoder or "<the model's encoder>"
+        raise ConfigError(
+            f"tokenizer mismatch: prepared with {got.get('encoder', '?')} "
+            f"({got.get('name', '?')}, vocab_size {got.get('vocab_size', '?')}, "
+            f"vocab_hash {got['vocab_hash']}), model uses {fingerprint.get('name', '?')} "
+            f"(vocab_size {fingerprint.get('vocab_size', '?')}, vocab_hash "
+            f"{fingerprint['vocab_hash']}): re-run `mtrec prepare` with model.encoder={enc}"
+        )
