@@ -67,6 +67,11 @@ class ModelConfig:
     pooling: str = "auto"
     # Keep only the first N transformer layers of the encoder (0 = all); a CPU speed knob.
     encoder_layers: int = 0
+    # Click scores r_c . r_u divided by sqrt(hidden size) (bi-encoders of the MTRec family).
+    # Ranks, and so every metric, are unchanged; only the NCE loss's temperature is: a raw dot
+    # product of 384-d pretrained vectors starts as a confident random ranking (loss ~2.0-2.3
+    # where chance is ln 5 = 1.61) that the first hundreds of steps spend undoing.
+    scaled_scores: bool = False
     # Query dimension of additive attention (200 in MTRec, Appendix A).
     query_dim: int = 200
     # Tasks switched on; the main task is always on.

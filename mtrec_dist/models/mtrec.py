@@ -73,6 +73,7 @@ class MTRec(nn.Module):
         n_category = int(vocab.get("category", 1))
         self.tasks = enabled_aux_tasks(cfg, meta) if self.multi_task else []
         self.user_encoder = build_user_encoder(self.user_kind, D, cfg.query_dim)
+        self.score_scale = 1.0 / D**0.5 if cfg.scaled_scores else 1.0  # model.scaled_scores
         self.fusion: MultiFieldFusion | None = None
         if self.multi_field:
             self.fusion = MultiFieldFusion(
@@ -135,7 +136,7 @@ class MTRec(nn.Module):
         hist = news_vecs[batch.hist_idx]  # [B, H, D]
         user = self.user_encoder(hist, batch.hist_mask)  # [B, D]
         cand = news_vecs[batch.cand_idx]  # [B, C, D]
-        scores = torch.einsum("bcd,bd->bc", cand, user)  # [B, C]
+        scores = torch.einsum("bcd,bd->bc", cand, user) * self.score_scale  # [B, C]
         return scores.masked_fill(~batch.cand_mask, float("-inf"))
 
     def forward(self, batch: Batch) -> TaskOutputs:
