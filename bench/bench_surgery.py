@@ -88,7 +88,7 @@ def _timed_steps(model, micro: int, groups: dict, mode: str, losses_of, steps: i
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         mtg.backward(group_losses(losses_of(engine), groups))
-        st = mtg.step()
+        st = mtg.step(i)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
             shares.append(st["surgery/time_s"])

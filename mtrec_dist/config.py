@@ -18,6 +18,9 @@ from typing import Any
 
 import yaml
 
+# Gradient surgery methods (train/surgery.py implements one function per name).
+SURGERY_METHODS = ("none", "mtrec", "pcgrad", "aux_only")
+
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key and what was expected."""
@@ -335,7 +338,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 _CHOICES = {
     "data.format": ("mind", "ebnerd"),
-    "trainer.surgery": ("none", "mtrec", "pcgrad", "aux_only"),
+    "trainer.surgery": SURGERY_METHODS,
     "trainer.surgery_scope": ("shared", "all"),
     "model.miner_aggregator": ("max", "mean", "weighted"),
     "model.unbert_aggregator": ("nsep", "mean", "attention"),

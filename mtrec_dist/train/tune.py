@@ -43,11 +43,12 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from mtrec_dist.config import Config, ConfigError, load_config, read_yaml_mapping, validate
+from mtrec_dist.train.steps import StepPlan
 from mtrec_dist.utils import atomic_write_json, atomic_write_text
 
 # Dimensions a space may grid over, in the order the table shows them.
@@ -269,7 +270,6 @@ def _trial_config(
 
 def plan_trials(base: Config, space: Space, manifest: dict) -> list[Trial]:
     """Every grid point as a Trial; those that cannot run carry ``reject`` (a one-line reason)."""
-    from mtrec_dist.data.stream import batches_per_epoch
     from mtrec_dist.train.dsconfig import load_ds_json, resolve_deepspeed
 
     base_ds = load_ds_json(base.deepspeed)
@@ -300,8 +300,8 @@ def plan_trials(base: Config, space: Space, manifest: dict) -> list[Trial]:
             ds = trial_deepspeed(base_ds, params)
             tr = Trial(i, params, ds, micro, ga, workers, glob, reject)
             if tr.reject is None and ga is not None:
-                per_epoch = batches_per_epoch(manifest, workers, micro, base.trainer.seed, 0) // ga
-                if per_epoch < 1:
+                trial = replace(base.trainer, micro_batch=micro, grad_accum=ga)
+                if StepPlan.of(manifest, workers, trial).steps_per_epoch < 1:
                     tr.reject = (
                         f"micro_batch {micro} x grad_accum {ga} is more than one worker's share "
                         "of the training clicks (no optimizer step per epoch)"
@@ -593,7 +593,7 @@ def run_sweep(
         atomic_write_json(tdir / "deepspeed.json", tr.ds)
         t0 = time.monotonic()
         try:
-            per_epoch = _per_epoch(manifest, tr, base.trainer.seed)
+            per_epoch = _per_epoch(manifest, tr, base)
             cfg = _trial_config(base, str(tdir / "deepspeed.json"), tr.micro_batch,
                                 tr.grad_accum, steps, max(1, math.ceil(steps / per_epoch)),
                                 str(tdir / "run"))  # fmt: skip
@@ -614,7 +614,7 @@ def run_sweep(
         rec["wall_s"] = round(time.monotonic() - t0, 3)
         rec["run_dir"] = str(tdir / "run")
         # Trials keep their log and config; the final checkpoint/export are only weight.
-        for sub in ("ray", "export"):
+        for sub in ("ray", "checkpoints", "export"):
             shutil.rmtree(tdir / "run" / sub, ignore_errors=True)
         done[tr.key] = rec
         ran += 1
@@ -643,7 +643,6 @@ def run_sweep(
     return {"out": str(out), "rows": rank_rows(recs), "best": best, "ran": ran, "skipped": skipped}
 
 
-def _per_epoch(manifest: dict, tr: Trial, seed: int) -> int:
-    from mtrec_dist.data.stream import batches_per_epoch
-
-    return max(1, batches_per_epoch(manifest, tr.workers, tr.micro_batch, seed, 0) // tr.grad_accum)
+def _per_epoch(manifest: dict, tr: Trial, base: Config) -> int:
+    trial = replace(base.trainer, micro_batch=tr.micro_batch, grad_accum=tr.grad_accum)
+    return max(1, StepPlan.of(manifest, tr.workers, trial).steps_per_epoch)

@@ -59,6 +59,21 @@ class _Slot:
     owned: bool  # this rank contributes it to the partial Gram (ZeRO 0: one replica only)
 
 
+GRAM_CHUNK = 1 << 20  # elements per float64 block of the Gram products
+
+
+def gram64(a: torch.Tensor, b: torch.Tensor, chunk: int = GRAM_CHUNK) -> torch.Tensor:
+    """``a @ b.T`` ([r, n] x [s, n] -> [r, s]) with every product and sum in float64.
+
+    Partial dot products formed in fp32/bf16 lose ~1e-3 relative over the 22M elements of
+    MiniLM, and the Gram matrix decides the surgery coefficients; converting ``chunk`` columns
+    at a time to float64 bounds the extra memory to ``(r + s) * chunk`` doubles."""
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+    for i in range(0, a.shape[1], chunk):
+        out += a[:, i : i + chunk].double() @ b[:, i : i + chunk].double().t()
+    return out
+
+
 class MultiTaskGradients:
     """Per-group gradients → Gram → coefficients → fused combination → ``engine.step()``.
 
@@ -119,7 +134,6 @@ class MultiTaskGradients:
         self._segments: list[tuple[int, int]] | None = None  # shared+owned ranges in _bufs
         self._micro = 0
         self._overhead = 0.0  # seconds spent outside backward/step (copies, Gram, combination)
-        self._steps = 0
 
     # --- DeepSpeed's buffers, per stage --------------------------------------------------
     def _slots(self) -> list[_Slot]:
@@ -257,8 +271,11 @@ class MultiTaskGradients:
             self._segments = segs
         return self._bufs
 
-    def step(self) -> dict[str, float]:
-        """At the accumulation boundary: Gram, coefficients, fused combination, optimizer step."""
+    def step(self, step: int) -> dict[str, float]:
+        """At the accumulation boundary: Gram, coefficients, fused combination, optimizer step.
+
+        ``step`` is the index of this optimizer step in the run (the loop's counter, restored
+        on resume): methods whose choice depends on it (PCGrad's visiting order) use it."""
         if self._micro != self.gas:
             raise RuntimeError(
                 f"step() after {self._micro} micro-batches; expected gradient_accumulation_steps"
@@ -267,7 +284,6 @@ class MultiTaskGradients:
         if self._summed:
             self.engine.step()
             self._micro = 0
-            self._steps += 1
             return {"surgery/time_s": 0.0, "surgery/extra_bytes": 0.0}
         t0 = time.perf_counter()
         t_n = len(self.groups)
@@ -282,7 +298,7 @@ class MultiTaskGradients:
         else:
             held = None
         gram = self._gram(slots, held)
-        proj = surgery.projection(self.mode, gram, self.groups, seed=self.seed, step=self._steps)
+        proj = surgery.projection(self.mode, gram, self.groups, seed=self.seed, step=step)
         c = proj.sum(0)
         if held is not None and t_n > 1:
             c_rest = c[:last].to(held.dtype).to(held.device)
@@ -306,11 +322,10 @@ class MultiTaskGradients:
         overhead = self._overhead + time.perf_counter() - t0
         self.engine.step()
         self._micro, self._overhead = 0, 0.0
-        self._steps += 1
         return self._stats(gram, proj, c, overhead, extra, n_local)
 
     def _gram(self, slots: list[_Slot], held: torch.Tensor | None) -> torch.Tensor:
-        """All-reduced T×T Gram matrix of the global group gradients (float64)."""
+        """All-reduced T×T Gram matrix of the global group gradients, accumulated in float64."""
         t_n = len(self.groups)
         dev = slots[0].view.device if slots else torch.device("cpu")
         gram = torch.zeros(t_n, t_n, dtype=torch.float64, device=dev)
@@ -318,15 +333,14 @@ class MultiTaskGradients:
         if held is not None and t_n > 1:
             for off, n in self._segments or []:
                 blk = held[:, off : off + n]  # [T−1, n]
-                gram[:last, :last] += (blk @ blk.t()).double()
+                gram[:last, :last] += gram64(blk, blk)
         for s in slots:
             if not (s.shared and s.owned) or s.view.numel() == 0:
                 continue
-            v = s.view
+            v = s.view.unsqueeze(0)  # [1, n]
             if held is not None and t_n > 1:
-                cross = (held[:, s.offset : s.offset + v.numel()] @ v).double()  # [T−1]
-                gram[:last, last] += cross
-            gram[last, last] += torch.dot(v, v).double()
+                gram[:last, last] += gram64(held[:, s.offset : s.offset + v.shape[1]], v)[:, 0]
+            gram[last, last] += gram64(v, v)[0, 0]
         gram[last, :last] = gram[:last, last]
         if self._world > 1:
             dist.all_reduce(gram)
@@ -335,13 +349,12 @@ class MultiTaskGradients:
     def _stats(self, gram, proj, c, overhead, extra, n_local) -> dict[str, float]:
         st: dict[str, float] = {}
         for k, g in enumerate(self.groups):
-            st[f"grad/norm/{g}"] = max(float(gram[k, k]), 0.0) ** 0.5
-            st[f"grad/coef/{g}"] = float(c[k])
+            st[surgery.norm_key(g)] = max(float(gram[k, k]), 0.0) ** 0.5
+            st[surgery.coef_key(g)] = float(c[k])
         if len(self.groups) >= 2:
-            st["grad/cos_before"] = surgery.cosine(gram, 0, 1)
+            st[surgery.COS_BEFORE] = surgery.cosine(gram, 0, 1)
             st["grad/conflict"] = float(gram[0, 1] < 0)
-        for k, v in surgery.combined_gram_stats(gram, proj).items():
-            st[f"grad/{k}"] = v
+        st.update(surgery.combined_gram_stats(gram, proj))
         st["surgery/time_s"] = overhead
         st["surgery/extra_bytes"] = float(extra)
         st["surgery/partition_elems"] = float(n_local)

@@ -152,7 +152,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             for k in range(gas):
                 losses = engine(*micro_batch(step, rank, k))
                 mtg.backward(group_losses(losses, groups))
-            st = mtg.step()
+            st = mtg.step(step)
             stats.append(st)
             t_n = len(groups)
             norms = [st[f"grad/norm/{g}"] for g in groups]
