@@ -122,15 +122,17 @@ class SafeCheckpointEngine:
 def load_checkpoint_file(path: str | Path, map_location=None) -> Any:
     """``torch.load(weights_only=True)`` with the DeepSpeed allow-list; errors name the file."""
     import pickle
+    import re
 
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"'{found.group(1)}'" if found else "an object torch refuses to unpickle"
         raise ValueError(
-            f"{path}: refused to load: the file holds something other than tensors and "
-            f"DeepSpeed's checkpoint types ({first}); only load checkpoints you wrote"
+            f"{path}: refused to load: it holds {what}, not tensors or DeepSpeed's checkpoint "
+            "types (loading it would run code from the file); only load checkpoints you wrote"
         ) from e
     except (RuntimeError, EOFError, OSError) as e:
         raise ValueError(
