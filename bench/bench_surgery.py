@@ -70,7 +70,7 @@ def _timed_steps(model, micro: int, groups: dict, mode: str, losses_of, steps: i
     import deepspeed
 
     from mtrec_dist.models.outputs import group_losses
-    from mtrec_dist.train.zero import MultiTaskGradients
+    from mtrec_dist.train.ds_engine import MultiTaskGradients
 
     cfg = {
         "train_micro_batch_size_per_gpu": micro,

@@ -82,7 +82,7 @@ def _barrier() -> None:
 
 def save(engine, cfg: Config, pos: Position, rank: int) -> Path:
     """Write a complete checkpoint of ``pos`` (collective) and apply retention."""
-    from mtrec_dist.train.engine import save_engine
+    from mtrec_dist.train.ds_engine import save_engine
 
     folder = checkpoint_folder(cfg.run_dir, pos.step)
     if (folder / COMPLETE).is_file():  # resumed at this very step: nothing new to save
@@ -154,7 +154,7 @@ def restore(engine, folder: Path | None) -> Position | None:
     """Load the engine from a checkpoint folder; return its Position (None when there is none)."""
     if folder is None:
         return None
-    from mtrec_dist.train.engine import load_engine
+    from mtrec_dist.train.ds_engine import load_engine
 
     state = read_state(folder)
     if state["world_size"] != engine.world_size:
@@ -175,7 +175,7 @@ def restore(engine, folder: Path | None) -> Position | None:
 
 def export_final(engine, model, cfg: Config, manifest: dict, pos: Position, rank: int) -> None:
     """Save a last checkpoint (for zero_to_fp32 and resume) and export the run folder."""
-    from mtrec_dist.train.engine import full_state_dict
+    from mtrec_dist.train.ds_engine import full_state_dict
 
     if cfg.trainer.checkpoint_every == 0 or pos.step % cfg.trainer.checkpoint_every:
         save(engine, cfg, pos, rank)

@@ -119,7 +119,7 @@ def resolve_deepspeed(cfg: Config, world_size: int | None = None) -> dict:
     # gradient_clipping is DeepSpeed's and acts once, on the combined (post-surgery) gradient:
     # the surgery writes into DeepSpeed's buffer before the single engine.step().
     offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
-    # (offload works with trainer.surgery=none only; the fused surgery refuses it in zero.py)
+    # (offload works with trainer.surgery=none only; the fused surgery refuses it in ds_engine.py)
     if offload:  # our AdamW (trainer.*) runs on the host copy; DeepSpeed would demand its own
         ds.setdefault("zero_force_ds_cpu_optimizer", False)
     left = _find_auto(ds)

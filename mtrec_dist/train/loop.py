@@ -26,12 +26,12 @@ def train_worker(config: dict[str, Any]) -> None:
     from mtrec_dist.data.shards import load_manifest
     from mtrec_dist.data.stream import loader_for
     from mtrec_dist.models.registry import build_model
-    from mtrec_dist.train import engine as ds
+    from mtrec_dist.train import ds_engine as ds
     from mtrec_dist.train.checkpoint import export_final, restore, save
+    from mtrec_dist.train.ds_engine import MultiTaskGradients
     from mtrec_dist.train.logging import RunLogger
     from mtrec_dist.train.optim import build_optimizer, build_scheduler
     from mtrec_dist.train.steps import epoch_micro_batches, step_plan
-    from mtrec_dist.train.zero import MultiTaskGradients
 
     cfg: Config = config_from_dict(config["cfg"])
     ctx = ray.train.get_context()
@@ -112,7 +112,7 @@ def _evaluate(engine, model, cfg: Config, log, step: int) -> None:
     import torch.distributed as dist
 
     from mtrec_dist.eval.predict import evaluate_model
-    from mtrec_dist.train.engine import gathered
+    from mtrec_dist.train.ds_engine import gathered
 
     with gathered(model, engine):
         if log is not None:

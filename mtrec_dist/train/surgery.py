@@ -1,14 +1,14 @@
-"""Multi-task gradient surgery as pure functions of the Gram matrix (DESIGN.md §4).
+"""Multi-task gradient surgery as pure functions of the Gram matrix.
 
 Every method here turns the T×T Gram matrix ``G[s, t] = g_s · g_t`` of the global task-group
 gradients into a *projection matrix* ``P`` [T, T]: the projected gradient of group i is
-``g_i' = Σ_k P[i, k] g_k``. The combined gradient is the sum of the projected ones (DESIGN §4:
-summed, not averaged, so ``none`` equals ordinary training on the total loss), hence
+``g_i' = Σ_k P[i, k] g_k``. The combined gradient is the sum of the projected ones (summed,
+not averaged, so ``none`` equals ordinary training on the total loss), hence
 
     g = Σ_i g_i' = Σ_k c_k g_k   with   c = P.sum(0).
 
 Working in the basis {g_t} means a method never sees a parameter: the distributed trainer
-(``zero.py``) all-reduces T² partial dot products and every rank derives the same ``c``.
+(``ds_engine.py``) all-reduces T² partial dot products and every rank derives the same ``c``.
 
 Methods are picked by name from ``METHODS`` (LibMTL-style registry; ``none`` is one of them, so
 the training loop never names a method):

@@ -244,7 +244,7 @@ def trial_deepspeed(base_ds: dict, params: dict[str, Any]) -> dict:
             zero["offload_optimizer"] = {"device": params["offload_optimizer"]}
             # The YAML owns the optimizer (a client torch AdamW). DeepSpeed refuses that with
             # offload for speed reasons only; let it through so the real blocker (the fused
-            # surgery keeps gradients in device memory, zero.py) is what the table reports.
+            # surgery keeps gradients in device memory, ds_engine.py) is what the table reports.
             ds["zero_force_ds_cpu_optimizer"] = False
     if "reduce_bucket_size" in params:
         zero["reduce_bucket_size"] = params["reduce_bucket_size"]

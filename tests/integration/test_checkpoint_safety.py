@@ -33,7 +33,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    from mtrec_dist.train import engine as E
+    from mtrec_dist.train import ds_engine as E
 
     tmp_path = tmp_path_factory.mktemp("ext")
     monkeypatch = pytest.MonkeyPatch()
@@ -68,7 +68,7 @@ def engine(tmp_path_factory):
 
 
 def test_engine_started_past_a_stale_shared_lock_and_round_trips(engine, tmp_path):
-    from mtrec_dist.train import engine as E
+    from mtrec_dist.train import ds_engine as E
 
     assert os.environ["TORCH_EXTENSIONS_DIR"].endswith("ours")
     want = {k: v.clone() for k, v in engine.module.state_dict().items()}
@@ -82,7 +82,7 @@ def test_engine_started_past_a_stale_shared_lock_and_round_trips(engine, tmp_pat
 
 
 def test_a_pickled_callable_is_refused_and_named(engine, tmp_path):
-    from mtrec_dist.train import engine as E
+    from mtrec_dist.train import ds_engine as E
 
     E.save_engine(engine, tmp_path / "ck", "ds")
     target = tmp_path / "ck" / "ds" / "mp_rank_00_model_states.pt"
@@ -95,7 +95,7 @@ def test_a_pickled_callable_is_refused_and_named(engine, tmp_path):
 
 
 def test_a_truncated_optimizer_file_names_the_file(engine, tmp_path):
-    from mtrec_dist.train import engine as E
+    from mtrec_dist.train import ds_engine as E
 
     E.save_engine(engine, tmp_path / "ck", "ds")
     target = tmp_path / "ck" / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -111,7 +111,7 @@ def test_a_truncated_optimizer_file_names_the_file(engine, tmp_path):
 def test_a_stale_lock_in_our_extensions_folder_fails_within_the_deadline(tmp_path):
     import time
 
-    from mtrec_dist.train.engine import wait_for_build_locks
+    from mtrec_dist.train.ds_engine import wait_for_build_locks
 
     lock = tmp_path / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir()

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mtrec_dist.train.zero import MultiTaskGradients, _Slot
+from mtrec_dist.train.ds_engine import MultiTaskGradients, _Slot
 
 N = 22_000_000
 
