@@ -68,7 +68,7 @@ def run_training(
     ``overrides`` (``key=value``) that are safe on a resume (``SAFE_ON_RESUME``)."""
     if resume:
         cfg = _resume_config(resume, overrides or [])
-    elif checkpoints_of(cfg.run_dir) or _incomplete_only(cfg.run_dir):
+    elif checkpoints_of(cfg.run_dir):
         raise ConfigError(
             f"run_dir={cfg.run_dir} already holds checkpoints: continue it with "
             f"--resume {cfg.run_dir}, or set run_dir to a new folder"
@@ -129,12 +129,6 @@ def run_training(
         "steps": steps,
         "last_checkpoint": str(ckpts[-1]) if ckpts else None,
     }
-
-
-def _incomplete_only(run_dir: str | Path) -> bool:
-    from mtrec_dist.train.checkpoint import scan
-
-    return bool(scan(run_dir)[1])
 
 
 def _resume_config(run_dir: str, overrides: list[str]) -> Config:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -72,17 +71,13 @@ def _kill_rank0_after(run_dir: Path, step: int, done: threading.Event, seen: lis
     """When checkpoint ``step`` is complete, SIGKILL this run's Ray Train worker; record the
     complete checkpoints on disk at that moment."""
     from mtrec_dist.train.checkpoint import COMPLETE, checkpoint_folder, scan
+    from tests.integration.test_train_ray import now_ticks, train_workers
 
+    t0 = now_ticks()
     marker = checkpoint_folder(run_dir, step) / COMPLETE
-    t0 = time.monotonic()
     while not done.is_set():
         if marker.is_file():
-            out = subprocess.run(["ps", "-eo", "pid,etimes,args"], capture_output=True, text=True)
-            pids = [
-                int(line.split()[0])
-                for line in out.stdout.splitlines()
-                if "RayTrainWorker" in line and int(line.split()[1]) <= time.monotonic() - t0 + 1
-            ]
+            pids = train_workers(t0)
             if pids:
                 os.kill(max(pids), signal.SIGKILL)
                 seen.append([p.name for p in scan(run_dir)[0]])
