@@ -1,8 +1,9 @@
 """Everything that knows DeepSpeed's internals: start-up, checkpoint files, ZeRO-3 gathers, full
 state dicts, and per-group gradients with one fused surgery step under ZeRO 0/1/2/3.
 
-No other module imports ``deepspeed`` (DeepSpeed 0.19.8); the loop and the checkpoint code call
-the functions here.
+No other module touches a DeepSpeed engine or its buffers (DeepSpeed 0.19.8): the loop and the
+checkpoint code call the functions here (``dsconfig.py`` only borrows DeepSpeed's config model to
+validate a JSON on the driver).
 
 Start-up, checkpoint files and weights
 --------------------------------------
