@@ -50,12 +50,11 @@ def _pids_under(marker: str) -> set[int]:
     return found
 
 
-# Every port a head node listens on, as `ray start` flags (worker ports come from a range).
+# The fixed-default ports a head node listens on, as `ray start` flags (the node and object
+# managers pick free ports themselves; worker ports come from a range).
 PORT_FLAGS = (
     "--port",
     "--dashboard-port",
-    "--node-manager-port",
-    "--object-manager-port",
     "--runtime-env-agent-port",
     "--dashboard-agent-grpc-port",
     "--dashboard-agent-listen-port",
