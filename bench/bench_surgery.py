@@ -70,7 +70,7 @@ def _timed_steps(model, micro: int, groups: dict, mode: str, losses_of, steps: i
     import deepspeed
 
     from mtrec_dist.models.outputs import group_losses
-    from mtrec_dist.train.zero import MultiTaskGradients
+    from mtrec_dist.train.ds_engine import MultiTaskGradients
 
     cfg = {
         "train_micro_batch_size_per_gpu": micro,
@@ -88,7 +88,7 @@ def _timed_steps(model, micro: int, groups: dict, mode: str, losses_of, steps: i
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         mtg.backward(group_losses(losses_of(engine), groups))
-        st = mtg.step()
+        st = mtg.step(i)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
             shares.append(st["surgery/time_s"])

@@ -44,7 +44,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from mtrec_dist.train.launch import run_training
 
     cfg = load_config(a.config, a.overrides)
-    result = run_training(cfg, resume=a.resume)
+    result = run_training(cfg, resume=a.resume, overrides=a.overrides)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -18,6 +18,9 @@ from typing import Any
 
 import yaml
 
+# Gradient surgery methods (train/surgery.py implements one function per name).
+SURGERY_METHODS = ("none", "mtrec", "pcgrad", "aux_only")
+
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key and what was expected."""
@@ -306,13 +309,41 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, line: int, first: int) -> None:
+        super().__init__(key)
+        self.key, self.line, self.first = key, line, first
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the
+    last one silently, so a file could say two things and train with one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for k, _ in node.value:
+            key = self.construct_object(k, deep=deep)
+            try:
+                first = seen.setdefault(key, k.start_mark.line + 1)
+            except TypeError:  # unhashable key: let PyYAML report it
+                continue
+            if first != k.start_mark.line + 1:
+                raise _DuplicateKey(str(key), k.start_mark.line + 1, first)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml_mapping(path: Path, missing: str) -> tuple[dict, dict[str, int]]:
     """A YAML file's top-level mapping and the line of every key (for errors naming file:line)."""
     if not path.is_file():
         raise ConfigError(missing)
     text = path.read_text()
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader
+    except _DuplicateKey as e:
+        raise ConfigError(
+            f"{path}:{e.line}: duplicate key '{e.key}' (first given on line {e.first}); "
+            "give each key once"
+        ) from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
@@ -323,6 +354,7 @@ def read_yaml_mapping(path: Path, missing: str) -> tuple[dict, dict[str, int]]:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file at ``path``, then ``key.sub=value`` overrides, in that order."""
     cfg = Config()
+    where: dict[str, str] = {}
     if path is not None:
         path = Path(path)
         data, lines = read_yaml_mapping(path, f"config file {path} does not exist")
@@ -331,7 +363,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for text in overrides or []:
         key, value = parse_override(text)
         _apply(cfg, _nest(key, value), "", {key: f"override '{text}': "}, merge=True)
-    validate(cfg)
+        where[key] = f"override '{text}': "
+    validate(cfg, where)
     return cfg
 
 
@@ -345,7 +378,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 _CHOICES = {
     "data.format": ("mind", "ebnerd"),
-    "trainer.surgery": ("none", "mtrec", "pcgrad", "aux_only"),
+    "trainer.surgery": SURGERY_METHODS,
     "trainer.surgery_scope": ("shared", "all"),
     "model.miner_aggregator": ("max", "mean", "weighted"),
     "model.unbert_aggregator": ("nsep", "mean", "attention"),
@@ -361,8 +394,25 @@ _POSITIVE = (
     "trainer.micro_batch",
     "trainer.grad_accum",
     "trainer.epochs",
+    "trainer.cpus_per_worker",
+    "trainer.timeout_s",
     "eval.impressions_per_part",
     "eval.encode_batch",
+    "eval.num_workers",
+)
+_NON_NEGATIVE = (
+    "data.max_entities",
+    "data.shuffle_buffer",
+    "data.loader_workers",
+    "trainer.max_steps",
+    "trainer.seed",
+    "trainer.log_every",
+    "trainer.checkpoint_every",
+    "trainer.keep_checkpoints",
+    "trainer.eval_every",
+    "trainer.max_failures",
+    "eval.max_impressions",
+    "model.encoder_layers",
 )
 
 
@@ -373,18 +423,22 @@ def _get(cfg: Config, dotted: str) -> Any:
     return obj
 
 
-def validate(cfg: Config) -> None:
-    """Value checks that need no data: choices and ranges. Model/task checks live with models."""
+def validate(cfg: Config, where: dict[str, str] | None = None) -> None:
+    """Value checks that need no data: choices and ranges. Model/task checks live with models.
+
+    ``where`` maps a dotted key to the ``file:line: `` (or override) it was set by."""
+    loc = (where or {}).get
     for key, allowed in _CHOICES.items():
         if _get(cfg, key) not in allowed:
-            raise ConfigError(f"{key}={_get(cfg, key)!r}: allowed values are {', '.join(allowed)}")
+            raise ConfigError(
+                f"{loc(key, '')}{key}={_get(cfg, key)!r}: allowed values are {', '.join(allowed)}"
+            )
     for key in _POSITIVE:
         if _get(cfg, key) <= 0:
-            raise ConfigError(f"{key}={_get(cfg, key)}: must be a positive integer")
-    if cfg.model.encoder_layers < 0:
-        raise ConfigError(
-            f"model.encoder_layers={cfg.model.encoder_layers}: expected 0 (all) or more"
-        )
+            raise ConfigError(f"{loc(key, '')}{key}={_get(cfg, key)}: must be a positive integer")
+    for key in _NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{loc(key, '')}{key}={_get(cfg, key)}: must be 0 or more")
     if cfg.data.title_len < 3:
         raise ConfigError("data.title_len must be at least 3 ([CLS], one word piece, [SEP])")
     if not 0.0 <= cfg.trainer.warmup_ratio < 1.0:

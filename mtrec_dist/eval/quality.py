@@ -75,7 +75,8 @@ def train_curve(cfg: Config, eval_every: int, eval_impressions: int) -> list[dic
     import torch
 
     from mtrec_dist.eval.predict import evaluate_model
-    from mtrec_dist.train.local import total_steps, train_local
+    from mtrec_dist.train.local import train_local
+    from mtrec_dist.train.steps import step_plan
 
     curve: list[dict] = []
 
@@ -86,18 +87,18 @@ def train_curve(cfg: Config, eval_every: int, eval_impressions: int) -> list[dic
         curve.append({"step": step, **{k: float(m[k]) for k in METRICS}})
 
     from mtrec_dist.data.prepared import load_manifest
-    from mtrec_dist.data.stream import batches_per_epoch
     from mtrec_dist.models.registry import build_model
 
     t = cfg.trainer
-    n = total_steps(cfg, batches_per_epoch(cfg.prepared_dir, 1, t.micro_batch, t.seed, 0))
+    manifest = load_manifest(cfg.prepared_dir)
+    n = step_plan(manifest, 1, t).total_steps
 
     def on_step(step: int, model: torch.nn.Module) -> None:
         if step % eval_every == 0 or step == n:
             measure(step, model)
 
     torch.manual_seed(t.seed)  # the same initial model as train_local's
-    measure(0, build_model(cfg, load_manifest(cfg.prepared_dir)))
+    measure(0, build_model(cfg, manifest))
     result = train_local(cfg, progress=False, on_step=on_step)
     if curve[-1]["step"] != result["steps"]:
         raise RuntimeError(f"trained {result['steps']} of {n} steps; the last point is missing")

@@ -1,118 +1,182 @@
-"""Checkpoints through Ray Train, resume, and the final export.
+"""Checkpoints in the run folder, the position they restore, and the final export.
 
-Every rank saves its DeepSpeed shard into its own temporary folder and reports it with
-``ray.train.report``; Ray merges the folders into one checkpoint in storage and registers it
-only once every rank has uploaded (so a crash mid-save never leaves a checkpoint that looks
-complete), keeping the last ``trainer.keep_checkpoints``. ``engine.save_checkpoint`` and
-``ray.train.report`` are collective: every rank calls them the same number of times.
+Layout: ``RUN_DIR/checkpoints/step_<8 digits>/`` holds DeepSpeed's files (tag ``ds``, one
+partition per rank), ``train_state.json`` and, last, the ``COMPLETE`` marker. Every rank writes
+its partition, a barrier waits for all of them, then rank 0 writes the state and renames the
+marker into place (atomic), then a second barrier. So a checkpoint is complete exactly when its
+marker exists, it is complete before the step after it runs, and a crash at any moment leaves
+at most one incomplete folder, which every reader ignores and names.
+
+A restart under ``trainer.max_failures`` and ``--resume`` both load the newest complete
+checkpoint (:func:`newest_complete`). Retention is applied by rank 0 after each save to every
+folder on disk: the newest ``trainer.keep_checkpoints`` complete ones stay, incomplete ones
+older than the newest complete one go. Ray Train is not told about checkpoints: its registry
+is filled asynchronously, so the checkpoint Ray restarts from could be older than the newest
+one written (a worker killed right after a save), and folders it never recorded escaped its
+retention.
 
 A checkpoint describes itself: ``train_state.json`` holds the position (step, epoch, batches
 consumed), the world size and ZeRO stage (a resume must keep both: DeepSpeed#3810) and the
-resolved config.
+resolved config. ``engine.save_checkpoint`` is collective: every rank calls :func:`save` the
+same number of times.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
-from dataclasses import asdict
+import re
+import shutil
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-
-import torch
 
 from mtrec_dist.config import Config
 from mtrec_dist.utils import atomic_write_json
 
+CKPT_DIR = "checkpoints"  # RUN_DIR/checkpoints/step_XXXXXXXX
 DS_TAG = "ds"
 STATE_FILE = "train_state.json"
+COMPLETE = "COMPLETE"
 STATE_KEYS = ("format", "position", "world_size", "zero_stage", "config")
+_NAME = re.compile(r"step_(\d{8})")
 
 
-def save(engine, cfg: Config, pos, rank: int) -> None:
-    import ray.train
-    from ray.train import Checkpoint
+@dataclass
+class Position:
+    """Where training is: restored from a checkpoint so the data stream continues exactly."""
 
-    with tempfile.TemporaryDirectory(prefix="mtrec-ckpt-") as d:
-        engine.save_checkpoint(d, tag=DS_TAG, client_state={"position": asdict(pos)})
-        if rank == 0:
-            atomic_write_json(
-                Path(d) / STATE_FILE,
-                {
-                    "format": 1,
-                    "position": asdict(pos),
-                    "world_size": engine.world_size,
-                    "zero_stage": engine.zero_optimization_stage(),
-                    "config": cfg.to_dict(),
-                },
-            )
-        ray.train.report(
-            {"step": pos.step, "epoch": pos.epoch}, checkpoint=Checkpoint.from_directory(d)
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batches_done: int = 0  # micro-batches of `epoch` consumed (same on every rank)
+    samples: int = 0  # real training samples seen, all ranks
+
+
+def checkpoint_folder(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CKPT_DIR / f"step_{step:08d}"
+
+
+def scan(run_dir: str | Path) -> tuple[list[Path], list[Path]]:
+    """(complete, incomplete) checkpoint folders of a run, each sorted by step."""
+    root = Path(run_dir) / CKPT_DIR
+    found = sorted(p for p in root.glob("step_*") if p.is_dir() and _NAME.fullmatch(p.name))
+    complete = [p for p in found if (p / COMPLETE).is_file()]
+    return complete, [p for p in found if p not in complete]
+
+
+def newest_complete(run_dir: str | Path, say=print) -> Path | None:
+    """The newest complete checkpoint of the run (None: none); incomplete ones are named."""
+    complete, incomplete = scan(run_dir)
+    if incomplete:
+        say(
+            f"checkpoints: ignoring incomplete {', '.join(p.name for p in incomplete)} under "
+            f"{Path(run_dir) / CKPT_DIR} (no {COMPLETE} marker: the save was interrupted)"
         )
+    return complete[-1] if complete else None
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save(engine, cfg: Config, pos: Position, rank: int) -> Path:
+    """Write a complete checkpoint of ``pos`` (collective) and apply retention."""
+    from mtrec_dist.train.ds_engine import save_engine
+
+    folder = checkpoint_folder(cfg.run_dir, pos.step)
+    if (folder / COMPLETE).is_file():  # resumed at this very step: nothing new to save
+        return folder
+    if rank == 0 and folder.exists():  # an incomplete save of this step before a restart
+        shutil.rmtree(folder)
+    _barrier()
+    save_engine(engine, folder, DS_TAG)
+    _barrier()  # every partition is on disk
+    if rank == 0:
+        state = {
+            "format": 1,
+            "position": asdict(pos),
+            "world_size": engine.world_size,
+            "zero_stage": engine.zero_optimization_stage(),
+            "config": cfg.to_dict(),
+        }
+        atomic_write_json(folder / STATE_FILE, state)
+        atomic_write_json(folder / COMPLETE, {"step": pos.step})
+        prune(cfg.run_dir, cfg.trainer.keep_checkpoints)
+    _barrier()
+    return folder
+
+
+def prune(run_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` (at least 1) complete checkpoints, and incomplete ones
+    older than the newest complete; return what was deleted."""
+    complete, incomplete = scan(run_dir)
+    if not complete:
+        return []
+    newest = complete[-1].name
+    gone = complete[: -max(1, keep)] + [p for p in incomplete if p.name < newest]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
 
 
 def read_state(ckpt_dir: str | Path) -> dict:
+    """``train_state.json`` of a checkpoint, checked; errors name the file and key."""
     path = Path(ckpt_dir) / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not a mtrec_dist checkpoint ({STATE_FILE} missing)")
-    state = json.loads(path.read_text())
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); expected the object "
+                         f"written at save time with keys {', '.join(STATE_KEYS)}") from e  # fmt: skip
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a JSON object with keys {', '.join(STATE_KEYS)}")
     missing = [k for k in STATE_KEYS if k not in state]
     if missing:
         raise ValueError(f"{path}: missing key(s) {', '.join(missing)}")
+    names = {f.name for f in fields(Position)}
+    pos = state["position"]
+    if not (isinstance(pos, dict) and set(pos) == names and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pos.values()
+    )):  # fmt: skip
+        raise ValueError(
+            f"{path}: key 'position' = {pos!r}; expected an object of non-negative integers "
+            f"with keys {', '.join(sorted(names))}"
+        )
+    for key in ("world_size", "zero_stage"):
+        if not isinstance(state[key], int) or isinstance(state[key], bool):
+            raise ValueError(f"{path}: key '{key}' = {state[key]!r}; expected an integer")
     return state
 
 
-def restore(engine, checkpoint):
-    """Load the engine from a Ray checkpoint; return its Position (None when there is none)."""
-    if checkpoint is None:
+def restore(engine, folder: Path | None) -> Position | None:
+    """Load the engine from a checkpoint folder; return its Position (None when there is none)."""
+    if folder is None:
         return None
-    import torch.distributed as dist
+    from mtrec_dist.train.ds_engine import load_engine
 
-    from mtrec_dist.train.loop import Position
-
-    with checkpoint.as_directory() as d:
-        state = read_state(d)
-        if state["world_size"] != engine.world_size:
-            raise ValueError(
-                f"checkpoint {d} was written by {state['world_size']} workers, this run has "
-                f"{engine.world_size}: keep trainer.num_workers for a resume (or convert with "
-                "zero_to_fp32 and start a new run)"
-            )
-        if state["zero_stage"] != engine.zero_optimization_stage():
-            raise ValueError(
-                f"checkpoint {d} used ZeRO-{state['zero_stage']}, this run ZeRO-"
-                f"{engine.zero_optimization_stage()}: keep the DeepSpeed JSON for a resume"
-            )
-        engine.load_checkpoint(d, tag=DS_TAG)
-        if dist.is_initialized():
-            dist.barrier()  # inside the `with` block (ray PR #38141)
+    state = read_state(folder)
+    if state["world_size"] != engine.world_size:
+        raise ValueError(
+            f"checkpoint {folder} was written by {state['world_size']} workers, this run has "
+            f"{engine.world_size}: keep trainer.num_workers for a resume (or convert with "
+            "zero_to_fp32 and start a new run)"
+        )
+    if state["zero_stage"] != engine.zero_optimization_stage():
+        raise ValueError(
+            f"checkpoint {folder} used ZeRO-{state['zero_stage']}, this run ZeRO-"
+            f"{engine.zero_optimization_stage()}: keep the DeepSpeed JSON for a resume"
+        )
+    load_engine(engine, folder, DS_TAG)
+    _barrier()
     return Position(**state["position"])
 
 
-def full_state_dict(engine, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """fp32 weights gathered from DeepSpeed's partitions (collective); the dict on rank 0 only."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    stage = engine.zero_optimization_stage()
-    sd: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():
-        full = safe_get_full_fp32_param(p) if (stage > 0 and p.requires_grad) else None
-        if full is None:
-            full = p.detach() if stage < 3 else _gather(p)
-        sd[name] = full.detach().float().cpu().clone()
-    buffers = {n: b.detach().cpu().clone() for n, b in model.named_buffers()}
-    sd.update({n: b for n, b in buffers.items() if n in model.state_dict()})
-    return sd if engine.global_rank == 0 else None
-
-
-def _gather(p: torch.nn.Parameter) -> torch.Tensor:
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters([p]):
-        return p.detach().clone()
-
-
-def export_final(engine, model, cfg: Config, manifest: dict, pos, rank: int) -> None:
+def export_final(engine, model, cfg: Config, manifest: dict, pos: Position, rank: int) -> None:
     """Save a last checkpoint (for zero_to_fp32 and resume) and export the run folder."""
+    from mtrec_dist.train.ds_engine import full_state_dict
+
     if cfg.trainer.checkpoint_every == 0 or pos.step % cfg.trainer.checkpoint_every:
         save(engine, cfg, pos, rank)
     sd = full_state_dict(engine, model)
@@ -121,7 +185,4 @@ def export_final(engine, model, cfg: Config, manifest: dict, pos, rank: int) -> 
 
         # The module keys (not the state dict's) decide which weights the export holds.
         export_run(model, cfg, manifest, pos.step, state_dict=sd)
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
+    _barrier()

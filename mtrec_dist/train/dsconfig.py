@@ -90,6 +90,7 @@ def resolve_deepspeed(cfg: Config, world_size: int | None = None) -> dict:
             raise ConfigError(
                 f"{src}: unknown key '{k}'; allowed: {', '.join(sorted(ALLOWED_KEYS))}"
             )
+    _check_sections(ds, src)
     t = cfg.trainer
     world = world_size or t.num_workers
     want = {
@@ -118,7 +119,7 @@ def resolve_deepspeed(cfg: Config, world_size: int | None = None) -> dict:
     # gradient_clipping is DeepSpeed's and acts once, on the combined (post-surgery) gradient:
     # the surgery writes into DeepSpeed's buffer before the single engine.step().
     offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
-    # (offload works with trainer.surgery=none only; the fused surgery refuses it in zero.py)
+    # (offload works with trainer.surgery=none only; the fused surgery refuses it in ds_engine.py)
     if offload:  # our AdamW (trainer.*) runs on the host copy; DeepSpeed would demand its own
         ds.setdefault("zero_force_ds_cpu_optimizer", False)
     left = _find_auto(ds)
@@ -127,6 +128,28 @@ def resolve_deepspeed(cfg: Config, world_size: int | None = None) -> dict:
     _validate_zero_section(zero, src)
     ds.setdefault("steps_per_print", 1000000)
     return ds
+
+
+# Sections that DeepSpeed reads as objects; a bare value (``"bf16": true``) would end in an
+# AttributeError deep inside DeepSpeed (or here).
+_OBJECTS = ("bf16", "fp16", "zero_optimization", "activation_checkpointing", "checkpoint")
+_ZERO_OBJECTS = ("offload_optimizer", "offload_param")
+
+
+def _check_sections(ds: dict, src: str) -> None:
+    for key in _OBJECTS:
+        if key in ds and not isinstance(ds[key], dict):
+            hint = ' (e.g. {"enabled": true})' if key in ("bf16", "fp16") else ""
+            raise ConfigError(
+                f"{src}: key '{key}' = {json.dumps(ds[key])}; expected a JSON object{hint}"
+            )
+    zero = ds.get("zero_optimization", {})
+    for key in _ZERO_OBJECTS:
+        if key in zero and not isinstance(zero[key], dict):
+            raise ConfigError(
+                f"{src}: key 'zero_optimization.{key}' = {json.dumps(zero[key])}; expected a JSON "
+                'object such as {"device": "cpu"} (or leave the key out for no offload)'
+            )
 
 
 def _validate_zero_section(zero: dict, src: str) -> None:

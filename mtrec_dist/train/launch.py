@@ -14,8 +14,23 @@ from pathlib import Path
 from mtrec_dist.config import Config, ConfigError, load_config
 from mtrec_dist.train.console import CONSOLE_FILE, RAY_DRIVER_LOG, following, ray_driver_logs_to
 
-RAY_DIR = "ray"  # RUN_DIR/ray/<name>/checkpoint_* : Ray Train storage
+RAY_DIR = "ray"  # RUN_DIR/ray/<name>: Ray Train's own run state (checkpoints: checkpoint.py)
 RAY_NAME = "train"
+# What ``--resume RUN_DIR key=value ...`` may change: how long the run goes on, how often it
+# logs/saves/evaluates, fault handling, and the evaluator. Anything else would make the resumed
+# run differ from the one its checkpoint belongs to (or not load), and is refused by name.
+SAFE_ON_RESUME = (
+    "trainer.max_steps",
+    "trainer.epochs",
+    "trainer.log_every",
+    "trainer.checkpoint_every",
+    "trainer.keep_checkpoints",
+    "trainer.eval_every",
+    "trainer.max_failures",
+    "trainer.timeout_s",
+    "trainer.cpus_per_worker",
+    "eval.",
+)
 
 
 def validate_for_training(cfg: Config) -> tuple[dict, dict]:
@@ -39,15 +54,21 @@ def validate_for_training(cfg: Config) -> tuple[dict, dict]:
 
 
 def checkpoints_of(run_dir: str | Path) -> list[Path]:
-    return sorted(
-        p for p in (Path(run_dir) / RAY_DIR / RAY_NAME).glob("checkpoint_*") if p.is_dir()
-    )
+    """The run's complete checkpoints, oldest first (incomplete ones are never listed)."""
+    from mtrec_dist.train.checkpoint import scan
+
+    return scan(run_dir)[0]
 
 
-def run_training(cfg: Config, resume: str | None = None) -> dict:
-    """Train with ``trainer.num_workers`` Ray Train workers, each a DeepSpeed engine."""
+def run_training(
+    cfg: Config, resume: str | None = None, overrides: list[str] | None = None
+) -> dict:
+    """Train with ``trainer.num_workers`` Ray Train workers, each a DeepSpeed engine.
+
+    With ``resume`` (a run folder) the run's saved config is used, changed only by those
+    ``overrides`` (``key=value``) that are safe on a resume (``SAFE_ON_RESUME``)."""
     if resume:
-        cfg = _resume_config(cfg, resume)
+        cfg = _resume_config(resume, overrides or [])
     elif checkpoints_of(cfg.run_dir):
         raise ConfigError(
             f"run_dir={cfg.run_dir} already holds checkpoints: continue it with "
@@ -61,12 +82,12 @@ def run_training(cfg: Config, resume: str | None = None) -> dict:
 
     import ray
 
-    from mtrec_dist.data.stream import batches_per_epoch
     from mtrec_dist.train.dsconfig import describe
+    from mtrec_dist.train.steps import step_plan
 
     t = cfg.trainer
-    per_epoch = batches_per_epoch(manifest, t.num_workers, t.micro_batch, t.seed, 0) // t.grad_accum
-    steps = per_epoch * t.epochs if t.max_steps <= 0 else min(per_epoch * t.epochs, t.max_steps)
+    plan = step_plan(manifest, t.num_workers, t)
+    steps, per_epoch = plan.total_steps, plan.steps_per_epoch
     print(
         f"train: {cfg.model.name} on {cfg.model.encoder}; {describe(ds)}; {per_epoch} optimizer "
         f"steps/epoch, {steps} steps; surgery={t.surgery} ({t.surgery_scope}); "
@@ -87,9 +108,13 @@ def run_training(cfg: Config, resume: str | None = None) -> dict:
                 runtime_env={"env_vars": {"MTREC_QUIET": os.environ.get("MTREC_QUIET", "")}},
             )
         print(f"ray logs: {_ray_logs_dir()} (driver: {driver_log})", flush=True)
-        result = _fit(ray, cfg, ds, run_dir)
-    ckpt = result.checkpoint.path if result.checkpoint else None
-    return {"run_dir": cfg.run_dir, "steps": steps, "last_checkpoint": ckpt}
+        _fit(cfg, ds, run_dir)
+    ckpts = checkpoints_of(cfg.run_dir)
+    return {
+        "run_dir": cfg.run_dir,
+        "steps": steps,
+        "last_checkpoint": str(ckpts[-1]) if ckpts else None,
+    }
 
 
 def _ray_logs_dir() -> str:
@@ -102,9 +127,9 @@ def _ray_logs_dir() -> str:
         return "the Ray session's logs/ folder on each node"
 
 
-def _fit(ray, cfg: Config, ds: dict, run_dir: Path):
+def _fit(cfg: Config, ds: dict, run_dir: Path) -> None:
     """Ray Train's TorchTrainer over ``train_worker``, rank 0's console lines followed."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from mtrec_dist.train.loop import train_worker
@@ -124,22 +149,44 @@ def _fit(ray, cfg: Config, ds: dict, run_dir: Path):
             name=RAY_NAME,
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=max(1, t.keep_checkpoints)),
         ),
     )
     with following(run_dir / CONSOLE_FILE):
-        return trainer.fit()
+        trainer.fit()
 
 
-def _resume_config(cfg: Config, run_dir: str) -> Config:
+def _resume_config(run_dir: str, overrides: list[str]) -> Config:
+    """The saved config of ``run_dir`` with the safe ``overrides`` applied; others refused."""
+    from mtrec_dist.config import parse_override
+
     saved = Path(run_dir) / "config.yaml"
     if not saved.is_file():
         raise FileNotFoundError(f"--resume {run_dir}: {saved} is missing (not a run folder)")
     if not checkpoints_of(run_dir):
-        raise FileNotFoundError(f"--resume {run_dir}: no checkpoint under {run_dir}/{RAY_DIR}")
-    resumed = load_config(saved)
-    resumed.run_dir = run_dir
-    # Only the length of the run may change on resume; everything else must match.
-    resumed.trainer.max_steps = cfg.trainer.max_steps or resumed.trainer.max_steps
-    resumed.trainer.epochs = max(cfg.trainer.epochs, resumed.trainer.epochs)
-    return resumed
+        raise FileNotFoundError(
+            f"--resume {run_dir}: no complete checkpoint under {Path(run_dir) / 'checkpoints'}"
+        )
+    before = load_config(saved)
+    changed = load_config(saved, overrides)  # validates every override (key, type, range)
+    refused = []
+    for text in overrides:
+        key = parse_override(text)[0]
+        if key.startswith(SAFE_ON_RESUME) and key != "eval.":
+            continue
+        if _lookup(before, key) != _lookup(changed, key):
+            refused.append(f"{key} (saved {_lookup(before, key)!r}, asked {text.split('=', 1)[1]})")
+    if refused:
+        raise ConfigError(
+            f"--resume {run_dir}: cannot change {'; '.join(refused)}: the checkpoint belongs to "
+            f"the saved value (start a new run to change it). Safe to change on a resume: "
+            f"{', '.join(k + '*' if k.endswith('.') else k for k in SAFE_ON_RESUME)}"
+        )
+    changed.run_dir = run_dir
+    return changed
+
+
+def _lookup(cfg: Config, dotted: str):
+    obj = cfg.to_dict()
+    for part in dotted.split("."):
+        obj = obj.get(part) if isinstance(obj, dict) else None
+    return obj

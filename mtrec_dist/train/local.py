@@ -1,9 +1,9 @@
-"""Single-process trainer with explicit flat-vector gradient surgery.
+"""Single-process reference trainer with explicit flat-vector gradient surgery.
 
-Two jobs: it is the trainer behind ``make demo`` when no distributed run is wanted, and it is
-the *reference* that the distributed trainer must equal (N workers under ZeRO == this process
-on the same global batch). So it favours obviousness over speed: every group gradient is a
-full copy, obtained with ``torch.autograd.grad`` from one forward pass per micro-batch.
+Its job is to be the *reference* the distributed trainer must equal (N workers under ZeRO ==
+this process on the same global batch; one worker == :func:`train_local` over whole runs). So it
+favours obviousness over speed: every group gradient is a full copy, obtained with
+``torch.autograd.grad`` from one forward pass per micro-batch.
 
 Semantics of one optimizer step over ``micro_batches`` (all workers' and all accumulation
 micro-steps' batches of the global batch): the gradient of each group is the mean over
@@ -77,74 +77,62 @@ def reference_step(
     return {"losses": task_losses, "groups": names, "gram": gram, "coefficients": c}
 
 
-def total_steps(cfg: Config, batches_per_epoch: int) -> int:
-    per_epoch = batches_per_epoch // cfg.trainer.grad_accum
-    steps = per_epoch * cfg.trainer.epochs
-    return min(steps, cfg.trainer.max_steps) if cfg.trainer.max_steps > 0 else steps
-
-
 def train_local(
     cfg: Config,
     progress: bool = True,
     on_step: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> dict:
-    """Train in this process (one worker, no DeepSpeed); export the run folder.
+    """Train in this process (one worker, no DeepSpeed, no Ray) and export the run folder.
+
+    This is the single-process reference the distributed trainer is tested against: the same
+    data stream (``world_size=1``), step plan and leftover rule (``train/steps.py``), log keys
+    and export, with the surgery written out on flat vectors (:func:`reference_step`). A
+    distributed run with one worker must end with the same weights and coefficients.
 
     ``on_step(step, model)`` runs after every optimizer step (the quality benchmark measures
-    its learning curves there; the model is back in train mode afterwards)."""
+    its learning curves there; the model is put back in train mode afterwards)."""
     from mtrec_dist.data.prepared import check_tokenizer, load_manifest
-    from mtrec_dist.data.stream import batches_per_epoch, loader_for
+    from mtrec_dist.data.stream import loader_for
     from mtrec_dist.hub import load_tokenizer, tokenizer_fingerprint
     from mtrec_dist.models.registry import build_model, resolve_groups
     from mtrec_dist.train.export import export_run
+    from mtrec_dist.train.steps import epoch_micro_batches, step_plan
 
-    prepared = cfg.prepared_dir
-    manifest = load_manifest(prepared)
+    manifest = load_manifest(cfg.prepared_dir)
     check_tokenizer(manifest, tokenizer_fingerprint(load_tokenizer(cfg.model.encoder)))
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(cfg, manifest)
     cfg.model.groups = resolve_groups(cfg, model)
     model.train()
     t = cfg.trainer
-    n_batches = batches_per_epoch(manifest, 1, t.micro_batch, t.seed, 0)
-    steps = total_steps(cfg, n_batches)
-    if steps <= 0:
-        raise ValueError(
-            f"{n_batches} batches per epoch of trainer.micro_batch={t.micro_batch} give no optimizer "
-            f"step with trainer.grad_accum={t.grad_accum}; lower them"
-        )
+    plan = step_plan(manifest, 1, t)
+    steps = plan.total_steps
     optimizer = build_optimizer(model.parameters(), t.lr, t.weight_decay, t.adam_eps)
     scheduler = build_scheduler(optimizer, steps, t.warmup_ratio)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
     print(
-        f"train: {type(model).__name__} on {prepared}; global batch = {t.micro_batch} micro x "
-        f"{t.grad_accum} accumulation x 1 worker = {t.micro_batch * t.grad_accum}; "
-        f"{n_batches} batches/epoch, {steps} optimizer steps, surgery={t.surgery} ({t.surgery_scope})",
+        f"train: {type(model).__name__} on {cfg.prepared_dir}; global batch = {t.micro_batch} "
+        f"micro x {t.grad_accum} accumulation x 1 worker = {t.micro_batch * t.grad_accum}; "
+        f"{plan.batches_per_epoch} batches/epoch ({plan.steps_per_epoch} optimizer steps), "
+        f"{steps} steps; surgery={t.surgery} ({t.surgery_scope})",
         flush=True,
     )
-    log_path = run_dir / "train_log.jsonl"
     bar = Progress("train", steps, unit="steps", every=0.0 if t.log_every else 30.0)
     step, samples, t0 = 0, 0, time.monotonic()
-    pending: list = []
-    with open(log_path, "a", encoding="utf-8") as log:
+    with open(run_dir / "train_log.jsonl", "a", encoding="utf-8") as log:
         for epoch in range(t.epochs):
-            for batch in loader_for(cfg, rank=0, world_size=1, epoch=epoch):
+            pending: list = []  # the leftover rule: never carried into the next epoch
+            loader = loader_for(cfg, rank=0, world_size=1, epoch=epoch)
+            for batch in epoch_micro_batches(loader, plan):
                 pending.append(batch)
                 if len(pending) < t.grad_accum:
                     continue
                 stats = reference_step(
-                    model,
-                    pending,
-                    cfg.model.groups,
-                    t.surgery,
-                    t.surgery_scope,
-                    optimizer,
-                    seed=t.seed,
-                    step=step,
-                    grad_clip=t.grad_clip,
-                )
+                    model, pending, cfg.model.groups, t.surgery, t.surgery_scope, optimizer,
+                    seed=t.seed, step=step, grad_clip=t.grad_clip,
+                )  # fmt: skip
                 samples += sum(int(b.sample_mask.sum()) for b in pending)
                 pending = []
                 scheduler.step()
@@ -154,11 +142,7 @@ def train_local(
                 if on_step is not None:
                     on_step(step, model)
                     model.train()
-                if t.log_every and step % t.log_every == 0:
-                    bar.n = step - 1
-                    bar.update(1, extra=_short(rec))
-                else:
-                    bar.n = step
+                _show(bar, step, t.log_every, rec)
                 if step >= steps:
                     break
             if step >= steps:
@@ -168,19 +152,28 @@ def train_local(
     return {"steps": step, "samples": samples, "run_dir": str(run_dir)}
 
 
+def _show(bar: Progress, step: int, every: int, rec: dict) -> None:
+    if every and step % every == 0:
+        bar.n = step - 1
+        bar.update(1, extra=_short(rec))
+    else:
+        bar.n = step
+
+
 def _log_record(step: int, stats: dict, lr: float, samples: int, t0: float) -> dict:
     gram = stats["gram"]
     rec = {"step": step, "lr": lr, "samples": samples, "elapsed_s": time.monotonic() - t0}
     rec.update({f"loss/{k}": v for k, v in stats["losses"].items()})
-    rec.update({f"coef/{g}": float(c) for g, c in zip(stats["groups"], stats["coefficients"])})
+    for k, g in enumerate(stats["groups"]):
+        rec[surgery.coef_key(g)] = float(stats["coefficients"][k])
+        rec[surgery.norm_key(g)] = max(float(gram[k, k]), 0.0) ** 0.5
     if len(stats["groups"]) >= 2:
-        denom = (gram[0, 0] * gram[1, 1]).sqrt().clamp_min(1e-30)
-        rec["cos/main_aux"] = float(gram[0, 1] / denom)
+        rec[surgery.COS_BEFORE] = surgery.cosine(gram, 0, 1)
     return rec
 
 
 def _short(rec: dict) -> str:
     parts = [f"{k.split('/')[1]}={v:.4f}" for k, v in rec.items() if k.startswith("loss/")]
-    if "cos/main_aux" in rec:
-        parts.append(f"cos={rec['cos/main_aux']:+.3f}")
+    if surgery.COS_BEFORE in rec:
+        parts.append(f"cos={rec[surgery.COS_BEFORE]:+.3f}")
     return " ".join(parts) + f" lr={rec['lr']:.2e}"

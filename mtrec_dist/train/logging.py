@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from mtrec_dist.config import Config, dump_config
+from mtrec_dist.train import surgery
 from mtrec_dist.train.console import ConsoleLog
 from mtrec_dist.utils import Progress
 
@@ -44,7 +45,7 @@ class RunLogger:
         for k, v in stats.items():
             if isinstance(v, (int, float)):
                 rec[k] = float(v)
-        cb, ca = stats.get("grad/cos_before"), stats.get("grad/cos_after")
+        cb, ca = stats.get(surgery.COS_BEFORE), stats.get(surgery.COS_AFTER)
         if cb is not None:
             self.conflicts += cb < 0
             rec["grad/conflict_rate"] = self.conflicts / max(1, len(self.cos) + 1)

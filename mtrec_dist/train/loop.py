@@ -1,47 +1,39 @@
-"""The per-worker training loop that Ray Train runs on every worker (DESIGN.md §1, §4).
+"""The per-worker training loop that Ray Train runs on every worker (the README's architecture
+section describes the parts).
 
 Reads top to bottom: set up (model, DeepSpeed engine, multi-task gradients, resume), then per
 micro-batch: one forward -> per-task losses -> gradient-group losses -> one backward per
-group; at the accumulation boundary one fused surgery step; then log and checkpoint.
+group; at the accumulation boundary one fused surgery step; then log and checkpoint. Step
+counting (and what happens to an epoch's leftover micro-batches) is ``train/steps.py``'s.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from mtrec_dist.config import Config, config_from_dict
 from mtrec_dist.models.outputs import group_losses
-
-
-@dataclass
-class Position:
-    """Where training is: restored from a checkpoint so the data stream continues exactly."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    batches_done: int = 0  # micro-batches of `epoch` consumed (same on every rank)
-    samples: int = 0  # real training samples seen, all ranks
+from mtrec_dist.train.checkpoint import Position
 
 
 def train_worker(config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker (``train_loop_per_worker``)."""
-    import deepspeed  # imported here, not on the driver (ray#50406)
     import ray.train
 
     from mtrec_dist.data.prepared import load_manifest
-    from mtrec_dist.data.stream import batches_per_epoch, loader_for
+    from mtrec_dist.data.stream import loader_for
     from mtrec_dist.models.registry import build_model
-    from mtrec_dist.train.checkpoint import restore, save
+    from mtrec_dist.train import ds_engine as ds
+    from mtrec_dist.train.checkpoint import export_final, restore, save
+    from mtrec_dist.train.ds_engine import MultiTaskGradients
     from mtrec_dist.train.logging import RunLogger
     from mtrec_dist.train.optim import build_optimizer, build_scheduler
-    from mtrec_dist.train.zero import MultiTaskGradients
+    from mtrec_dist.train.steps import epoch_micro_batches, step_plan
 
     cfg: Config = config_from_dict(config["cfg"])
-    ds_config: dict = config["ds"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     t = cfg.trainer
@@ -52,19 +44,18 @@ def train_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(t.seed)
     manifest = load_manifest(cfg.prepared_dir)
     model = build_model(cfg, manifest)
-    per_epoch = batches_per_epoch(manifest, world, t.micro_batch, t.seed, 0) // t.grad_accum
-    total = per_epoch * t.epochs
-    total = min(total, t.max_steps) if t.max_steps > 0 else total
+    plan = step_plan(manifest, world, t)
+    total = plan.total_steps
     optimizer = build_optimizer(model.parameters(), t.lr, t.weight_decay, t.adam_eps)
     scheduler = build_scheduler(optimizer, total, t.warmup_ratio)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    engine, optimizer, scheduler = ds.initialize(
+        model, optimizer, scheduler, config["ds"], deadline_s=t.timeout_s
     )
-    groups = [g for g in cfg.model.groups]
     mtg = MultiTaskGradients(
-        engine, model, groups, t.surgery, t.surgery_scope, model.shared_parameter_names(), t.seed
-    )
-    pos = restore(engine, ray.train.get_checkpoint()) or Position()
+        engine, model, list(cfg.model.groups), t.surgery, t.surgery_scope,
+        model.shared_parameter_names(), t.seed,
+    )  # fmt: skip
+    pos = restore(engine, _resume_folder(cfg.run_dir, rank)) or Position()
     log = RunLogger(cfg, rank, total, start_step=pos.step) if rank == 0 else None
 
     # --- loop --------------------------------------------------------------------------
@@ -72,30 +63,21 @@ def train_worker(config: dict[str, Any]) -> None:
         skip = pos.batches_done if epoch == pos.epoch else 0
         loader = loader_for(cfg, rank=rank, world_size=world, epoch=epoch, skip_batches=skip)
         micro, t0, titles, real = 0, time.monotonic(), 0, 0
-        for batch in loader:
+        for batch in epoch_micro_batches(loader, plan, skip):
             batch = batch.to(engine.device)
             out = engine(batch)
             mtg.backward(group_losses(out.losses, cfg.model.groups))
-            titles, real, micro = (
-                titles + batch.num_titles,
-                real + int(batch.sample_mask.sum()),
-                micro + 1,
-            )
+            titles, real = titles + batch.num_titles, real + int(batch.sample_mask.sum())
+            micro += 1
             if micro % t.grad_accum:
                 continue
-            stats = mtg.step()  # surgery + optimizer step + lr schedule
-            stats["mem/peak_mb"] = _peak_memory_mb(engine)
+            stats = mtg.step(pos.step)  # surgery + optimizer step + lr schedule
+            stats["mem/peak_mb"] = ds.peak_memory_mb(engine)
             pos = Position(pos.step + 1, epoch, loader.batches_done, pos.samples + real * world)
             if log is not None:
-                log.step(
-                    pos.step,
-                    out.losses,
-                    stats,
-                    scheduler.get_last_lr()[0],
-                    real * world,
-                    titles * world,
-                    time.monotonic() - t0,
-                )
+                secs = time.monotonic() - t0
+                lr = scheduler.get_last_lr()[0]
+                log.step(pos.step, out.losses, stats, lr, real * world, titles * world, secs)
             titles, real, t0 = 0, 0, time.monotonic()
             if t.checkpoint_every and pos.step % t.checkpoint_every == 0:
                 save(engine, cfg, pos, rank)
@@ -108,32 +90,31 @@ def train_worker(config: dict[str, Any]) -> None:
         pos = Position(pos.step, epoch + 1, 0, pos.samples)
 
     # --- end -----------------------------------------------------------------------------
-    from mtrec_dist.train.checkpoint import export_final
-
     export_final(engine, model, cfg, manifest, pos, rank)
     if log is not None:
         log.close()
 
 
-def _peak_memory_mb(engine) -> float:
-    """Peak accelerator memory of this worker, else its peak resident memory (MiB)."""
-    if engine.device.type == "cuda":
-        return torch.cuda.max_memory_allocated(engine.device) / 2**20
-    from mtrec_dist.utils import peak_rss_mb
+def _resume_folder(run_dir: str, rank: int):
+    """The newest complete checkpoint as rank 0 sees it, the same on every rank."""
+    import torch.distributed as dist
 
-    return peak_rss_mb()
+    from mtrec_dist.train.checkpoint import newest_complete
+
+    found = [newest_complete(run_dir) if rank == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(found, src=0)
+    return found[0]
 
 
 def _evaluate(engine, model, cfg: Config, log, step: int) -> None:
     """Periodic dev metrics on rank 0 (every rank joins the gathers under ZeRO-3)."""
-    import deepspeed
     import torch.distributed as dist
 
     from mtrec_dist.eval.predict import evaluate_model
+    from mtrec_dist.train.ds_engine import gathered
 
-    stage3 = engine.zero_optimization_stage() == 3
-    ctx = deepspeed.zero.GatheredParameters(list(model.parameters())) if stage3 else _Null()
-    with ctx:
+    with gathered(model, engine):
         if log is not None:
             model.eval()
             with torch.no_grad():
@@ -148,11 +129,3 @@ def _evaluate(engine, model, cfg: Config, log, step: int) -> None:
             log.metrics(step, metrics)
     if dist.is_initialized():
         dist.barrier()
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

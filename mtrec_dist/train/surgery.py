@@ -1,14 +1,14 @@
-"""Multi-task gradient surgery as pure functions of the Gram matrix (DESIGN.md §4).
+"""Multi-task gradient surgery as pure functions of the Gram matrix.
 
 Every method here turns the T×T Gram matrix ``G[s, t] = g_s · g_t`` of the global task-group
 gradients into a *projection matrix* ``P`` [T, T]: the projected gradient of group i is
-``g_i' = Σ_k P[i, k] g_k``. The combined gradient is the sum of the projected ones (DESIGN §4:
-summed, not averaged, so ``none`` equals ordinary training on the total loss), hence
+``g_i' = Σ_k P[i, k] g_k``. The combined gradient is the sum of the projected ones (summed,
+not averaged, so ``none`` equals ordinary training on the total loss), hence
 
     g = Σ_i g_i' = Σ_k c_k g_k   with   c = P.sum(0).
 
 Working in the basis {g_t} means a method never sees a parameter: the distributed trainer
-(``zero.py``) all-reduces T² partial dot products and every rank derives the same ``c``.
+(``ds_engine.py``) all-reduces T² partial dot products and every rank derives the same ``c``.
 
 Methods are picked by name from ``METHODS`` (LibMTL-style registry; ``none`` is one of them, so
 the training loop never names a method):
@@ -36,6 +36,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+
+from mtrec_dist.config import SURGERY_METHODS
 
 ProjectionFn = Callable[[torch.Tensor, list[str], int, int], torch.Tensor]
 
@@ -99,12 +101,29 @@ def _pcgrad(gram: torch.Tensor, groups: list[str], seed: int, step: int) -> torc
     return p
 
 
-METHODS: dict[str, ProjectionFn] = {
+_FUNCTIONS: dict[str, ProjectionFn] = {
     "none": _none,
     "mtrec": _mtrec,
     "aux_only": _aux_only,
     "pcgrad": _pcgrad,
 }
+# Named once, in config.SURGERY_METHODS (which validates trainer.surgery); a name without a
+# function here fails at import.
+METHODS: dict[str, ProjectionFn] = {name: _FUNCTIONS[name] for name in SURGERY_METHODS}
+
+# Log keys every trainer writes for a step's surgery (train_log.jsonl and TensorBoard).
+COS_BEFORE = "grad/cos_before"  # cos(g_0, g_1) of the first two groups before surgery
+COS_AFTER = "grad/cos_after"  # the same between the projected gradients
+
+
+def coef_key(group: str) -> str:
+    """Log key of a group's coefficient c_t in the combined gradient."""
+    return f"grad/coef/{group}"
+
+
+def norm_key(group: str) -> str:
+    """Log key of a group's global gradient norm."""
+    return f"grad/norm/{group}"
 
 
 def projection(
@@ -147,11 +166,11 @@ def combined_gram_stats(gram: torch.Tensor, proj: torch.Tensor) -> dict[str, flo
     c = proj.sum(0)
     gc = gram @ c  # g · g_t for every t
     nn = float(c @ gc)  # ‖g‖²
-    out: dict[str, float] = {"norm_combined": max(nn, 0.0) ** 0.5}
+    out: dict[str, float] = {"grad/norm_combined": max(nn, 0.0) ** 0.5}
     t = gram.shape[0]
     if t >= 2:
-        out["cos_after"] = cosine(after, 0, 1)
+        out[COS_AFTER] = cosine(after, 0, 1)
     for k in range(t):
         den = nn * float(gram[k, k])
-        out[f"cos_combined_{k}"] = float(gc[k]) / den**0.5 if den > 0 else 0.0
+        out[f"grad/cos_combined_{k}"] = float(gc[k]) / den**0.5 if den > 0 else 0.0
     return out

@@ -43,11 +43,12 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from mtrec_dist.config import Config, ConfigError, load_config, read_yaml_mapping, validate
+from mtrec_dist.train.steps import StepPlan
 from mtrec_dist.utils import atomic_write_json, atomic_write_text
 
 # Dimensions a space may grid over, in the order the table shows them.
@@ -243,7 +244,7 @@ def trial_deepspeed(base_ds: dict, params: dict[str, Any]) -> dict:
             zero["offload_optimizer"] = {"device": params["offload_optimizer"]}
             # The YAML owns the optimizer (a client torch AdamW). DeepSpeed refuses that with
             # offload for speed reasons only; let it through so the real blocker (the fused
-            # surgery keeps gradients in device memory, zero.py) is what the table reports.
+            # surgery keeps gradients in device memory, ds_engine.py) is what the table reports.
             ds["zero_force_ds_cpu_optimizer"] = False
     if "reduce_bucket_size" in params:
         zero["reduce_bucket_size"] = params["reduce_bucket_size"]
@@ -269,7 +270,6 @@ def _trial_config(
 
 def plan_trials(base: Config, space: Space, manifest: dict) -> list[Trial]:
     """Every grid point as a Trial; those that cannot run carry ``reject`` (a one-line reason)."""
-    from mtrec_dist.data.stream import batches_per_epoch
     from mtrec_dist.train.dsconfig import load_ds_json, resolve_deepspeed
 
     base_ds = load_ds_json(base.deepspeed)
@@ -300,8 +300,8 @@ def plan_trials(base: Config, space: Space, manifest: dict) -> list[Trial]:
             ds = trial_deepspeed(base_ds, params)
             tr = Trial(i, params, ds, micro, ga, workers, glob, reject)
             if tr.reject is None and ga is not None:
-                per_epoch = batches_per_epoch(manifest, workers, micro, base.trainer.seed, 0) // ga
-                if per_epoch < 1:
+                trial = replace(base.trainer, micro_batch=micro, grad_accum=ga)
+                if StepPlan.of(manifest, workers, trial).steps_per_epoch < 1:
                     tr.reject = (
                         f"micro_batch {micro} x grad_accum {ga} is more than one worker's share "
                         "of the training clicks (no optimizer step per epoch)"
@@ -541,15 +541,7 @@ def run_sweep(
     fp = _fingerprint(base, space)
 
     state_path = out / STATE_FILE
-    done: dict[str, dict] = {}
-    if state_path.is_file():
-        state = json.loads(state_path.read_text())
-        if state.get("fingerprint") != fp:
-            raise ConfigError(
-                f"--out {out} holds a sweep of another config/space (fingerprint "
-                f"{state.get('fingerprint')} != {fp}): use a new --out"
-            )
-        done = {r["key"]: r for r in state["trials"]}
+    done = _finished_trials(state_path, fp, out)
     out.mkdir(parents=True, exist_ok=True)
 
     def record(tr: Trial, **kw: Any) -> dict:
@@ -583,56 +575,16 @@ def run_sweep(
         f"before, {sum(1 for t in trials if t.reject)} rejected; out={out}"
     )
     best = save()
-    steps = space.warmup_steps + space.measure_steps
     t_start, ran = time.monotonic(), 0
     for tr in todo:
-        tdir = out / "trials" / tr.name
-        if tdir.exists():  # a trial killed mid-run: start it afresh
-            shutil.rmtree(tdir)
-        tdir.mkdir(parents=True)
-        atomic_write_json(tdir / "deepspeed.json", tr.ds)
-        t0 = time.monotonic()
-        try:
-            per_epoch = _per_epoch(manifest, tr, base.trainer.seed)
-            cfg = _trial_config(base, str(tdir / "deepspeed.json"), tr.micro_batch,
-                                tr.grad_accum, steps, max(1, math.ceil(steps / per_epoch)),
-                                str(tdir / "run"))  # fmt: skip
-            run_training(cfg)
-            m = summarize_log(tdir / "run" / "train_log.jsonl", space.warmup_steps,
-                              space.measure_steps, tr.global_batch)  # fmt: skip
-            rec = record(tr, status="ok", **m)
-        except Exception as e:  # any failure of one trial is that trial's result
-            reason = failure_reason(e)
-            fit = "no" if _is_oom(reason) else ""
-            try:  # died after its measured steps (final save/export, teardown): keep the numbers
-                m = summarize_log(tdir / "run" / "train_log.jsonl", space.warmup_steps,
-                                  space.measure_steps, tr.global_batch)  # fmt: skip
-                reason = f"after the measured steps: {reason}"
-            except ValueError:
-                m = {}
-            rec = record(tr, status="failed", fit=fit, reason=reason, **m)
-        rec["wall_s"] = round(time.monotonic() - t0, 3)
-        rec["run_dir"] = str(tdir / "run")
-        # Trials keep their log and config; the final checkpoint/export are only weight.
-        for sub in ("ray", "export"):
-            shutil.rmtree(tdir / "run" / sub, ignore_errors=True)
+        rec = _run_trial(tr, base, manifest, space, out, record, run_training)
         done[tr.key] = rec
         ran += 1
         best = save()
         rec = done[tr.key]
         el = time.monotonic() - t_start
         eta = el / ran * (len(todo) - ran)
-        what = "; ".join(
-            x
-            for x in (
-                f"{rec['samples_per_s']:.1f} samples/s, {rec['titles_per_s']:.1f} titles/s, "
-                f"{rec['step_time_s']:.3f} s/step, peak {rec['peak_mb']:.0f} MiB"
-                if rec["samples_per_s"] is not None
-                else "",
-                rec["reason"],
-            )
-            if x
-        )
+        what = _result_text(rec)
         _say(
             f"tune: trial {tr.name} ({ran}/{len(todo)}) [{tr.describe()}] {rec['status']}: {what}"
             f"; elapsed {_clock(el)}, ETA {_clock(eta)}"
@@ -643,7 +595,67 @@ def run_sweep(
     return {"out": str(out), "rows": rank_rows(recs), "best": best, "ran": ran, "skipped": skipped}
 
 
-def _per_epoch(manifest: dict, tr: Trial, seed: int) -> int:
-    from mtrec_dist.data.stream import batches_per_epoch
+def _finished_trials(state_path: Path, fp: str, out: Path) -> dict[str, dict]:
+    """Trials an earlier run of this very sweep finished, by key (none without a state file)."""
+    if not state_path.is_file():
+        return {}
+    state = json.loads(state_path.read_text())
+    if state.get("fingerprint") != fp:
+        raise ConfigError(
+            f"--out {out} holds a sweep of another config/space (fingerprint "
+            f"{state.get('fingerprint')} != {fp}): use a new --out"
+        )
+    return {r["key"]: r for r in state["trials"]}
 
-    return max(1, batches_per_epoch(manifest, tr.workers, tr.micro_batch, seed, 0) // tr.grad_accum)
+
+def _run_trial(
+    tr: Trial, base: Config, manifest: dict, space, out: Path, record, run_training
+) -> dict:
+    """Run one trial in its own folder; its record, ``failed`` with a reason if it raised."""
+    tdir = out / "trials" / tr.name
+    if tdir.exists():  # a trial killed mid-run: start it afresh
+        shutil.rmtree(tdir)
+    tdir.mkdir(parents=True)
+    atomic_write_json(tdir / "deepspeed.json", tr.ds)
+    steps = space.warmup_steps + space.measure_steps
+    t0 = time.monotonic()
+    try:
+        per_epoch = _per_epoch(manifest, tr, base)
+        cfg = _trial_config(base, str(tdir / "deepspeed.json"), tr.micro_batch,
+                            tr.grad_accum, steps, max(1, math.ceil(steps / per_epoch)),
+                            str(tdir / "run"))  # fmt: skip
+        run_training(cfg)
+        m = summarize_log(tdir / "run" / "train_log.jsonl", space.warmup_steps,
+                          space.measure_steps, tr.global_batch)  # fmt: skip
+        rec = record(tr, status="ok", **m)
+    except Exception as e:  # any failure of one trial is that trial's result
+        reason = failure_reason(e)
+        fit = "no" if _is_oom(reason) else ""
+        try:  # died after its measured steps (final save/export, teardown): keep the numbers
+            m = summarize_log(tdir / "run" / "train_log.jsonl", space.warmup_steps,
+                              space.measure_steps, tr.global_batch)  # fmt: skip
+            reason = f"after the measured steps: {reason}"
+        except ValueError:
+            m = {}
+        rec = record(tr, status="failed", fit=fit, reason=reason, **m)
+    rec["wall_s"] = round(time.monotonic() - t0, 3)
+    rec["run_dir"] = str(tdir / "run")
+    # Trials keep their log and config; the final checkpoint/export are only weight.
+    for sub in ("ray", "checkpoints", "export"):
+        shutil.rmtree(tdir / "run" / sub, ignore_errors=True)
+    return rec
+
+
+def _result_text(rec: dict) -> str:
+    speed = (
+        f"{rec['samples_per_s']:.1f} samples/s, {rec['titles_per_s']:.1f} titles/s, "
+        f"{rec['step_time_s']:.3f} s/step, peak {rec['peak_mb']:.0f} MiB"
+        if rec["samples_per_s"] is not None
+        else ""
+    )
+    return "; ".join(x for x in (speed, rec["reason"]) if x)
+
+
+def _per_epoch(manifest: dict, tr: Trial, base: Config) -> int:
+    trial = replace(base.trainer, micro_batch=tr.micro_batch, grad_accum=tr.grad_accum)
+    return max(1, StepPlan.of(manifest, tr.workers, trial).steps_per_epoch)

@@ -143,6 +143,24 @@ def test_two_workers_equal_single_process_reference(uninterrupted, tiny_data, ze
     assert moved > 100 * worst
 
 
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _ours(pid: int) -> bool:
+    """True when ``pid`` descends from this test process (the local Ray it started): other
+    sessions on the host run Ray Train workers too, and must never be hit."""
+    me = os.getpid()
+    while pid > 1:
+        pid = _ppid(pid)
+        if pid == me:
+            return True
+    return False
+
+
 def _started_after(pid: int, t0_ticks: int) -> bool:
     """True when process ``pid`` started after ``t0_ticks`` (clock ticks since boot)."""
     try:
@@ -152,35 +170,42 @@ def _started_after(pid: int, t0_ticks: int) -> bool:
         return False
 
 
-def _now_ticks() -> int:
+def now_ticks() -> int:
     return int(float(Path("/proc/uptime").read_text().split()[0]) * os.sysconf("SC_CLK_TCK"))
 
 
+def train_workers(t0_ticks: int) -> list[int]:
+    """Ray Train worker processes of this test process's Ray started after ``t0_ticks`` (idle
+    workers of earlier runs, and other sessions' workers on the host, must not be hit)."""
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    pids = [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line]
+    return [p for p in pids if _started_after(p, t0_ticks) and _ours(p)]
+
+
 def _kill_a_worker_when(run_dir: Path, step: int, done: threading.Event, killed: list) -> None:
-    """Watch train_log.jsonl; at ``step``, SIGKILL one of THIS run's Ray Train worker processes
-    (those started after the watcher: idle workers of earlier runs must not be hit)."""
-    t0 = _now_ticks()
+    """Watch train_log.jsonl; at ``step``, SIGKILL one of this run's Ray Train workers."""
+    t0 = now_ticks()
     log = run_dir / "train_log.jsonl"
     while not done.is_set():
         if log.is_file() and any(
             json.loads(x)["step"] >= step for x in log.read_text().splitlines()
         ):
-            out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-            pids = [
-                int(line.split()[0])
-                for line in out.splitlines()
-                if "RayTrainWorker" in line and _started_after(int(line.split()[0]), t0)
-            ]
+            pids = train_workers(t0)
             if pids:
+                from mtrec_dist.train.launch import checkpoints_of
+
                 os.kill(max(pids), signal.SIGKILL)
                 killed.append(max(pids))
+                newest = checkpoints_of(run_dir)  # complete ones when the worker died
+                killed.append(int(newest[-1].name.split("_")[1]) if newest else 0)
                 return
         time.sleep(0.02)
 
 
 @contextlib.contextmanager
 def _killing_a_worker_at(run_dir: Path, step: int) -> Iterator[list[int]]:
-    """Run the body while a watcher SIGKILLs a worker at ``step``; yields the killed pids."""
+    """Run the body while a watcher SIGKILLs a worker at ``step``; yields [killed pid, step of
+    the newest complete checkpoint at that moment]."""
     done, killed = threading.Event(), []
     watcher = threading.Thread(target=_kill_a_worker_when, args=(run_dir, step, done, killed))
     watcher.start()
@@ -199,7 +224,11 @@ def test_killed_worker_is_replaced_and_resumes_exactly(uninterrupted, tiny_data,
         run_training(_cfg(tiny_data, run_dir, zero2, "trainer.max_failures=1"))
     assert killed, "no worker was killed: the run ended before step 13"
     steps = [json.loads(x)["step"] for x in (run_dir / "train_log.jsonl").read_text().splitlines()]
-    assert steps.count(11) == 2 and steps[-1] == STEPS  # restarted from the step-10 checkpoint
+    # Restarted from the newest complete checkpoint at the moment of the kill (step 10 unless
+    # the worker ran 2 more steps first): its next step is logged twice, and none before it.
+    first = killed[1] + 1
+    assert killed[1] in (10, 15) and steps.count(first) == 2 and steps[-1] == STEPS
+    assert all(steps.count(s) == 1 for s in range(1, first))
     assert _losses(run_dir) == _losses(uninterrupted)  # same samples, same order, same numbers
     a, b = _weights(uninterrupted), _weights(run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)

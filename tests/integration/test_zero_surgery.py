@@ -131,7 +131,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed renames
     import deepspeed
 
-    from mtrec_dist.train.zero import MultiTaskGradients
+    from mtrec_dist.train.ds_engine import MultiTaskGradients
 
     # the shared-memory all-reduce kernel is a JIT C++ build (minutes on a cold CI cache) that
     # only inference all-reduces use: gloo does all the work here
@@ -152,7 +152,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             for k in range(gas):
                 losses = engine(*micro_batch(step, rank, k))
                 mtg.backward(group_losses(losses, groups))
-            st = mtg.step()
+            st = mtg.step(step)
             stats.append(st)
             t_n = len(groups)
             norms = [st[f"grad/norm/{g}"] for g in groups]

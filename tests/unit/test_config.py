@@ -108,3 +108,51 @@ def test_yaml_mapping_replaces_default_override_merges(tmp_path):
     p.write_text("model:\n  groups: {main: {main: 1.0}, aux: {category: 0.3, sentiment: 0.3}}\n")
     cfg = load_config(p, ["model.groups.aux.category=0.5"])
     assert cfg.model.groups == {"main": {"main": 1.0}, "aux": {"category": 0.5, "sentiment": 0.3}}
+
+
+@pytest.mark.parametrize(
+    "key,value,expect",
+    [
+        ("max_failures", -1, "must be 0 or more"),
+        ("timeout_s", -5, "must be a positive integer"),
+        ("seed", -2, "must be 0 or more"),
+        ("cpus_per_worker", 0, "must be a positive integer"),
+    ],
+)
+def test_out_of_range_trainer_values_name_key_and_file_line(tmp_path, key, value, expect):
+    p = tmp_path / "c.yaml"
+    p.write_text(f"model:\n  encoder: tiny\ntrainer:\n  lr: 0.001\n  {key}: {value}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value) == f"{p}:5: trainer.{key}={value}: {expect}"
+
+
+def test_negative_loader_workers_named_with_file_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  loader_workers: -1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value) == f"{p}:2: data.loader_workers=-1: must be 0 or more"
+
+
+def test_out_of_range_override_names_the_override():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["trainer.max_failures=-3"])
+    assert str(e.value) == (
+        "override 'trainer.max_failures=-3': trainer.max_failures=-3: must be 0 or more"
+    )
+
+
+def test_duplicate_yaml_key_is_refused_with_both_lines(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("trainer:\n  lr: 0.001\n  epochs: 2\n  lr: 0.5\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value) == (
+        f"{p}:4: duplicate key 'lr' (first given on line 2); give each key once"
+    )
+    p.write_text("trainer:\n  lr: 0.001\ntrainer:\n  epochs: 2\n")
+    with pytest.raises(
+        ConfigError, match=rf"{p}:3: duplicate key 'trainer' \(first given on line 1\)"
+    ):
+        load_config(p)

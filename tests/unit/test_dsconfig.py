@@ -117,3 +117,23 @@ def test_offload_keeps_our_adamw():
     assert ds["zero_force_ds_cpu_optimizer"] is False
     no_off = resolve_deepspeed(load_config(None, [f"deepspeed={DS_DIR / 'zero2_bf16.json'}"]))
     assert "zero_force_ds_cpu_optimizer" not in no_off
+
+
+@pytest.mark.parametrize(
+    "obj,expect",
+    [
+        ({"bf16": True}, "key 'bf16' = true; expected a JSON object"),
+        ({"fp16": 1}, "key 'fp16' = 1; expected a JSON object"),
+        (
+            {"zero_optimization": {"stage": 3, "offload_optimizer": None}},
+            "key 'zero_optimization.offload_optimizer' = null; expected a JSON object",
+        ),
+        ({"zero_optimization": 2}, "key 'zero_optimization' = 2; expected a JSON object"),
+    ],
+)
+def test_bare_values_for_sections_name_file_and_key(tmp_path, obj, expect):
+    p = _write(tmp_path, obj)
+    cfg = load_config(None, [f"deepspeed={p}", "trainer.surgery=none"])
+    with pytest.raises(ConfigError) as e:
+        resolve_deepspeed(cfg)
+    assert str(e.value).startswith(f"{p}: {expect}")

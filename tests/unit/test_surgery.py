@@ -117,16 +117,16 @@ def test_cosines_before_and_after():
     proj = surgery.projection("mtrec", gram, ["main", "aux"])
     st = surgery.combined_gram_stats(gram, proj)
     # projected: g_m' = [0.5, 0.5], g_a' = [0, 1] -> cos = 0.5 / (sqrt(0.5) * 1)
-    assert st["cos_after"] == pytest.approx(0.5 / 0.5**0.5)
+    assert st[surgery.COS_AFTER] == pytest.approx(0.5 / 0.5**0.5)
     g = torch.tensor([0.5, 1.5])  # combined
-    assert st["norm_combined"] == pytest.approx(float(g.norm()))
-    assert st["cos_combined_0"] == pytest.approx(float(g @ gm / g.norm()))
+    assert st["grad/norm_combined"] == pytest.approx(float(g.norm()))
+    assert st["grad/cos_combined_0"] == pytest.approx(float(g @ gm / g.norm()))
     assert surgery.cosine(torch.zeros(2, 2), 0, 1) == 0.0
 
 
 def test_unknown_mode_and_wrong_shapes_raise():
     gram = torch.eye(2, dtype=torch.float64)
-    with pytest.raises(ValueError, match="allowed: none, mtrec, aux_only, pcgrad"):
+    with pytest.raises(ValueError, match="allowed: none, mtrec, pcgrad, aux_only"):
         surgery.coefficients("graddrop", gram, ["main", "aux"])
     with pytest.raises(ValueError, match="exactly 2 gradient groups"):
         surgery.coefficients("mtrec", torch.eye(3, dtype=torch.float64), ["a", "b", "c"])

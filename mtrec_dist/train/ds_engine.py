@@ -1,7 +1,29 @@
-"""Per-group gradients under DeepSpeed ZeRO 0/1/2/3 and one fused surgery step (DESIGN.md §4).
+"""Everything that knows DeepSpeed's internals: start-up, checkpoint files, ZeRO-3 gathers, full
+state dicts, and per-group gradients with one fused surgery step under ZeRO 0/1/2/3.
 
-This is the only module that knows DeepSpeed's gradient buffers (DeepSpeed 0.19.8).
+No other module touches a DeepSpeed engine or its buffers (DeepSpeed 0.19.8): the loop and the
+checkpoint code call the functions here (``dsconfig.py`` only borrows DeepSpeed's config model to
+validate a JSON on the driver).
 
+Start-up, checkpoint files and weights
+--------------------------------------
+Three start-up choices keep a worker from waiting forever or running foreign code:
+
+- DeepSpeed's CPU backend JIT-builds ``deepspeed_shm_comm`` (a shared-memory all-reduce used
+  only by ``inference_all_reduce``) into the shared torch-extensions cache on every start; a
+  build killed midway leaves a ``lock`` file there on which every later start waits silently.
+  Training never calls it, so :func:`initialize` marks the op unavailable and nothing is built.
+  Any JIT build that still happens goes into a folder of this project
+  (:func:`extensions_dir`), and :func:`wait_for_build_locks` waits on a ``lock`` there at most
+  ``deadline_s`` seconds, then raises naming the lock file.
+- Checkpoint files are read with ``torch.load(weights_only=True)``: DeepSpeed's own engine
+  unpickles anything (``weights_only=False``), so a crafted run folder would run its code on
+  ``--resume``. :class:`SafeCheckpointEngine` allows only the DeepSpeed types a ZeRO
+  checkpoint holds.
+- Errors reading a checkpoint name the file and what was expected.
+
+Per-group gradients
+-------------------
 Route delivered: **in place on the partition** (route 1), on every stage. Per micro-batch there
 is one forward and one ``engine.backward`` per gradient group (``retain_graph`` between them),
 each with the accumulation boundary set, so DeepSpeed reduces that group's gradient across
@@ -40,13 +62,189 @@ overflow in a non-final group is not detected).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from mtrec_dist.train import surgery
+
+SHM_OP = "deepspeed_shm_comm"
+
+
+# --------------------------------------------------------------------------- start-up
+
+
+def extensions_dir() -> Path:
+    """Where JIT-built torch extensions go: ``MTREC_TORCH_EXTENSIONS_DIR``, else a folder per
+    Python environment under ``~/.cache/mtrec_dist`` (another checkout's venv never rebuilds
+    ours, and a stale lock of the shared cache is never ours to wait on)."""
+    env = os.environ.get("MTREC_TORCH_EXTENSIONS_DIR")
+    if env:
+        return Path(env)
+    tag = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+    return Path.home() / ".cache" / "mtrec_dist" / "torch_extensions" / tag
+
+
+def wait_for_build_locks(folder: Path, deadline_s: float, poll_s: float = 0.2) -> None:
+    """Wait until no ``lock`` file of a torch-extension build is left under ``folder``.
+
+    A lock older than the deadline is a build that died midway: raise ``TimeoutError`` naming
+    it (and the fix) instead of waiting on it forever as torch's ``FileBaton`` does."""
+    end = time.monotonic() + deadline_s
+    while True:
+        locks = sorted(folder.glob("*/lock")) if folder.is_dir() else []
+        if not locks:
+            return
+        if time.monotonic() >= end:
+            raise TimeoutError(
+                f"worker start-up waited {deadline_s:.0f} s on the torch-extension build lock(s) "
+                f"{', '.join(map(str, locks))}: a build killed midway leaves one; delete it "
+                "if no other process is building"
+            )
+        time.sleep(poll_s)
+
+
+def _no_shm_build() -> None:
+    import deepspeed.ops
+
+    table = deepspeed.ops.__dict__.get("__compatible_ops__")
+    if table is None:  # not probed yet: do not probe (it runs compilers); only shm is read
+        deepspeed.ops.__compatible_ops__ = {SHM_OP: False}
+    else:
+        table[SHM_OP] = False
+
+
+def initialize(model: torch.nn.Module, optimizer, scheduler, ds_config: dict, deadline_s: float):
+    """``deepspeed.initialize`` without JIT builds into shared caches, with safe loading.
+
+    Returns (engine, optimizer, scheduler) as DeepSpeed wraps them."""
+    folder = extensions_dir()
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(folder)
+    wait_for_build_locks(folder, deadline_s)
+    import deepspeed
+
+    _no_shm_build()
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    engine.checkpoint_engine = SafeCheckpointEngine(engine.checkpoint_engine)
+    return engine, optimizer, scheduler
+
+
+# --------------------------------------------------------------------------- checkpoint files
+
+
+def _allowed_globals() -> list:
+    """The non-tensor types DeepSpeed writes into a ZeRO checkpoint (0.19.8)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, fragment_address]
+
+
+class SafeCheckpointEngine:
+    """DeepSpeed's checkpoint engine with ``load`` through ``torch.load(weights_only=True)``.
+
+    Everything else (save, commit, ...) is the wrapped engine's."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location=None):
+        return load_checkpoint_file(path, map_location)
+
+
+def load_checkpoint_file(path: str | Path, map_location=None) -> Any:
+    """``torch.load(weights_only=True)`` with the DeepSpeed allow-list; errors name the file."""
+    import pickle
+    import re
+
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"'{found.group(1)}'" if found else "an object torch refuses to unpickle"
+        raise ValueError(
+            f"{path}: refused to load: it holds {what}, not tensors or DeepSpeed's checkpoint "
+            "types (loading it would run code from the file); only load checkpoints you wrote"
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(
+            f"{path}: not a readable torch checkpoint file ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); expected a complete "
+            "file written by engine.save_checkpoint (truncated or damaged?)"
+        ) from e
+
+
+def save_engine(engine, folder: Path, tag: str) -> None:
+    """Every rank writes its partition (collective)."""
+    engine.save_checkpoint(str(folder), tag=tag)
+
+
+def load_engine(engine, folder: Path, tag: str) -> None:
+    """Load model, optimizer and scheduler state written by :func:`save_engine` (collective)."""
+    path, _ = engine.load_checkpoint(str(folder), tag=tag)
+    if path is None:
+        raise FileNotFoundError(f"{folder}/{tag}: DeepSpeed found no checkpoint to load there")
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def gathered(model: torch.nn.Module, engine):
+    """Context in which every parameter is whole on every rank (collective under ZeRO-3)."""
+    if engine.zero_optimization_stage() != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()))
+
+
+def full_state_dict(engine, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """fp32 weights gathered from DeepSpeed's partitions (collective); the dict on rank 0 only."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    stage = engine.zero_optimization_stage()
+    sd: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        full = safe_get_full_fp32_param(p) if (stage > 0 and p.requires_grad) else None
+        if full is None:
+            full = p.detach() if stage < 3 else _gather(p)
+        sd[name] = full.detach().float().cpu().clone()
+    buffers = {n: b.detach().cpu().clone() for n, b in model.named_buffers()}
+    sd.update({n: b for n, b in buffers.items() if n in model.state_dict()})
+    return sd if engine.global_rank == 0 else None
+
+
+def _gather(p: torch.nn.Parameter) -> torch.Tensor:
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p]):
+        return p.detach().clone()
+
+
+def peak_memory_mb(engine) -> float:
+    """Peak accelerator memory of this worker, else its peak resident memory (MiB)."""
+    if engine.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(engine.device) / 2**20
+    from mtrec_dist.utils import peak_rss_mb
+
+    return peak_rss_mb()
+
+
+# --------------------------------------------------------------------------- per-group gradients
 
 
 @dataclass
@@ -57,6 +255,21 @@ class _Slot:
     offset: int  # where it lives in our flat buffers
     shared: bool  # counts in the Gram / gets the surgery coefficients
     owned: bool  # this rank contributes it to the partial Gram (ZeRO 0: one replica only)
+
+
+GRAM_CHUNK = 1 << 20  # elements per float64 block of the Gram products
+
+
+def gram64(a: torch.Tensor, b: torch.Tensor, chunk: int = GRAM_CHUNK) -> torch.Tensor:
+    """``a @ b.T`` ([r, n] x [s, n] -> [r, s]) with every product and sum in float64.
+
+    Partial dot products formed in fp32/bf16 lose ~1e-3 relative over the 22M elements of
+    MiniLM, and the Gram matrix decides the surgery coefficients; converting ``chunk`` columns
+    at a time to float64 bounds the extra memory to ``(r + s) * chunk`` doubles."""
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+    for i in range(0, a.shape[1], chunk):
+        out += a[:, i : i + chunk].double() @ b[:, i : i + chunk].double().t()
+    return out
 
 
 class MultiTaskGradients:
@@ -119,7 +332,6 @@ class MultiTaskGradients:
         self._segments: list[tuple[int, int]] | None = None  # shared+owned ranges in _bufs
         self._micro = 0
         self._overhead = 0.0  # seconds spent outside backward/step (copies, Gram, combination)
-        self._steps = 0
 
     # --- DeepSpeed's buffers, per stage --------------------------------------------------
     def _slots(self) -> list[_Slot]:
@@ -257,8 +469,11 @@ class MultiTaskGradients:
             self._segments = segs
         return self._bufs
 
-    def step(self) -> dict[str, float]:
-        """At the accumulation boundary: Gram, coefficients, fused combination, optimizer step."""
+    def step(self, step: int) -> dict[str, float]:
+        """At the accumulation boundary: Gram, coefficients, fused combination, optimizer step.
+
+        ``step`` is the index of this optimizer step in the run (the loop's counter, restored
+        on resume): methods whose choice depends on it (PCGrad's visiting order) use it."""
         if self._micro != self.gas:
             raise RuntimeError(
                 f"step() after {self._micro} micro-batches; expected gradient_accumulation_steps"
@@ -267,7 +482,6 @@ class MultiTaskGradients:
         if self._summed:
             self.engine.step()
             self._micro = 0
-            self._steps += 1
             return {"surgery/time_s": 0.0, "surgery/extra_bytes": 0.0}
         t0 = time.perf_counter()
         t_n = len(self.groups)
@@ -282,7 +496,7 @@ class MultiTaskGradients:
         else:
             held = None
         gram = self._gram(slots, held)
-        proj = surgery.projection(self.mode, gram, self.groups, seed=self.seed, step=self._steps)
+        proj = surgery.projection(self.mode, gram, self.groups, seed=self.seed, step=step)
         c = proj.sum(0)
         if held is not None and t_n > 1:
             c_rest = c[:last].to(held.dtype).to(held.device)
@@ -306,11 +520,10 @@ class MultiTaskGradients:
         overhead = self._overhead + time.perf_counter() - t0
         self.engine.step()
         self._micro, self._overhead = 0, 0.0
-        self._steps += 1
         return self._stats(gram, proj, c, overhead, extra, n_local)
 
     def _gram(self, slots: list[_Slot], held: torch.Tensor | None) -> torch.Tensor:
-        """All-reduced T×T Gram matrix of the global group gradients (float64)."""
+        """All-reduced T×T Gram matrix of the global group gradients, accumulated in float64."""
         t_n = len(self.groups)
         dev = slots[0].view.device if slots else torch.device("cpu")
         gram = torch.zeros(t_n, t_n, dtype=torch.float64, device=dev)
@@ -318,15 +531,14 @@ class MultiTaskGradients:
         if held is not None and t_n > 1:
             for off, n in self._segments or []:
                 blk = held[:, off : off + n]  # [T−1, n]
-                gram[:last, :last] += (blk @ blk.t()).double()
+                gram[:last, :last] += gram64(blk, blk)
         for s in slots:
             if not (s.shared and s.owned) or s.view.numel() == 0:
                 continue
-            v = s.view
+            v = s.view.unsqueeze(0)  # [1, n]
             if held is not None and t_n > 1:
-                cross = (held[:, s.offset : s.offset + v.numel()] @ v).double()  # [T−1]
-                gram[:last, last] += cross
-            gram[last, last] += torch.dot(v, v).double()
+                gram[:last, last] += gram64(held[:, s.offset : s.offset + v.shape[1]], v)[:, 0]
+            gram[last, last] += gram64(v, v)[0, 0]
         gram[last, :last] = gram[:last, last]
         if self._world > 1:
             dist.all_reduce(gram)
@@ -335,13 +547,12 @@ class MultiTaskGradients:
     def _stats(self, gram, proj, c, overhead, extra, n_local) -> dict[str, float]:
         st: dict[str, float] = {}
         for k, g in enumerate(self.groups):
-            st[f"grad/norm/{g}"] = max(float(gram[k, k]), 0.0) ** 0.5
-            st[f"grad/coef/{g}"] = float(c[k])
+            st[surgery.norm_key(g)] = max(float(gram[k, k]), 0.0) ** 0.5
+            st[surgery.coef_key(g)] = float(c[k])
         if len(self.groups) >= 2:
-            st["grad/cos_before"] = surgery.cosine(gram, 0, 1)
+            st[surgery.COS_BEFORE] = surgery.cosine(gram, 0, 1)
             st["grad/conflict"] = float(gram[0, 1] < 0)
-        for k, v in surgery.combined_gram_stats(gram, proj).items():
-            st[f"grad/{k}"] = v
+        st.update(surgery.combined_gram_stats(gram, proj))
         st["surgery/time_s"] = overhead
         st["surgery/extra_bytes"] = float(extra)
         st["surgery/partition_elems"] = float(n_local)
