@@ -129,7 +129,7 @@ def _evaluate(engine, model, cfg: Config, log, step: int) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from mtrec_dist.eval.predict import evaluate_model
+    from mtrec_dist.eval.evaluate import evaluate_model
 
     stage3 = engine.zero_optimization_stage() == 3
     ctx = deepspeed.zero.GatheredParameters(list(model.parameters())) if stage3 else _Null()
