@@ -36,7 +36,8 @@ from mtrec_dist.utils import atomic_open
 
 PREDICTION_NAME = "prediction.txt"
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed entry time: the same predictions give the same zip bytes
-LINE = re.compile(r"(\S+) \[(\d+(?:,\d+)*)?\]")  # the whole line: id, one space, [v1,v2,...]
+INT = r"(?:0|[1-9][0-9]*)"  # a JSON integer (the scorer json.loads the list): no sign, no 0-padding
+LINE = re.compile(rf"(\S+) \[({INT}(?:,{INT})*)?\]")  # the whole line: id, one space, [v1,...]
 
 
 def ranks_from_scores(scores: Sequence[float] | np.ndarray) -> list[int]:
@@ -61,7 +62,7 @@ class PredictionError(ValueError):
 
 def parse_line(line: str) -> tuple[str, list[int]] | None:
     """``'<id> [v1,v2,...]'`` -> ``(id, [v1, v2, ...])``; None when the line breaks the grammar
-    (any other whitespace, an empty line, a sign or non-digit in the list)."""
+    (any other whitespace, an empty line, a sign, a 0-padded or non-integer value)."""
     m = LINE.fullmatch(line)
     if m is None:
         return None

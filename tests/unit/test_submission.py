@@ -136,6 +136,7 @@ GOOD_TXT = "1 [2,1,3]\n2 [1,2]\n3 [4,3,2,1]\n10 [1]\n"
         ("1 [2,1,3]\n2 [1,2]\n\n3 [4,3,2,1]\n10 [1]\n", 3, "a blank line"),  # blank inside
         ("1 [2,1,3]\n2 [1,2]\n3 [4,3,2,1]\n10 [1]\n\n", 5, "a blank line"),  # blank at the end
         ("1 [2,1,3]\n2 [1,+2]\n3 [4,3,2,1]\n10 [1]\n", 2, r"'2 \[1,\+2\]'"),  # a sign
+        ("1 [2,1,3]\n2 [1,02]\n3 [4,3,2,1]\n10 [1]\n", 2, r"'2 \[1,02\]'"),  # not JSON
     ],
 )
 def test_score_rejects_what_the_leaderboard_rejects_naming_the_line(tmp_path, text, line, named):
