@@ -47,8 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mtrec_dist.config import Config  # noqa: E402
-from mtrec_dist.data.prepared import load_manifest  # noqa: E402
-from mtrec_dist.eval import predict as P  # noqa: E402
+from mtrec_dist.eval import engine as E  # noqa: E402
+from mtrec_dist.eval.predict import predict  # noqa: E402
+from mtrec_dist.eval.run_folder import read_manifest  # noqa: E402
 from mtrec_dist.utils import atomic_write_json, peak_rss_mb, sha256_file  # noqa: E402
 
 LARGE_TEST_IMPRESSIONS = 2_370_727
@@ -84,15 +85,15 @@ def _make_run(work: Path, prepared: Path, workers: int, per_part: int) -> tuple[
     cfg.eval.num_workers = workers
     cfg.eval.impressions_per_part = per_part
     cfg.run_dir = str(work / "run")
-    manifest = load_manifest(prepared)
+    manifest = read_manifest(prepared)
     torch.manual_seed(0)
     model = build_model(cfg, manifest).eval()
     export_run(model, cfg, manifest, step=0)
     return Path(cfg.run_dir), model
 
 
-def _measure_encoding(eng: P.Engine, rows: np.ndarray, n_titles: int, batch: int) -> dict:
-    chunks = P.encode_chunks(eng.table, rows, batch)
+def _measure_encoding(eng: E.Engine, rows: np.ndarray, n_titles: int, batch: int) -> dict:
+    chunks = E.encode_chunks(eng.table, rows, batch)
     pick = np.random.default_rng(0).permutation(len(chunks))  # every title length
     done, secs = 0, 0.0
     for c in pick:
@@ -111,14 +112,14 @@ def _measure_encoding(eng: P.Engine, rows: np.ndarray, n_titles: int, batch: int
     }
 
 
-def _sorted_vs_contiguous(eng: P.Engine, prepared: Path, split: str, spec) -> dict:
-    samples = list(P.iter_part(prepared, split, spec))
+def _sorted_vs_contiguous(eng: E.Engine, prepared: Path, split: str, spec) -> dict:
+    samples = list(E.iter_part(prepared, split, spec))
     t0 = time.perf_counter()
     eng.score_many(samples)
     t_sorted = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for i in range(0, len(samples), P.SCORE_BATCH):
-        eng.score_samples(samples[i : i + P.SCORE_BATCH])
+    for i in range(0, len(samples), E.SCORE_BATCH):
+        eng.score_samples(samples[i : i + E.SCORE_BATCH])
     t_contig = time.perf_counter() - t0
     return {
         "impressions": len(samples),
@@ -148,13 +149,13 @@ def main() -> None:
     else:
         _say("generating + preparing synthetic small data")
         prepared, source = _prepare_small(work), "synthetic small (generated + prepared)"
-    manifest = load_manifest(prepared)
+    manifest = read_manifest(prepared)
     info = manifest["splits"][a.split]
     n_imp, n_cand = int(info["impressions"]), int(info["candidates"])
 
     _say("building and exporting MTRec/MiniLM into a run folder")
     run, model = _make_run(work, prepared, a.workers, a.per_part)
-    eng = P.Engine(model, prepared, a.split)
+    eng = E.Engine(model, prepared, a.split)
 
     rows = eng.index_shard(0)["rows"]  # the first shard's news: the encoding sample
     _say(f"encoding {a.encode_titles} titles with MiniLM (one thread)")
@@ -165,12 +166,12 @@ def main() -> None:
 
     # seed the vector cache under the evaluator's own key -> step 2 is a cache hit
     sha = sha256_file(run / "export/model.safetensors")
-    dkey = P.data_key(manifest, a.split)
+    dkey = E.data_key(manifest, a.split)
     base = run / "eval" / a.split / f"news_vectors-{sha[:16]}"
     base.parent.mkdir(parents=True, exist_ok=True)
     D = model.encoder.hidden_size
     vecs = np.random.default_rng(0).standard_normal((len(eng.table), D)).astype(np.float32)
-    P._atomic_save_npy(base.with_suffix(".npy"), vecs)
+    E.atomic_save_npy(base.with_suffix(".npy"), vecs)
     atomic_write_json(base.with_suffix(".json"), {"model_sha256": sha, "data_key": dkey})
     del vecs
 
@@ -178,7 +179,7 @@ def main() -> None:
     out_zip = work / "prediction.zip"
     os.environ.pop("MTREC_QUIET", None)  # the evaluator's progress lines, with ETA
     t0 = time.perf_counter()
-    P.predict(run, a.split, out=out_zip, num_workers=a.workers)
+    predict(run, a.split, out=out_zip, num_workers=a.workers)
     wall = time.perf_counter() - t0
     os.environ["MTREC_QUIET"] = "1"
     rec = json.loads((run / "eval" / a.split / "prediction.json").read_text())
@@ -194,7 +195,7 @@ def main() -> None:
     _say("length-sorted vs contiguous batches on one part (this process)")
     eng.set_vectors(base.with_suffix(".npy"))
     ratio = _sorted_vs_contiguous(
-        eng, prepared, a.split, P.plan_parts(manifest, a.split, min(a.per_part, 20_000))[0]
+        eng, prepared, a.split, E.plan_parts(manifest, a.split, min(a.per_part, 20_000))[0]
     )
 
     large = n_imp == LARGE_TEST_IMPRESSIONS

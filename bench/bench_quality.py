@@ -90,7 +90,8 @@ def run_one(a: argparse.Namespace, data: Path, row: str, seed: int) -> dict:
     )
     t0, c0 = time.monotonic(), time.process_time()
     curve = quality.train_curve(cfg, a.eval_every, a.eval_impressions)
-    from mtrec_dist.eval.predict import evaluate_model, load_run
+    from mtrec_dist.eval.evaluate import evaluate_model
+    from mtrec_dist.eval.run_folder import load_run
 
     model = load_run(run_dir)[0]
     final = evaluate_model(model, cfg.prepared_dir, "dev", 0)

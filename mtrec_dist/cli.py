@@ -67,7 +67,7 @@ def cmd_tune(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from mtrec_dist.eval.predict import evaluate
+    from mtrec_dist.eval.evaluate import evaluate
 
     metrics = evaluate(a.run, split=a.split, num_workers=a.workers)
     print(json.dumps(metrics, indent=2))

@@ -19,7 +19,7 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 def run_demo(out: Path, config: str | None = None, overrides: list[str] | None = None) -> dict:
     from mtrec_dist.data.shards import prepare
     from mtrec_dist.data.synthetic import generate
-    from mtrec_dist.eval.predict import evaluate
+    from mtrec_dist.eval.evaluate import evaluate
     from mtrec_dist.eval.quality import lift_fraction
     from mtrec_dist.train.launch import run_training
 

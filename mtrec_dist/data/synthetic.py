@@ -4,7 +4,9 @@ Why: MIND itself cannot ship with the repository, and a real dataset never tells
 model *could* be. ``generate`` writes ``train/ dev/ test/`` (``news.tsv`` + ``behaviors.tsv``,
 test without labels, exactly like MIND's test split) plus ``truth/`` (the true click probability
 of every candidate and the sampled test labels) and ``synth.json`` (counts and the *ceiling*
-metrics: AUC / MRR / nDCG@5 / nDCG@10 obtained by ranking with the true probabilities). A model
+metrics: AUC / MRR / nDCG@5 / nDCG@10 obtained by ranking with the true probabilities, computed
+by the evaluator's metric code with its tie rule, so it is the figure ``mtrec evaluate`` would
+report for a model that outputs those probabilities). A model
 trained on the synthetic train split can therefore be judged against the best achievable score.
 
 Planted click model (everything a model needs is visible in the titles)
@@ -74,6 +76,7 @@ import numpy as np
 from mtrec_dist.config import ConfigError
 from mtrec_dist.data import mind
 from mtrec_dist.data.tables import Entity, Impression, News
+from mtrec_dist.eval.metrics import METRICS, ranked_impression_metrics
 from mtrec_dist.utils import Progress, atomic_open, atomic_write_json, sha256_file
 
 # --------------------------------------------------------------------------------------------
@@ -882,130 +885,35 @@ def _day_blocks(w: _World, d: int, n_imp: int, rng: np.random.Generator) -> Iter
 
 
 # --------------------------------------------------------------------------------------------
-# Ceiling metrics (MIND competition definitions, per impression, vectorised over impressions)
-
-
-def _segments(ptr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    K = np.diff(ptr)
-    return np.repeat(np.arange(len(K)), K), K
-
-
-def _ceiling_auc(ptr: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Per-impression ROC AUC (ties count 1/2, as sklearn); NaN where labels are all 0 or all 1.
-
-    Mann-Whitney: AUC = (sum of positives' average ranks - P(P+1)/2) / (P * N).
-    """
-    seg, K = _segments(ptr)
-    o = np.lexsort((scores, seg))
-    s_sorted, seg_sorted, y = scores[o], seg[o], labels[o].astype(np.float64)
-    rank = np.arange(len(o)) - ptr[:-1][seg_sorted] + 1.0  # 1-based within impression
-    new = np.ones(len(o), dtype=bool)
-    new[1:] = (seg_sorted[1:] != seg_sorted[:-1]) | (s_sorted[1:] != s_sorted[:-1])
-    g_start = np.flatnonzero(new)
-    g_end = np.concatenate([g_start[1:], [len(o)]]) - 1
-    avg = (rank[g_start] + rank[g_end]) / 2.0
-    avg_rank = np.repeat(avg, g_end - g_start + 1)
-    P = np.add.reduceat(y, ptr[:-1])
-    R = np.add.reduceat(avg_rank * y, ptr[:-1])
-    Nn = K - P
-    valid = (P > 0) & (Nn > 0)
-    out = np.full(len(K), np.nan)
-    out[valid] = (R[valid] - P[valid] * (P[valid] + 1) / 2.0) / (P[valid] * Nn[valid])
-    return out
-
-
-def _desc_ranks(ptr: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(1-based rank by descending score within impression, impression of each item)."""
-    seg, _ = _segments(ptr)
-    o = np.lexsort((-scores, seg))
-    rank = np.empty(len(o), dtype=np.float64)
-    rank[o] = np.arange(len(o)) - ptr[:-1][seg[o]] + 1.0
-    return rank, seg
-
-
-def _ceiling_mrr(
-    ptr: np.ndarray, scores: np.ndarray, labels: np.ndarray, rank: np.ndarray | None = None
-) -> np.ndarray:
-    """MIND's mrr_score per impression: sum(y / rank) / sum(y) (NaN when no click).
-
-    ``rank`` (from ``_desc_ranks``) may be passed to share one sort between metrics.
-    """
-    if rank is None:
-        rank, _ = _desc_ranks(ptr, scores)
-    y = labels.astype(np.float64)
-    P = np.add.reduceat(y, ptr[:-1])
-    rr = np.add.reduceat(y / rank, ptr[:-1])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(P > 0, rr / np.where(P > 0, P, 1), np.nan)
-
-
-def _ceiling_ndcg(
-    ptr: np.ndarray,
-    scores: np.ndarray,
-    labels: np.ndarray,
-    k: int,
-    rank: np.ndarray | None = None,
-) -> np.ndarray:
-    """MIND's ndcg_score@k per impression with gains 2^y - 1 (NaN when no click)."""
-    if rank is None:
-        rank, _ = _desc_ranks(ptr, scores)
-    y = labels.astype(np.float64)
-    gain = np.where(rank <= k, y / np.log2(rank + 1.0), 0.0)
-    dcg = np.add.reduceat(gain, ptr[:-1])
-    P = np.add.reduceat(y, ptr[:-1]).astype(np.int64)
-    disc = np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(2, k + 2)))])
-    ideal = disc[np.minimum(P, k)]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(P > 0, dcg / np.where(P > 0, ideal, 1.0), np.nan)
-
-
-def _ceiling_ndcg5(
-    ptr: np.ndarray, scores: np.ndarray, labels: np.ndarray, rank: np.ndarray | None = None
-) -> np.ndarray:
-    return _ceiling_ndcg(ptr, scores, labels, 5, rank)
-
-
-def _ceiling_ndcg10(
-    ptr: np.ndarray, scores: np.ndarray, labels: np.ndarray, rank: np.ndarray | None = None
-) -> np.ndarray:
-    return _ceiling_ndcg(ptr, scores, labels, 10, rank)
+# Ceiling metrics: the evaluator's own code and tie rule (mtrec_dist.eval.metrics, numpy only),
+# so the ceiling is what `mtrec evaluate` and `mtrec score` would report for the true
+# probabilities (quantized probabilities do tie; tied candidates rank in candidate order).
 
 
 class _MetricSums:
+    """Running sums of the per-impression metrics over the blocks of a split."""
+
     def __init__(self) -> None:
-        self.auc = 0.0
-        self.n_auc = 0
-        self.skipped = 0
-        self.mrr = self.ndcg5 = self.ndcg10 = 0.0
+        self.sums = np.zeros(len(METRICS))
+        self.defined = np.zeros(len(METRICS), dtype=np.int64)
         self.n = 0
 
     def add(self, b: _Block) -> None:
-        s = b.prob_q.astype(np.float64)
-        auc = _ceiling_auc(b.ptr, s, b.labels)
-        ok = ~np.isnan(auc)
-        self.auc += float(auc[ok].sum())
-        self.n_auc += int(ok.sum())
-        self.skipped += int((~ok).sum())
-        rank, _ = _desc_ranks(b.ptr, s)
-        for name, fn in (
-            ("mrr", _ceiling_mrr),
-            ("ndcg5", _ceiling_ndcg5),
-            ("ndcg10", _ceiling_ndcg10),
-        ):
-            v = fn(b.ptr, s, b.labels, rank)
-            setattr(self, name, getattr(self, name) + float(np.nansum(v)))
+        sizes = np.diff(b.ptr)
+        per = ranked_impression_metrics(b.labels, b.prob_q.astype(np.float64), sizes)  # [m, 4]
+        ok = ~np.isnan(per)
+        self.sums += np.where(ok, per, 0.0).sum(axis=0)
+        self.defined += ok.sum(axis=0)
         self.n += len(b.users)
 
     def result(self) -> dict:
-        return {
-            "auc": self.auc / max(self.n_auc, 1),
-            "mrr": self.mrr / max(self.n, 1),
-            "ndcg@5": self.ndcg5 / max(self.n, 1),
-            "ndcg@10": self.ndcg10 / max(self.n, 1),
-            "impressions": self.n,
-            "auc_impressions": self.n_auc,
-            "auc_skipped_all_same_label": self.skipped,
-        }
+        mean = self.sums / np.maximum(self.defined, 1)
+        out = {name: float(mean[j]) for j, name in enumerate(METRICS)}
+        n_auc = int(self.defined[0])
+        out.update(
+            impressions=self.n, auc_impressions=n_auc, auc_skipped_all_same_label=self.n - n_auc
+        )
+        return out
 
 
 # --------------------------------------------------------------------------------------------

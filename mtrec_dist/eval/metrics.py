@@ -13,6 +13,16 @@ order in the impression (MIND's ``np.argsort(s)[::-1]`` breaks ties arbitrarily 
 of candidate order with numpy's default quicksort on small arrays — so results on tied
 scores may differ from MIND's by construction; on tie-free scores they are identical).
 
+**The tie rule of everything we report** (:func:`ranked_impression_metrics`): a model's scores
+are first turned into the ranks ``prediction.txt`` would carry (:func:`stable_ranks`: 1 = highest
+score, tied candidates ranked in candidate order, the earlier one better), and the metrics are
+MIND's on ``score = -rank``, exactly what the leaderboard computes from a submission. So a dev
+figure of ``mtrec evaluate``, the trainer's dev figure, the synthetic generator's ceiling and
+``mtrec score`` of the prediction file of the same scores all agree, ties or not; on tie-free
+scores it equals MIND's metrics on the raw scores. (AUC on raw tied scores would give each tied
+pair 1/2 — the submission cannot express a tie, so a dev figure computed that way could not be
+reproduced by any prediction file.)
+
 Undefined values, and how they are handled (counted in the output, never silently dropped):
 
 * an impression whose labels are all 0 or all 1 has no AUC (``roc_auc_score`` raises on one
@@ -154,6 +164,30 @@ def impression_metrics(labels: np.ndarray, scores: np.ndarray, sizes: np.ndarray
     return out
 
 
+def ranked_impression_metrics(
+    labels: np.ndarray, scores: np.ndarray, sizes: np.ndarray
+) -> np.ndarray:
+    """Per-impression metrics ``[m, 4]`` of the ranks a submission would carry (the tie rule).
+
+    Scores -> :func:`stable_ranks` per impression -> :func:`impression_metrics` on ``-rank``:
+    identical to scoring the ``prediction.txt`` written from these scores.
+    """
+    scores = np.asarray(scores)
+    if scores.size and np.isnan(scores.astype(np.float64)).any():
+        raise ValueError("scores contain NaN; a model produced an invalid score")
+    return impression_metrics(labels, -ranks_of(scores, sizes).astype(np.float64), sizes)
+
+
+def ranks_of(scores: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Flat 1-based ranks of flat scores of impressions with ``sizes`` candidates (per impression,
+    :func:`stable_ranks`' tie rule), vectorised by candidate count."""
+    scores = np.asarray(scores, dtype=np.float64)
+    out = np.empty(scores.shape, dtype=np.int64)
+    for _, _, flat in groups_by_size(sizes):
+        out[flat] = stable_ranks(scores[flat])
+    return out
+
+
 def summarize(per_impression: np.ndarray) -> dict:
     """Average the rows of :func:`impression_metrics` over impressions where each is defined.
 
@@ -173,8 +207,14 @@ def summarize(per_impression: np.ndarray) -> dict:
 
 
 def compute_metrics(labels: np.ndarray, scores: np.ndarray, sizes: np.ndarray) -> dict:
-    """AUC, MRR, nDCG@5, nDCG@10 averaged over impressions (flat arrays + candidate counts)."""
+    """AUC, MRR, nDCG@5, nDCG@10 averaged over impressions (flat arrays + candidate counts),
+    on the raw scores (a tie counts 1/2 in AUC). What we report uses :func:`ranked_metrics`."""
     return summarize(impression_metrics(labels, scores, sizes))
+
+
+def ranked_metrics(labels: np.ndarray, scores: np.ndarray, sizes: np.ndarray) -> dict:
+    """:func:`compute_metrics` under the tie rule: the metrics of the submission's ranks."""
+    return summarize(ranked_impression_metrics(labels, scores, sizes))
 
 
 def compute_metrics_lists(labels: list, scores: list) -> dict:

@@ -74,7 +74,7 @@ def train_curve(cfg: Config, eval_every: int, eval_impressions: int) -> list[dic
     ``eval_impressions`` impressions) at step 0, every ``eval_every`` steps and at the end."""
     import torch
 
-    from mtrec_dist.eval.predict import evaluate_model
+    from mtrec_dist.eval.evaluate import evaluate_model
     from mtrec_dist.train.local import train_local
     from mtrec_dist.train.steps import step_plan
 

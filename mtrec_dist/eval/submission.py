@@ -4,19 +4,26 @@
 
     <ImpressionID> [r1,r2,...]      r_i = 1-based rank of candidate i (1 = highest score)
 
-zipped alone as ``prediction.zip``. ``truth.txt`` (the organisers' side) has
+zipped as ``prediction.zip`` with ``prediction.txt`` at the zip's root. ``truth.txt`` (the organisers' side) has
 ``<ImpressionID> [l1,l2,...]`` with 0/1 labels. The leaderboard scorer turns ranks back into
 scores as ``-rank`` and computes AUC/MRR/nDCG per impression (:mod:`mtrec_dist.eval.metrics`).
 
 Why validate while writing: a submission with a missing, duplicated or shuffled impression, or
 with a rank list that is not a permutation, is rejected (or silently mis-scored) by the
-leaderboard hours later; it is far cheaper to fail here, naming the impression. The zip is
+leaderboard hours later; it is far cheaper to fail here, naming the impression.
+
+The line grammar is the leaderboard's, and one function (:func:`parse_line`) holds it for the
+writer and the reader alike: ``<id> [<int>,<int>,...]`` with one space, no other whitespace (the
+official scorer splits the line on whitespace, so ``[1, 2]`` is three fields), no blank line
+inside the file (it reads the prediction line by line against the truth file), and the zip must
+hold ``prediction.txt`` at its root (it opens exactly that path after extracting). The zip is
 written to a temporary file and renamed, so a failure never leaves a partial zip behind.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -24,11 +31,13 @@ from pathlib import Path
 import numpy as np
 
 from mtrec_dist.data.tables import DataError
-from mtrec_dist.eval.metrics import compute_metrics, groups_by_size, stable_ranks
+from mtrec_dist.eval.metrics import compute_metrics, ranks_of, stable_ranks
 from mtrec_dist.utils import atomic_open
 
 PREDICTION_NAME = "prediction.txt"
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed entry time: the same predictions give the same zip bytes
+INT = r"(?:0|[1-9][0-9]*)"  # a JSON integer (the scorer json.loads the list): no sign, no 0-padding
+LINE = re.compile(rf"(\S+) \[({INT}(?:,{INT})*)?\]")  # the whole line: id, one space, [v1,...]
 
 
 def ranks_from_scores(scores: Sequence[float] | np.ndarray) -> list[int]:
@@ -38,12 +47,9 @@ def ranks_from_scores(scores: Sequence[float] | np.ndarray) -> list[int]:
 
 
 def ranks_grouped(scores: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """Flat ranks for flat scores of impressions with ``sizes`` candidates (vectorised by size)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    out = np.empty(scores.shape, dtype=np.int64)
-    for _, _, flat in groups_by_size(sizes):
-        out[flat] = stable_ranks(scores[flat])
-    return out
+    """Flat ranks for flat scores of impressions with ``sizes`` candidates (the tie rule of
+    :func:`mtrec_dist.eval.metrics.ranks_of`, which the dev metrics use too)."""
+    return ranks_of(scores, sizes)
 
 
 def format_line(impression_id: str, ranks: Sequence[int]) -> str:
@@ -52,6 +58,15 @@ def format_line(impression_id: str, ranks: Sequence[int]) -> str:
 
 class PredictionError(ValueError):
     """A prediction stream or file is not a valid submission; the message names the impression."""
+
+
+def parse_line(line: str) -> tuple[str, list[int]] | None:
+    """``'<id> [v1,v2,...]'`` -> ``(id, [v1, v2, ...])``; None when the line breaks the grammar
+    (any other whitespace, an empty line, a sign, a 0-padded or non-integer value)."""
+    m = LINE.fullmatch(line)
+    if m is None:
+        return None
+    return m.group(1), [int(v) for v in m.group(2).split(",")] if m.group(2) else []
 
 
 def _check_ranks(imp: str, ranks: list[int], n_expected: int | None, where: str) -> None:
@@ -106,7 +121,13 @@ def write_prediction(
                     seen.add(imp)
                     n_exp = None if expected_sizes is None else int(expected_sizes[i])
                     _check_ranks(imp, ranks, n_exp, "")
-                    f.write(format_line(imp, ranks) + "\n")
+                    text = format_line(imp, ranks)
+                    if parse_line(text) is None:  # e.g. an id holding whitespace
+                        raise PredictionError(
+                            f"impression {imp!r} (line {i + 1}): {text[:80]!r} is not a "
+                            "leaderboard line '<id> [r1,r2,...]' (an id without whitespace)"
+                        )
+                    f.write(text + "\n")
                     n_lines += 1
                 if exp_ids is not None and n_lines < len(exp_ids):
                     raise PredictionError(
@@ -143,41 +164,44 @@ def _check_order(imp: str, i: int, exp_ids: list[str], exp_pos: dict[str, int], 
 
 
 def _read_text(path: Path) -> list[str]:
-    """Lines of a .txt file, or of the single .txt inside a .zip (prediction.zip)."""
+    """Lines of a .txt file, or of ``prediction.txt`` at the root of a .zip (prediction.zip)."""
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
-            names = [n for n in zf.namelist() if not n.endswith("/")]
-            txt = [n for n in names if n.rsplit("/", 1)[-1] == PREDICTION_NAME] or names
-            if len(txt) != 1:
-                raise DataError(path, None, f"expected one prediction.txt in the zip, got {names}")
-            data = zf.read(txt[0])
+            names = zf.namelist()
+            if PREDICTION_NAME not in names:
+                raise DataError(
+                    path,
+                    None,
+                    f"no {PREDICTION_NAME} at the zip's root (members: {names[:10]}); the "
+                    f"leaderboard reads exactly {PREDICTION_NAME}: zip it without a folder",
+                )
+            data = zf.read(PREDICTION_NAME)
     else:
         data = path.read_bytes()
-    return data.decode("utf-8").splitlines()
+    lines = data.decode("utf-8").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the final newline ends the last line
+    return lines
 
 
 def read_bracket_file(path: str | Path) -> tuple[list[str], list[np.ndarray]]:
-    """``ImpressionID [a,b,...]`` lines -> (ids, int arrays); blank lines are ignored."""
+    """``ImpressionID [a,b,...]`` lines -> (ids, int arrays), in the leaderboard's grammar
+    (:func:`parse_line`); a blank line or stray whitespace raises naming the line."""
     path = Path(path)
     ids: list[str] = []
     values: list[np.ndarray] = []
     for line_no, line in enumerate(_read_text(path), start=1):
-        line = line.strip()
-        if not line:
-            continue
-        imp, _, rest = line.partition(" ")
-        rest = rest.strip()
-        if not imp or not (rest.startswith("[") and rest.endswith("]")):
-            raise DataError(path, line_no, "expected 'ImpressionID [v1,v2,...]'")
-        body = rest[1:-1].strip()
-        try:
-            vals = np.array([int(v) for v in body.split(",")] if body else [], dtype=np.int64)
-        except ValueError:
+        parsed = parse_line(line)
+        if parsed is None:
+            what = "a blank line" if not line.strip() else repr(line[:80])
             raise DataError(
-                path, line_no, f"impression {imp}: expected integers in {rest}"
-            ) from None
-        ids.append(imp)
-        values.append(vals)
+                path,
+                line_no,
+                f"{what}: expected 'ImpressionID [v1,v2,...]' (one space after the id, no other "
+                "whitespace, no blank lines), as the leaderboard reads it",
+            )
+        ids.append(parsed[0])
+        values.append(np.array(parsed[1], dtype=np.int64))
     return ids, values
 
 

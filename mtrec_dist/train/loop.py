@@ -111,7 +111,7 @@ def _evaluate(engine, model, cfg: Config, log, step: int) -> None:
     """Periodic dev metrics on rank 0 (every rank joins the gathers under ZeRO-3)."""
     import torch.distributed as dist
 
-    from mtrec_dist.eval.predict import evaluate_model
+    from mtrec_dist.eval.evaluate import evaluate_model
     from mtrec_dist.train.ds_engine import gathered
 
     with gathered(model, engine):

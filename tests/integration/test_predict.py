@@ -17,8 +17,11 @@ from torch import nn
 from mtrec_dist.config import ConfigError, dump_config, load_config
 from mtrec_dist.data.batch import NewsTable
 from mtrec_dist.data.stream import eval_impressions
-from mtrec_dist.eval import predict as P
+from mtrec_dist.eval import engine
+from mtrec_dist.eval.evaluate import evaluate, evaluate_model
 from mtrec_dist.eval.metrics import METRICS, compute_metrics_lists
+from mtrec_dist.eval.predict import predict
+from mtrec_dist.eval.run_folder import load_run
 from mtrec_dist.eval.submission import ranks_from_scores, score_submission, write_prediction
 from mtrec_dist.models.outputs import TaskOutputs
 from mtrec_dist.models.registry import build_model
@@ -81,8 +84,8 @@ def run1(data):
     """Uninterrupted single-process reference: dev metrics and a test prediction."""
     base, cfg, manifest = data
     run = make_run(base, cfg, manifest, "run1")
-    metrics = P.evaluate(run, "dev", num_workers=1)
-    pred = P.predict(run, "test", out=base / "p1.zip", num_workers=1)
+    metrics = evaluate(run, "dev", num_workers=1)
+    pred = predict(run, "test", out=base / "p1.zip", num_workers=1)
     return run, metrics, pred
 
 
@@ -106,6 +109,18 @@ def _labels_scores(prepared: Path, split: str, model) -> tuple[list, list]:
     return labels, scores
 
 
+def _submission_metrics(labels: list, scores: list) -> dict:
+    """Reference under the tie rule: MIND's metrics of -rank, ranks by descending score with a
+    tie ranked in candidate order (Python's stable sort, not the evaluator's code)."""
+    neg_ranks = []
+    for s in scores:
+        order = sorted(range(len(s)), key=lambda j: -float(s[j]))
+        rank = np.empty(len(s))
+        rank[order] = np.arange(1, len(s) + 1)
+        neg_ranks.append(-rank)
+    return compute_metrics_lists(labels, neg_ranks)
+
+
 def _part_arrays(run: Path, split: str, key: str) -> np.ndarray:
     parts = sorted((run / "eval" / split / "parts").glob("part-*.npz"))
     return np.concatenate([np.load(p)[key] for p in parts])
@@ -114,13 +129,13 @@ def _part_arrays(run: Path, split: str, key: str) -> np.ndarray:
 def test_single_process_matches_per_impression_forward(data, run1):
     base, cfg, manifest = data
     run, metrics, pred = run1
-    model, *_ = P.load_run(run)
+    model, *_ = load_run(run)
     labels, scores = _labels_scores(cfg.prepared_dir, "dev", model)
     # cached vectors + score_news_vectors == model(batch) one impression at a time (float32 noise)
     stored = _part_arrays(run, "dev", "scores")
     np.testing.assert_allclose(stored, np.concatenate(scores), rtol=0, atol=1e-3)
     # the reported metrics are the metrics of those scores (the part/merge plumbing is exact)
-    ref = compute_metrics_lists(labels, np.split(stored, np.cumsum([len(y) for y in labels])[:-1]))
+    ref = _submission_metrics(labels, np.split(stored, np.cumsum([len(y) for y in labels])[:-1]))
     assert {k: metrics[k] for k in ref} == ref
     assert metrics["impressions"] == 100 and metrics["parts"] == 15
     assert (
@@ -129,7 +144,7 @@ def test_single_process_matches_per_impression_forward(data, run1):
     )
     assert json.loads((run / "eval/dev/metrics.json").read_text()) == metrics
     # the trainer's in-memory path (other batch boundaries) gives the same numbers
-    mem = P.evaluate_model(model, cfg.prepared_dir, "dev")
+    mem = evaluate_model(model, cfg.prepared_dir, "dev")
     for k in ("auc", "mrr", "ndcg@5", "ndcg@10"):
         assert mem[k] == pytest.approx(metrics[k], abs=1e-3)
     # prediction.txt: test ids in behaviors order, ranks of the stored scores (ties by order)
@@ -151,11 +166,11 @@ def test_three_ray_workers_byte_identical(data, run1):
     run3 = copy_run(run, "run3")
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        pred3 = P.predict(run3, "dev", out=base / "dev3.zip", num_workers=3)
+        pred3 = predict(run3, "dev", out=base / "dev3.zip", num_workers=3)
     finally:
         ray.shutdown()
     # the reference reuses run1's dev parts, written by the single-process evaluate()
-    pred1 = P.predict(run, "dev", out=base / "dev1.zip", num_workers=1)
+    pred1 = predict(run, "dev", out=base / "dev1.zip", num_workers=1)
     assert _txt(pred3) == _txt(pred1)
     assert pred3.read_bytes() == pred1.read_bytes()  # fixed zip entry time: same bytes
     # the record of the 3-worker prediction: one memory figure per worker, every stage timed
@@ -176,26 +191,36 @@ def test_three_ray_workers_byte_identical(data, run1):
             for k in ("ids", "sizes", "scores", "labels", "metrics"):
                 assert np.array_equal(x[k], y[k], equal_nan=k == "metrics")
     # dev parts were scored by the Ray workers; evaluate now reuses them all (no workers)
-    m3 = P.evaluate(run3, "dev", num_workers=3)
+    m3 = evaluate(run3, "dev", num_workers=3)
     assert m3["parts_reused"] == 15 and m3["news_encoded"] == 0
     assert {k: m3[k] for k in ("auc", "mrr", "ndcg@5", "ndcg@10")} == {
         k: metrics[k] for k in ("auc", "mrr", "ndcg@5", "ndcg@10")
     }
 
 
-def test_restart_skips_finished_parts(data, run1, monkeypatch):
+class Stop(Exception):
+    """Raised by the test's on_part hook: a crash after some parts were written."""
+
+
+def _stop_after(k: int):
+    def on_part(written: int) -> None:
+        if written >= k:
+            raise Stop(f"stopping after {written} parts")
+
+    return on_part
+
+
+def test_restart_skips_finished_parts(data, run1):
     base, cfg, manifest = data
     run, _, pred = run1
     runr = copy_run(run, "run_restart")
-    monkeypatch.setenv(P.FAIL_ENV, "4")
-    with pytest.raises(P.SimulatedCrash):
-        P.predict(runr, "test", out=base / "pr.zip", num_workers=1)
+    with pytest.raises(Stop):
+        predict(runr, "test", out=base / "pr.zip", num_workers=1, on_part=_stop_after(4))
     assert not (base / "pr.zip").exists()
     parts = sorted((runr / "eval/test/parts").glob("part-*.npz"))
     assert [p.name for p in parts] == [f"part-{i:05d}.npz" for i in range(4)]
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in parts}
-    monkeypatch.delenv(P.FAIL_ENV)
-    out = P.predict(runr, "test", out=base / "pr.zip", num_workers=1)
+    out = predict(runr, "test", out=base / "pr.zip", num_workers=1)
     after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in parts}
     assert after == before
     assert len(list((runr / "eval/test/parts").glob("part-*.npz"))) == 15
@@ -206,7 +231,7 @@ def test_news_encoded_exactly_once(data, run1, monkeypatch):
     base, cfg, manifest = data
     runc = copy_run(run1[0], "run_count")
     seen: list[np.ndarray] = []
-    cls = type(P.load_run(runc)[0])
+    cls = type(load_run(runc)[0])
     orig = cls.encode_news
 
     def counting(self, batch):
@@ -214,7 +239,7 @@ def test_news_encoded_exactly_once(data, run1, monkeypatch):
         return orig(self, batch)
 
     monkeypatch.setattr(cls, "encode_news", counting)
-    m = P.evaluate(runc, "dev", num_workers=1)
+    m = evaluate(runc, "dev", num_workers=1)
     rows = np.concatenate(seen)
     # needed rows computed independently from the shards: history ∪ candidates
     need = set()
@@ -224,7 +249,7 @@ def test_news_encoded_exactly_once(data, run1, monkeypatch):
     assert sorted(rows.tolist()) == sorted(need)  # each needed row once, nothing else
     assert m["news_encoded"] == m["news_needed"] == len(need)
     seen.clear()
-    m2 = P.evaluate(runc, "dev", num_workers=1)  # cache hit: nothing encoded again
+    m2 = evaluate(runc, "dev", num_workers=1)  # cache hit: nothing encoded again
     assert seen == [] and m2["news_encoded"] == 0 and m2["parts_reused"] == 15
 
 
@@ -234,7 +259,7 @@ def test_tokenizer_mismatch_is_a_clear_error(data, run1):
     meta["tokenizer"] = {"name": "OtherTokenizer", "vocab_hash": "0" * 64}
     (runt / "export/meta.json").write_text(json.dumps(meta))
     with pytest.raises(ConfigError, match="does not match the prepared data"):
-        P.evaluate(runt, "dev", num_workers=1)
+        evaluate(runt, "dev", num_workers=1)
 
 
 def test_news_table_mismatch_is_a_clear_error(data, run1):
@@ -243,7 +268,7 @@ def test_news_table_mismatch_is_a_clear_error(data, run1):
     meta["vocab_sha256"] = "f" * 64  # trained on a news table with other vocabularies
     (runv / "export/meta.json").write_text(json.dumps(meta))
     with pytest.raises(ConfigError, match="other vocabularies"):
-        P.evaluate(runv, "dev", num_workers=1)
+        evaluate(runv, "dev", num_workers=1)
 
 
 class TrueProbs(nn.Module):
@@ -273,23 +298,22 @@ class TrueProbs(nn.Module):
 def test_true_probabilities_reach_the_ceiling(data):
     base, cfg, manifest = data
     synth = json.loads((base / "raw/synth.json").read_text())
-    res = P.evaluate_model(TrueProbs(base / "raw/truth/dev_probs.tsv"), cfg.prepared_dir, "dev")
+    res = evaluate_model(TrueProbs(base / "raw/truth/dev_probs.tsv"), cfg.prepared_dir, "dev")
     ceil = synth["ceiling"]["dev"]
-    assert res["auc"] == pytest.approx(ceil["auc"], abs=1e-12)
+    for k in METRICS:  # the ceiling is computed by the same metric code and tie rule
+        assert res[k] == pytest.approx(ceil[k], abs=1e-12), k
     assert res["impressions"] == ceil["impressions"]
     assert res["auc_skipped"] == ceil["auc_skipped_all_same_label"]
     # and through the submission path on the test split: ranks break ties by candidate order,
-    # so the ceiling is reproduced exactly when no impression has tied probabilities
+    # as the ceiling does, so it is reproduced exactly, tied probabilities or not
     truth = base / "raw/truth/test_truth.txt"
-    lines, tied = [], False
+    lines = []
     for line in (base / "raw/truth/test_probs.tsv").read_text().splitlines():
         imp, text = line.split("\t")
-        probs = [float(x) for x in text.split(",")]
-        tied |= len(set(probs)) < len(probs)
-        lines.append((imp, ranks_from_scores(probs)))
+        lines.append((imp, ranks_from_scores([float(x) for x in text.split(",")])))
     sub = score_submission(write_prediction(lines, base / "ceil.zip"), truth)
-    for k in ("auc", "mrr", "ndcg@5", "ndcg@10"):
-        assert sub[k] == pytest.approx(synth["ceiling"]["test"][k], abs=0.01 if tied else 1e-12)
+    for k in METRICS:
+        assert sub[k] == pytest.approx(synth["ceiling"]["test"][k], abs=1e-12), k
 
 
 class FakeCross(nn.Module):
@@ -307,19 +331,19 @@ class FakeCross(nn.Module):
 
 def test_cross_encoder_path_and_max_impressions(data, monkeypatch):
     base, cfg, manifest = data
-    monkeypatch.setattr(P, "CROSS_CHUNK", 7)  # impressions of 10-32 candidates -> 2-5 chunks
+    monkeypatch.setattr(engine, "CROSS_CHUNK", 7)  # impressions of 10-32 candidates -> 2-5 chunks
     table = NewsTable(cfg.prepared_dir)
     samples = list(eval_impressions(cfg.prepared_dir, "dev"))
-    assert max(len(s.cand) for s in samples) > P.CROSS_CHUNK  # candidate chunking is exercised
+    assert max(len(s.cand) for s in samples) > engine.CROSS_CHUNK  # candidate chunking is exercised
     tok_sum = np.asarray(table.tokens, dtype=np.int64).sum(1) % 997
     labels = [s.labels for s in samples]
     scores = [tok_sum[s.cand] + len(s.hist) for s in samples]
-    res = P.evaluate_model(FakeCross(), cfg.prepared_dir, "dev")
+    res = evaluate_model(FakeCross(), cfg.prepared_dir, "dev")
     assert {k: res[k] for k in METRICS} == {
-        k: v for k, v in compute_metrics_lists(labels, scores).items() if k in METRICS
+        k: v for k, v in _submission_metrics(labels, scores).items() if k in METRICS
     }
-    res10 = P.evaluate_model(FakeCross(), cfg.prepared_dir, "dev", max_impressions=10)
-    ref10 = compute_metrics_lists(labels[:10], scores[:10])
+    res10 = evaluate_model(FakeCross(), cfg.prepared_dir, "dev", max_impressions=10)
+    ref10 = _submission_metrics(labels[:10], scores[:10])
     assert res10["impressions"] == 10 and res10["auc"] == ref10["auc"]
 
 
@@ -347,11 +371,74 @@ def test_every_model_family_through_the_evaluator(data, name, extra):
         ],
     )
     run = make_run(base, mcfg, manifest, f"family-{name}")
-    metrics = P.evaluate(run, "dev", num_workers=1)
-    model, *_ = P.load_run(run)
+    metrics = evaluate(run, "dev", num_workers=1)
+    model, *_ = load_run(run)
     assert model.cross_encoder == (name == "unbert")
     labels, scores = _labels_scores(mcfg.prepared_dir, "dev", model)
     stored = _part_arrays(run, "dev", "scores")
     np.testing.assert_allclose(stored, np.concatenate(scores), rtol=1e-4, atol=1e-3)
-    ref = compute_metrics_lists(labels, np.split(stored, np.cumsum([len(y) for y in labels])[:-1]))
+    ref = _submission_metrics(labels, np.split(stored, np.cumsum([len(y) for y in labels])[:-1]))
     assert {k: metrics[k] for k in ref} == ref
+
+
+def test_evaluate_equals_score_of_the_prediction_file_with_ties(data, capsys):
+    """`mtrec evaluate` on dev == `mtrec score` of `mtrec predict`'s dev file, on a model whose
+    scores are all tied (every parameter zero: every news vector and score is 0)."""
+    from mtrec_dist import cli
+    from mtrec_dist.data import mind
+
+    base, cfg, manifest = data
+    run = base / "tied"
+    cfg.run_dir = str(run)
+    model = build_model(cfg, manifest)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    (run / "export").mkdir(parents=True)
+    dump_config(cfg, run / "config.yaml")
+    weights = run / "export/model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    meta = {"step": 0, "tokenizer": manifest["tokenizer"], "model_sha256": sha256_file(weights)}
+    (run / "export/meta.json").write_text(json.dumps(meta))
+    # the dev truth file, written from the raw behaviors.tsv (the organisers' side)
+    truth = base / "dev_truth.txt"
+    imps = list(mind.iter_behaviors(base / "raw/dev/behaviors.tsv"))
+    truth.write_text("".join(f"{i.impression_id} [{','.join(map(str, i.labels))}]\n" for i in imps))
+
+    def mtrec(*argv: str) -> str:
+        capsys.readouterr()
+        assert cli.main(list(argv)) == 0
+        return capsys.readouterr().out
+
+    dev = json.loads(mtrec("evaluate", "--run", str(run), "--split", "dev", "--workers", "1"))
+    mtrec("predict", "--run", str(run), "--split", "dev", "--out", str(base / "tied.zip"))
+    scored = json.loads(mtrec("score", "--pred", str(base / "tied.zip"), "--truth", str(truth)))
+    keys = [*METRICS, "impressions", "auc_skipped", "no_click_skipped"]
+    assert {k: dev[k] for k in keys} == {k: scored[k] for k in keys}
+    # the scores really are tied, and tied scores on raw values would give other figures
+    stored = _part_arrays(run, "dev", "scores")
+    assert np.all(stored == stored[0])
+    labels = [np.array(i.labels) for i in imps]
+    raw = compute_metrics_lists(labels, [np.zeros(len(y)) for y in labels])
+    assert raw["auc"] == 0.5 and dev["auc"] != 0.5
+    # by hand: all tied -> ranks 1..n in candidate order -> MRR = mean of 1/position of clicks
+    mrr = np.mean([np.mean(1.0 / (np.flatnonzero(y) + 1)) for y in labels])
+    assert dev["mrr"] == pytest.approx(mrr, abs=1e-12)
+
+
+def test_prediction_keeps_impression_ids_as_given(tmp_path):
+    """ids go from the stream to prediction.txt as strings: '003' stays '003'."""
+    from mtrec_dist.data.batch import Sample
+
+    samples = [
+        Sample("003", np.array([1]), np.array([2, 3]), np.array([0, 1])),
+        Sample("3", np.array([], dtype=np.int64), np.array([4]), np.array([1])),
+    ]
+    index = engine.index_samples(samples)
+    assert index["ids"].tolist() == ["003", "3"]
+    part = engine.labeled_part(samples, np.array([0.1, 0.9, 0.5], dtype=np.float32))
+    assert part["ids"].tolist() == ["003", "3"]
+    out = write_prediction(
+        zip(part["ids"].tolist(), [[2, 1], [1]]), tmp_path / "p.zip", index["ids"].tolist()
+    )
+    assert _txt(out) == b"003 [2,1]\n3 [1]\n"

@@ -12,6 +12,8 @@ from mtrec_dist.eval.metrics import (
     compute_metrics,
     compute_metrics_lists,
     impression_metrics,
+    ranked_impression_metrics,
+    ranked_metrics,
     stable_ranks,
 )
 
@@ -173,3 +175,25 @@ def test_mrr_ndcg_equal_mind_reference_on_tie_free_scores():
         np.mean([mind_ndcg_score(y, s, 10) for y, s in zip(labels, scores)])
     )
     assert res["no_click_skipped"] == 0
+
+
+def test_ranked_metrics_score_the_submission_ranks_on_ties():
+    """The tie rule: tied candidates are ranked in candidate order (earlier = better), then
+    MIND's metrics on -rank. Hand-computed on two tied impressions."""
+    labels = np.array([1, 0, 0, 0, 0, 1], dtype=float)
+    scores = np.array([0.5, 0.5, 0.5, 0.5, 0.5, 0.5])
+    sizes = np.array([3, 3])
+    per = ranked_impression_metrics(labels, scores, sizes)
+    # impression 1: click at rank 1 of 3 -> AUC 1, MRR 1, nDCG 1
+    assert per[0].tolist() == [1.0, 1.0, 1.0, 1.0]
+    # impression 2: click at rank 3 -> AUC 0 (both pairs lost), MRR 1/3, nDCG 1/log2(4) = 1/2
+    assert per[1].tolist() == [0.0, 1 / 3, 0.5, 0.5]
+    # on raw scores AUC gives each tied pair 1/2: no prediction file can carry that
+    assert impression_metrics(labels, scores, sizes)[:, 0].tolist() == [0.5, 0.5]
+    assert ranked_metrics(labels, scores, sizes)["auc"] == 0.5
+    assert ranked_metrics(labels, scores, sizes)["mrr"] == pytest.approx(2 / 3)
+    # tie-free scores: identical to the raw-score metrics
+    free = np.array([0.1, 0.9, 0.3, 0.2, 0.8, 0.4])
+    np.testing.assert_array_equal(
+        ranked_impression_metrics(labels, free, sizes), impression_metrics(labels, free, sizes)
+    )

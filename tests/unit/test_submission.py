@@ -7,6 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from mtrec_dist.data.tables import DataError
 from mtrec_dist.eval.metrics import compute_metrics_lists
 from mtrec_dist.eval.submission import (
     PredictionError,
@@ -110,3 +111,70 @@ def test_score_submission_names_first_differing_impression(tmp_path):
     pred.write_text("1 [2,1,3]\n2 [1,2]\n3 [4,3,2]\n10 [1]\n")
     with pytest.raises(PredictionError, match="impression 3: 3 ranks, expected 4"):
         score_submission(pred, truth)
+
+
+# ------------------------------------------------------------------ the leaderboard's grammar
+
+
+def _zip(path, members: dict[str, str]):
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, text in members.items():
+            zf.writestr(name, text)
+    return path
+
+
+GOOD_TXT = "1 [2,1,3]\n2 [1,2]\n3 [4,3,2,1]\n10 [1]\n"
+
+
+@pytest.mark.parametrize(
+    "text, line, named",
+    [
+        ("1 [2, 1, 3]\n2 [1,2]\n3 [4,3,2,1]\n10 [1]\n", 1, r"'1 \[2, 1, 3\]'"),  # spaces in list
+        ("1 [2,1,3]\n2 [1,2] \n3 [4,3,2,1]\n10 [1]\n", 2, r"'2 \[1,2\] '"),  # trailing space
+        ("1 [2,1,3]\n2  [1,2]\n3 [4,3,2,1]\n10 [1]\n", 2, r"'2  \[1,2\]'"),  # two spaces
+        ("1 [2,1,3]\n2\t[1,2]\n3 [4,3,2,1]\n10 [1]\n", 2, r"'2\\t\[1,2\]'"),  # a tab
+        ("1 [2,1,3]\n2 [1,2]\n\n3 [4,3,2,1]\n10 [1]\n", 3, "a blank line"),  # blank inside
+        ("1 [2,1,3]\n2 [1,2]\n3 [4,3,2,1]\n10 [1]\n\n", 5, "a blank line"),  # blank at the end
+        ("1 [2,1,3]\n2 [1,+2]\n3 [4,3,2,1]\n10 [1]\n", 2, r"'2 \[1,\+2\]'"),  # a sign
+        ("1 [2,1,3]\n2 [1,02]\n3 [4,3,2,1]\n10 [1]\n", 2, r"'2 \[1,02\]'"),  # not JSON
+    ],
+)
+def test_score_rejects_what_the_leaderboard_rejects_naming_the_line(tmp_path, text, line, named):
+    truth = _truth(tmp_path, [[0, 1, 0], [1, 0], [0, 0, 1, 1], [1]])
+    pred = tmp_path / "prediction.txt"
+    pred.write_text(text)
+    with pytest.raises(DataError, match=rf"prediction.txt:{line}: {named}"):
+        score_submission(pred, truth)
+    # the same text inside a proper zip is rejected the same way
+    z = _zip(tmp_path / "prediction.zip", {"prediction.txt": text})
+    with pytest.raises(DataError, match=rf"prediction.zip:{line}: {named}"):
+        score_submission(z, truth)
+
+
+def test_score_reads_prediction_txt_at_the_zip_root_only(tmp_path):
+    truth = _truth(tmp_path, [[0, 1, 0], [1, 0], [0, 0, 1, 1], [1]])
+    ref = score_submission(_zip(tmp_path / "ok.zip", {"prediction.txt": GOOD_TXT}), truth)
+    assert ref == compute_metrics_lists(
+        [[0, 1, 0], [1, 0], [0, 0, 1, 1], [1]], [-np.array(r, float) for _, r in GOOD]
+    )
+    for name, members in [
+        ("other.zip", {"predictions.txt": GOOD_TXT}),  # a single member of another name
+        ("nested.zip", {"sub/prediction.txt": GOOD_TXT}),  # not at the root
+    ]:
+        member = next(iter(members))
+        with pytest.raises(
+            DataError,
+            match=rf"{name}: no prediction.txt at the zip's root .*"
+            rf"'{member}'",
+        ):
+            score_submission(_zip(tmp_path / name, members), truth)
+
+
+def test_writer_refuses_an_id_the_leaderboard_would_split(tmp_path):
+    with pytest.raises(PredictionError, match=r"impression '1 2' \(line 1\)"):
+        write_prediction([("1 2", [1])], tmp_path / "p.zip")
+    assert list(tmp_path.iterdir()) == []
+    # ids are written as the exact strings given: leading zeros stay
+    out = write_prediction([("003", [2, 1]), ("3", [1])], tmp_path / "p.zip", ["003", "3"])
+    with zipfile.ZipFile(out) as zf:
+        assert zf.read("prediction.txt").decode() == "003 [2,1]\n3 [1]\n"

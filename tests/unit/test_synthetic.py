@@ -54,10 +54,20 @@ def _ndcg(y: np.ndarray, s: np.ndarray, k: int) -> float:
     return _dcg(y, s, k) / _dcg(y, y.astype(float), k)
 
 
+def _submission_scores(probs: list[float]) -> np.ndarray:
+    """-rank of each candidate, ranks as prediction.txt carries them: by descending probability,
+    a tie ranked in candidate order (Python's stable sort, independent of the metric code)."""
+    order = sorted(range(len(probs)), key=lambda j: -probs[j])
+    rank = np.empty(len(probs))
+    rank[order] = np.arange(1, len(probs) + 1)
+    return -rank
+
+
 def _reference_metrics(labels: dict, probs: dict) -> dict:
+    """MIND's scorer on the ranks a submission of the true probabilities would carry."""
     aucs, mrrs, n5, n10, skipped = [], [], [], [], 0
     for imp, y in labels.items():
-        y, s = np.array(y), np.array(probs[imp])
+        y, s = np.array(y), _submission_scores(probs[imp])
         assert len(y) == len(s)
         if 0 < y.sum() < len(y):
             aucs.append(roc_auc_score(y, s))
@@ -167,32 +177,25 @@ def test_planted_model_ceiling_recomputed(tiny):
     assert info["counts"]["dev"]["cold_start_share_vs_train"] == pytest.approx(cold, abs=1e-12)
 
 
-def test_ceiling_helpers_match_references_with_ties():
-    rng = np.random.default_rng(3)
-    K = rng.integers(2, 12, size=300)
-    ptr = np.concatenate([[0], np.cumsum(K)])
-    scores = rng.integers(0, 6, size=ptr[-1]).astype(np.float64)  # many ties
-    labels = (rng.random(ptr[-1]) < 0.3).astype(np.uint8)
-    auc = synthetic._ceiling_auc(ptr, scores, labels)
-    mrr = synthetic._ceiling_mrr(ptr, scores + np.arange(ptr[-1]) * 1e-9, labels)
-    n5 = synthetic._ceiling_ndcg5(ptr, scores + np.arange(ptr[-1]) * 1e-9, labels)
-    for j in range(len(K)):
-        y, s = labels[ptr[j] : ptr[j + 1]], scores[ptr[j] : ptr[j + 1]]
-        st = s + np.arange(ptr[j], ptr[j + 1]) * 1e-9
-        if 0 < y.sum() < len(y):
-            assert auc[j] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
-        else:
-            assert np.isnan(auc[j])
-        if y.sum() > 0:
-            assert mrr[j] == pytest.approx(_mrr(y, st), abs=1e-12)
-            assert n5[j] == pytest.approx(_ndcg(y, st, 5), abs=1e-12)
-        else:
-            assert np.isnan(mrr[j]) and np.isnan(n5[j])
-    # hand example: positives at scores 0.35 and 0.8 among 0.1, 0.4 -> pairs won 3 of 4
-    one = synthetic._ceiling_auc(
-        np.array([0, 4]), np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])
-    )
-    assert one[0] == 0.75
+def test_ceiling_has_ties_and_follows_the_submission_tie_rule(tiny):
+    """Quantized probabilities tie; where a tie spans a click and a non-click, the ceiling's
+    AUC is the submission's (tie ranked in candidate order), not raw-score AUC (tie = 1/2)."""
+    root, info = tiny
+    dev = {i.impression_id: i.labels for i in mind.iter_behaviors(root / "dev/behaviors.tsv")}
+    probs = _read_probs(root / "truth/dev_probs.tsv")
+    spans = []  # impressions where some tied group holds a click and a non-click
+    for imp, p in probs.items():
+        y, p = np.array(dev[imp]), np.array(p)
+        if any(0 < y[p == v].sum() < (p == v).sum() for v in set(p.tolist())):
+            spans.append(imp)
+    assert spans  # the tie rule matters on this data
+    for imp in spans:
+        raw = roc_auc_score(dev[imp], probs[imp])
+        assert roc_auc_score(dev[imp], _submission_scores(probs[imp])) != raw
+    ranked_auc = _reference_metrics(dev, probs)["auc"]
+    raw_auc = np.mean([roc_auc_score(y, probs[i]) for i, y in dev.items() if 0 < sum(y) < len(y)])
+    assert info["ceiling"]["dev"]["auc"] == pytest.approx(ranked_auc, abs=1e-12)
+    assert info["ceiling"]["dev"]["auc"] != pytest.approx(raw_auc, abs=1e-12)
 
 
 def test_label_sampler_is_bernoulli_conditioned_on_a_click():

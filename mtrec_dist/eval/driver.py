@@ -1,0 +1,237 @@
+"""The steps ``mtrec evaluate`` and ``mtrec predict`` share: a split scored part by part on the
+workers, with every intermediate result in the run folder so a restart redoes nothing.
+
+1. **Index** the split (one pass over its shards, one shard per work unit): impression ids,
+   candidate counts and the news rows the split needs (history ∪ candidates). Cached in
+   ``eval/<split>/index-<data key>.npz`` (it depends on the data only).
+2. **Encode** those news once (bi-encoders, :func:`~mtrec_dist.eval.engine.encode_news_vectors`)
+   into ``eval/<split>/news_vectors-<model sha256[:16]>.npy`` (+ a ``.json`` sidecar); a cache
+   hit encodes nothing. Cross-encoders (UNBERT) skip this step.
+3. **Score** the impressions in fixed parts of ``eval.impressions_per_part`` (part k = the
+   split's impressions ``[k P, (k+1) P)`` in behaviors order, whatever the number of workers),
+   each written atomically to ``eval/<split>/parts/part-NNNNN.npz``. A part whose stored key
+   (model, data, bounds, format) matches is skipped on a restart.
+4. **Merge**: :func:`iter_parts` reads the parts in order, checked against the index; the
+   drivers (:mod:`~mtrec_dist.eval.evaluate`, :mod:`~mtrec_dist.eval.predict`) average their
+   metrics or write ``prediction.zip``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mtrec_dist.data.batch import NewsTable
+from mtrec_dist.eval.engine import (
+    PART_FORMAT,
+    SCORE_BATCH,
+    Engine,
+    PartSpec,
+    atomic_save_npy,
+    atomic_save_npz,
+    data_key,
+    encode_news_vectors,
+    plan_parts,
+)
+from mtrec_dist.eval.pool import WorkerPool
+from mtrec_dist.eval.run_folder import is_labeled, load_run, split_info
+from mtrec_dist.utils import Progress, atomic_write_json
+
+OnPart = Callable[[int], None]  # called with the number of parts written so far in this call
+
+
+@dataclass
+class SplitRun:
+    """What the merge needs: the parts, where they are, the split's index and the records."""
+
+    parts: list[PartSpec]
+    out_dir: Path
+    index: dict[str, np.ndarray]
+    labeled: bool
+    split_info: dict
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def say(msg: str) -> None:
+    """A one-line report on stderr (silenced by MTREC_QUIET, as in Ray workers)."""
+    if os.environ.get("MTREC_QUIET", "") == "":
+        print(msg, file=sys.stderr, flush=True)
+
+
+def run_split(
+    run_dir: str | Path,
+    split: str,
+    num_workers: int | None,
+    need_labels: bool,
+    on_part: OnPart | None = None,
+) -> SplitRun:
+    """Steps 1-3 for the run's exported model on ``split``.
+
+    ``on_part(k)`` runs on the driver after the k-th part newly written in this call (a hook
+    for progress; the restart test stops the run from it).
+    """
+    run_dir = Path(run_dir)
+    model, cfg, manifest, model_sha = load_run(run_dir)
+    prepared = cfg.prepared_dir
+    info = split_info(manifest, split, prepared)
+    labeled = is_labeled(manifest, split, prepared)
+    if need_labels and not labeled:
+        raise ValueError(
+            f"{prepared}/manifest.json: split {split!r} has no labels; use `mtrec predict` "
+            "for an unlabeled split"
+        )
+    dkey = data_key(manifest, split)
+    out_dir = run_dir / "eval" / split
+    parts = plan_parts(manifest, split, cfg.eval.impressions_per_part)
+    n = max(1, int(num_workers or cfg.eval.num_workers))
+    n = min(n, max(len(parts), len(info["shards"]), 1))
+    pool = WorkerPool(n, run_dir, split, lambda: Engine(model, prepared, split))
+    stats: dict[str, Any] = {"workers": n, "model_sha256": model_sha}
+    seconds: dict[str, float] = {}
+    try:
+        with _torch_threads(1) if n == 1 else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            index = _load_index(pool, len(info["shards"]), split, out_dir / f"index-{dkey[:16]}")
+            seconds["index"] = time.perf_counter() - t0
+            if not getattr(model, "cross_encoder", False):
+                t0 = time.perf_counter()
+                base = out_dir / f"news_vectors-{model_sha[:16]}"
+                meta = {"model_sha256": model_sha, "data_key": dkey}
+                table = NewsTable(prepared)
+                vec_path, enc = _encode_cached(pool, table, index["rows"], cfg, base, meta)
+                stats.update(enc)
+                pool.broadcast("set_vectors", str(vec_path))
+                seconds["encode"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            key = f"{model_sha}:{dkey}"
+            stats.update(_score_parts(pool, parts, out_dir, labeled, key, on_part))
+            seconds["score"] = time.perf_counter() - t0
+            # workers that did no work in this call (all cached) report nothing
+            stats["worker_peak_rss_mb"] = pool.broadcast("peak_rss_mb") if pool.started else []
+    finally:
+        pool.close()
+    stats["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    return SplitRun(parts, out_dir, index, labeled, info, stats)
+
+
+def _load_index(pool: WorkerPool, n: int, split: str, base: Path) -> dict[str, np.ndarray]:
+    path = base.with_name(f"{base.name}-v{PART_FORMAT}.npz")
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in ("ids", "sizes", "rows")}
+    prog = Progress(f"index {split}", n, unit="shards")
+    res: list[dict] = [{}] * n
+    for i, r in pool.map("index_shard", [(k,) for k in range(n)]):
+        res[i] = r
+        prog.update()
+    prog.close()
+    index = {
+        "ids": np.concatenate([r["ids"] for r in res]) if n else np.zeros(0, "<U1"),
+        "sizes": np.concatenate([r["sizes"] for r in res]) if n else np.zeros(0, np.int64),
+        "rows": np.unique(np.concatenate([r["rows"] for r in res])) if n else np.zeros(0, np.int64),
+    }
+    atomic_save_npz(path, **index)
+    return index
+
+
+def _encode_cached(
+    pool: WorkerPool, table: NewsTable, rows: np.ndarray, cfg: Any, base: Path, meta: dict
+) -> tuple[Path, dict]:
+    """Encode ``rows`` once (or reuse the cache) -> (vectors path, encode stats)."""
+    vec_path = base.with_suffix(".npy")
+    side = base.with_suffix(".json")
+    if vec_path.is_file() and side.is_file():
+        old = json.loads(side.read_text(encoding="utf-8"))
+        if all(old.get(k) == v for k, v in meta.items()):
+            return vec_path, {"news_needed": int(rows.size), "news_encoded": 0, "cache": "hit"}
+    vectors, stats = encode_news_vectors(pool.map, table, rows, cfg.eval.encode_batch)
+    atomic_save_npy(vec_path, vectors)
+    stats["cache"] = "miss"
+    atomic_write_json(side, {**meta, **stats})
+    return vec_path, stats
+
+
+def _part_valid(path: Path, key: str) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return str(z["key"]) == key
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _part_path(part_dir: Path, p: PartSpec) -> Path:
+    return part_dir / f"part-{p.index:05d}.npz"
+
+
+def _score_parts(
+    pool: WorkerPool,
+    parts: list[PartSpec],
+    out_dir: Path,
+    labeled: bool,
+    key: str,
+    on_part: OnPart | None,
+) -> dict:
+    part_dir = out_dir / "parts"
+    part_dir.mkdir(parents=True, exist_ok=True)
+    keys = [f"{PART_FORMAT}:{key}:{p.first}:{p.count}:{SCORE_BATCH}:{int(labeled)}" for p in parts]
+    todo = [p for p, k in zip(parts, keys) if not _part_valid(_part_path(part_dir, p), k)]
+    total = sum(p.count for p in parts)
+    prog = Progress("score impressions", total, unit="impressions")
+    prog.n = total - sum(p.count for p in todo)
+    args = [(p, labeled, str(_part_path(part_dir, p)), keys[p.index]) for p in todo]
+    written = 0
+    for _, n_imp in pool.map("score_part_to", args):
+        written += 1
+        prog.update(n_imp)
+        if on_part is not None:
+            on_part(written)
+    prog.close()
+    return {"parts": len(parts), "parts_scored": written, "parts_reused": len(parts) - written}
+
+
+def iter_parts(r: SplitRun) -> Iterator[dict[str, np.ndarray]]:
+    """Parts in order, checked against the index (ids and candidate counts)."""
+    idx = r.index
+    for p in r.parts:
+        path = _part_path(r.out_dir / "parts", p)
+        with np.load(path, allow_pickle=False) as z:
+            d = {k: z[k] for k in z.files if k != "key"}
+        lo, hi = p.first, p.first + p.count
+        if not (
+            np.array_equal(d["ids"], idx["ids"][lo:hi])
+            and np.array_equal(d["sizes"], idx["sizes"][lo:hi])
+        ):
+            raise RuntimeError(f"{path}: impressions differ from the split's index; delete it")
+        yield d
+
+
+def result(r: SplitRun, stats: dict) -> dict:
+    """The record of a driver call: its own figures plus the run's (workers, cache, timings)."""
+    out = dict(stats)
+    out.update(r.stats)
+    out["candidates_missing_news"] = int(
+        r.split_info.get("stats", {}).get("candidates_missing_news", 0)
+    )
+    return out

@@ -1,0 +1,338 @@
+"""The scoring engine: what one evaluation worker does, independent of files, pools and drivers.
+
+A worker holds the model, the news table and (bi-encoders) the split's news vectors, and does
+three kinds of work unit, each a pure function of its input (so the results do not depend on
+how many workers share the split, or which one does which unit):
+
+1. **index** a shard: impression ids, candidate counts, the news rows it needs;
+2. **encode** a chunk of news rows (titles of similar length, :func:`encode_chunks`) into
+   vectors; :func:`encode_news_vectors` gathers every chunk into one ``[N, D]`` array and checks
+   that every needed row was encoded exactly once — the one encoding routine of the sharded
+   driver and of the trainer's in-memory evaluation;
+3. **score** impressions against the vectors (``model.score_news_vectors``) in batches of
+   similar history length, or, for cross-encoders (``model.cross_encoder``, UNBERT), by
+   ``model(batch).scores`` on (history, candidate chunk) samples. A *part* is a fixed range of
+   the split's impressions (:func:`plan_parts`); a labeled part also carries the per-impression
+   metrics of the ranks a submission would carry (:func:`ranked_impression_metrics`).
+
+Impression ids travel as the exact strings the data stream gives (``003`` stays ``003``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mtrec_dist.data.batch import NER_IGNORE, Batch, NewsTable, Sample, collate
+from mtrec_dist.data.stream import eval_impressions
+from mtrec_dist.eval.metrics import ranked_impression_metrics
+from mtrec_dist.utils import Progress, atomic_open, atomic_write_bytes
+
+SCORE_BATCH = 512  # impressions per scoring forward pass (bi-encoder)
+CROSS_CHUNK = 32  # candidates per (history, candidates) sample for cross-encoders
+CROSS_BATCH = 8  # such samples per cross-encoder forward pass
+PART_FORMAT = "3"  # bump when a part's contents change (3: string ids, ranked metrics)
+
+
+def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_save_npy(path: Path, a: np.ndarray) -> None:
+    with atomic_open(path, "wb") as f:
+        np.save(f, a, allow_pickle=False)
+
+
+def ids_array(ids: Iterable[Any]) -> np.ndarray:
+    """Impression ids as a numpy string array: saved without pickles, compared exactly."""
+    out = np.asarray([str(i) for i in ids], dtype=str)
+    return out if out.size else np.zeros(0, dtype="<U1")
+
+
+def data_key(manifest: dict, split: str) -> str:
+    """Identity of the split's data: its shard hashes and the news table size."""
+    info = manifest["splits"][split]
+    text = json.dumps(
+        {
+            "news": manifest["news"]["count"],
+            "shards": [(s["path"], s.get("sha256", ""), s["impressions"]) for s in info["shards"]],
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def news_batch(table: NewsTable, rows: np.ndarray) -> Batch:
+    """A :class:`Batch` carrying only the per-news fields of ``rows`` (for ``encode_news``).
+
+    Mirrors :func:`collate`'s per-news part (titles trimmed to the longest one, NER ignore ->
+    -100); the sample side is one masked padding sample.
+    """
+    rows = np.array(rows, dtype=np.int64)  # a writable copy (Ray hands read-only arrays)
+    U = rows.size
+    tokens = np.asarray(table.tokens[rows], dtype=np.int64)  # [U, L_max]
+    attn = tokens != 0
+    L = max(int(attn.sum(1).max()), 1) if U else 1
+    ner = np.asarray(table.ner[rows][:, :L], dtype=np.int64)
+    ner[ner == NER_IGNORE] = -100
+    t = torch.from_numpy
+    z1 = torch.zeros(1, 1, dtype=torch.long)
+    return Batch(
+        news_rows=t(rows),
+        tokens=t(np.ascontiguousarray(tokens[:, :L])),
+        attention_mask=t(np.ascontiguousarray(attn[:, :L]).astype(np.int64)),
+        ner=t(ner),
+        category=t(np.asarray(table.category[rows], dtype=np.int64)),
+        subcategory=t(np.asarray(table.subcategory[rows], dtype=np.int64)),
+        sentiment=t(np.asarray(table.sentiment[rows], dtype=np.int64)),
+        entities=t(np.asarray(table.entities[rows], dtype=np.int64)),
+        hist_idx=z1,
+        hist_mask=torch.zeros(1, 1, dtype=torch.bool),
+        cand_idx=z1.clone(),
+        cand_mask=torch.zeros(1, 1, dtype=torch.bool),
+        labels=torch.zeros(1, 1),
+        sample_mask=torch.zeros(1, dtype=torch.bool),
+        hist_count=torch.zeros(U),
+        impression_ids=("",),
+        click_pos=torch.full((1,), -1, dtype=torch.long),
+    )
+
+
+def encode_chunks(table: NewsTable, rows: np.ndarray, encode_batch: int) -> list[np.ndarray]:
+    """Deterministic encoding work units: rows sorted by title length, cut every
+    ``encode_batch`` titles (titles of similar length share a forward pass: little padding)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    lengths = (np.asarray(table.tokens[rows]) != 0).sum(1) if rows.size else np.zeros(0)
+    order = np.lexsort((rows, lengths))
+    rows = rows[order]
+    return [rows[i : i + encode_batch] for i in range(0, rows.size, encode_batch)]
+
+
+MapFn = Callable[[str, list[tuple]], Iterator[tuple[int, Any]]]
+
+
+def encode_news_vectors(
+    map_fn: MapFn, table: NewsTable, rows: np.ndarray, encode_batch: int, progress: bool = True
+) -> tuple[np.ndarray, dict]:
+    """Encode ``rows`` once through ``map_fn("encode", ...)`` -> (vectors ``[N, D]``, stats).
+
+    ``map_fn`` is a worker pool's ``map`` (one local engine or Ray actors); rows not needed
+    stay zero. Raises if a row was encoded twice or a needed one not at all.
+    """
+    chunks = encode_chunks(table, rows, encode_batch)
+    prog = Progress("encode news", int(rows.size), unit="titles") if progress else None
+    vectors: np.ndarray | None = None
+    counts = np.zeros(len(table), dtype=np.int64)  # how often each row was encoded
+    for _, (done, vecs) in map_fn("encode", [(c,) for c in chunks]):
+        if vectors is None:
+            vectors = np.zeros((len(table), vecs.shape[1]), dtype=np.float32)
+        vectors[done] = vecs
+        np.add.at(counts, done, 1)
+        if prog is not None:
+            prog.update(int(done.size))
+    if prog is not None:
+        prog.close()
+    if vectors is None:
+        vectors = np.zeros((len(table), 1), dtype=np.float32)
+    needed = np.zeros(len(table), dtype=bool)
+    needed[rows] = True
+    if (counts > 1).any() or not np.array_equal(counts > 0, needed):
+        raise RuntimeError(
+            f"news encoding bookkeeping failed: {int((counts > 1).sum())} rows encoded twice, "
+            f"{int((needed & (counts == 0)).sum())} needed rows not encoded"
+        )
+    stats = {"news_needed": int(rows.size), "news_encoded": int(counts.sum())}
+    stats["max_encodes_per_news"] = int(counts.max()) if counts.size else 0
+    return vectors, stats
+
+
+# ============================================================================ parts
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """Impressions ``[first, first + count)`` of a split: shards to read and how many to skip."""
+
+    index: int
+    first: int
+    count: int
+    shards: tuple[int, ...]
+    skip: int  # impressions to drop at the start of the first shard
+
+
+def plan_parts(manifest: dict, split: str, per_part: int) -> list[PartSpec]:
+    """Fixed parts of ``per_part`` impressions in behaviors order (independent of workers)."""
+    counts = [int(s["impressions"]) for s in manifest["splits"][split]["shards"]]
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    total = int(starts[-1])
+    parts = []
+    for k, first in enumerate(range(0, total, per_part)):
+        end = min(first + per_part, total)
+        sh = [i for i in range(len(counts)) if starts[i] < end and starts[i + 1] > first]
+        parts.append(PartSpec(k, first, end - first, tuple(sh), first - int(starts[sh[0]])))
+    return parts
+
+
+def iter_part(prepared: Path, split: str, spec: PartSpec) -> Iterator[Sample]:
+    samples = eval_impressions(prepared, split, shard_indices=list(spec.shards))
+    return islice(samples, spec.skip, spec.skip + spec.count)
+
+
+def batched(it: Iterator[Any], n: int) -> Iterator[list[Any]]:
+    while chunk := list(islice(it, n)):
+        yield chunk
+
+
+def index_samples(samples: Iterable[Sample]) -> dict[str, np.ndarray]:
+    """Ids, candidate counts and the unique news rows (history ∪ candidates) of samples."""
+    ids, sizes, rows = [], [], []
+    for s in samples:
+        ids.append(s.impression_id)
+        sizes.append(len(s.cand))
+        rows.append(s.hist)
+        rows.append(s.cand)
+    flat = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    return {
+        "ids": ids_array(ids),
+        "sizes": np.asarray(sizes, dtype=np.int64),
+        "rows": np.unique(flat).astype(np.int64),
+    }
+
+
+def labeled_part(samples: list[Sample], scores: np.ndarray) -> dict[str, np.ndarray]:
+    """Ids, sizes, scores, labels and the per-impression metrics (tie rule) of scored samples."""
+    sizes = np.array([len(s.cand) for s in samples], dtype=np.int64)
+    y = (
+        np.concatenate([s.labels for s in samples]).astype(np.uint8)
+        if samples
+        else np.zeros(0, np.uint8)
+    )
+    return {
+        "ids": ids_array(s.impression_id for s in samples),
+        "sizes": sizes,
+        "scores": scores,
+        "labels": y,
+        "metrics": ranked_impression_metrics(y, scores, sizes),
+    }
+
+
+# ============================================================================ the engine
+
+
+class Engine:
+    """What one worker holds: the model, the news table and the cached news vectors.
+
+    Used as is in this process, and wrapped as a Ray actor for several workers
+    (:mod:`mtrec_dist.eval.pool`).
+    """
+
+    def __init__(self, model: torch.nn.Module, prepared: str | Path, split: str):
+        self.model = model.eval()
+        self.prepared = Path(prepared)
+        self.split = split
+        self.table = NewsTable(self.prepared)
+        self.vectors: np.ndarray | None = None
+        self.cross = bool(getattr(model, "cross_encoder", False))
+        try:
+            self.device = next(model.parameters()).device
+        except StopIteration:
+            self.device = torch.device("cpu")
+
+    def index_shard(self, shard: int) -> dict[str, np.ndarray]:
+        """Ids, candidate counts and the unique news rows (history ∪ candidates) of a shard."""
+        return index_samples(eval_impressions(self.prepared, self.split, shard_indices=[shard]))
+
+    @torch.no_grad()
+    def encode(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows actually encoded, their vectors [n, D] float32)."""
+        batch = news_batch(self.table, rows).to(self.device)
+        vecs = self.model.encode_news(batch)  # [U, D]
+        return batch.news_rows.cpu().numpy(), vecs.float().cpu().numpy()
+
+    def set_vectors(self, path: str | Path | None, array: np.ndarray | None = None) -> None:
+        self.vectors = array if array is not None else np.load(path, mmap_mode="r")
+
+    @staticmethod
+    def peak_rss_mb() -> float:
+        """Peak resident memory of this worker process (MiB): the per-worker memory figure."""
+        from mtrec_dist.utils import peak_rss_mb
+
+        return round(peak_rss_mb(), 1)
+
+    @torch.no_grad()
+    def score_samples(self, samples: list[Sample]) -> np.ndarray:
+        """Flat float32 scores of the samples' candidates, in impression and candidate order."""
+        if self.cross:
+            return self._score_cross(samples)
+        if self.vectors is None:
+            raise RuntimeError("news vectors not set: encode the split first")
+        batch = collate(samples, self.table)
+        vecs = torch.from_numpy(np.ascontiguousarray(self.vectors[batch.news_rows.numpy()]))
+        batch = batch.to(self.device)
+        scores = self.model.score_news_vectors(vecs.to(self.device), batch)  # [B, C]
+        return scores[batch.cand_mask].float().cpu().numpy()
+
+    def _score_cross(self, samples: list[Sample]) -> np.ndarray:
+        """Per-candidate path: (history, <= CROSS_CHUNK candidates) samples, CROSS_BATCH at a time."""
+        pieces = [
+            Sample(
+                s.impression_id, s.hist, s.cand[j : j + CROSS_CHUNK], s.labels[j : j + CROSS_CHUNK]
+            )
+            for s in samples
+            for j in range(0, len(s.cand), CROSS_CHUNK)
+        ]
+        out = []
+        for group in batched(iter(pieces), CROSS_BATCH):
+            batch = collate(group, self.table).to(self.device)
+            scores = self.model(batch).scores  # [b, c]
+            out.append(scores[batch.cand_mask].float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+    def score_many(self, samples: list[Sample]) -> np.ndarray:
+        """Flat scores of many impressions, batched by similar history/candidate counts.
+
+        Batches pad to their longest history and candidate list, so contiguous impressions
+        (history 0..50) waste about half the user encoder's work; sorting by length first
+        removes most of it. The order depends on the samples only, never on the workers.
+        """
+        if not samples:
+            return np.zeros(0, dtype=np.float32)
+        sizes = np.array([len(s.cand) for s in samples], dtype=np.int64)
+        order = np.lexsort((sizes, np.array([len(s.hist) for s in samples])))
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        out = np.empty(int(offsets[-1]), dtype=np.float32)
+        for i in range(0, len(order), SCORE_BATCH):
+            idx = order[i : i + SCORE_BATCH]
+            flat = self.score_samples([samples[j] for j in idx])
+            dst = np.concatenate([np.arange(offsets[j], offsets[j + 1]) for j in idx])
+            out[dst] = flat
+        return out
+
+    def score_part(self, spec: PartSpec, labeled: bool) -> dict[str, np.ndarray]:
+        """Scores (and, when labeled, labels and per-impression metrics) of one part."""
+        samples = list(iter_part(self.prepared, self.split, spec))
+        scores = self.score_many(samples)
+        if labeled:
+            return labeled_part(samples, scores)
+        return {
+            "ids": ids_array(s.impression_id for s in samples),
+            "sizes": np.array([len(s.cand) for s in samples], dtype=np.int64),
+            "scores": scores,
+        }
+
+    def score_part_to(self, spec: PartSpec, labeled: bool, path: str, key: str) -> int:
+        """Score a part and write it atomically to ``path``; returns its impression count."""
+        out = self.score_part(spec, labeled)
+        atomic_save_npz(Path(path), key=np.array(key), **out)
+        return int(out["ids"].size)

@@ -1,0 +1,113 @@
+"""A run folder as the evaluator reads it: the exported model, its config, and the prepared data
+it must be evaluated on (the README's run-folder section lists the files).
+
+The checks here refuse a model on data it cannot read correctly: another tokenizer (token ids
+mean other words) or other category/entity vocabularies (ids mean other classes).
+
+Every read of the prepared folder's manifest and vocabularies by the evaluator goes through
+:func:`read_manifest` and :func:`vocab_sha256` below (one import site for that module).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtrec_dist.data import prepared as _prepared
+from mtrec_dist.data.prepared import load_manifest, vocab_fingerprint
+
+
+def read_manifest(prepared: str | Path) -> dict:
+    """The prepared folder's ``manifest.json`` (shards, splits, news count, tokenizer)."""
+    return load_manifest(Path(prepared))
+
+
+def vocab_sha256(prepared: str | Path) -> str:
+    """Fingerprint of the prepared folder's category/subcategory/entity vocabularies."""
+    return vocab_fingerprint(prepared)
+
+
+def split_info(manifest: dict, split: str, prepared: str | Path) -> dict:
+    """The manifest's entry for ``split``; the prepared folder's DataError if absent."""
+    return _prepared.split_info(manifest, split, prepared)
+
+
+def is_labeled(manifest: dict, split: str, prepared: str | Path) -> bool:
+    """Whether the split carries click labels (as the manifest says; MIND's test does not)."""
+    return _prepared.is_labeled(manifest, split, prepared)
+
+
+def load_run(run_dir: str | Path) -> tuple[torch.nn.Module, Any, dict, str]:
+    """(model with the exported weights, Config, manifest, sha256 of model.safetensors).
+
+    Refuses a checkpoint whose tokenizer or vocabularies differ from the prepared data's
+    (ConfigError naming the fix).
+    """
+    from safetensors.torch import load_file
+
+    from mtrec_dist.config import load_config
+    from mtrec_dist.models.registry import build_model
+    from mtrec_dist.utils import sha256_file
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    weights = run_dir / "export" / "model.safetensors"
+    for p in (cfg_path, weights):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: missing; is {run_dir} a run folder of `mtrec train`?")
+    cfg = load_config(cfg_path)
+    manifest = read_manifest(cfg.prepared_dir)
+    check_run_tokenizer(run_dir, cfg, manifest)
+    check_run_vocab(run_dir, cfg)
+    model = build_model(cfg, manifest)
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    return model.eval(), cfg, manifest, sha256_file(weights)
+
+
+def check_run_tokenizer(run_dir: Path, cfg: Any, manifest: dict) -> None:
+    """The checkpoint's tokenizer (export/meta.json, else the encoder's) must be the data's."""
+    from mtrec_dist.config import ConfigError
+
+    meta_path = run_dir / "export" / "meta.json"
+    fp = None
+    if meta_path.is_file():
+        tok = json.loads(meta_path.read_text(encoding="utf-8")).get("tokenizer")
+        fp = tok if isinstance(tok, dict) and "vocab_hash" in tok else None
+        if isinstance(tok, str):
+            fp = {"vocab_hash": tok}
+    if fp is None:
+        from mtrec_dist.hub import load_tokenizer, tokenizer_fingerprint
+
+        fp = tokenizer_fingerprint(load_tokenizer(cfg.model.encoder))
+    want = manifest["tokenizer"]
+    if fp["vocab_hash"] != want.get("vocab_hash"):
+        raise ConfigError(
+            f"{meta_path}: the checkpoint's tokenizer ({fp.get('name', '?')}, vocab_hash "
+            f"{fp['vocab_hash'][:16]}...) does not match the prepared data "
+            f"{cfg.prepared_dir}/manifest.json ({want.get('name', '?')}, encoder "
+            f"{want.get('encoder', '?')}, vocab_hash {str(want.get('vocab_hash'))[:16]}...): "
+            "evaluate on data prepared with the model's encoder (data.prepared) or re-run "
+            "`mtrec prepare` with model.encoder set to it"
+        )
+
+
+def check_run_vocab(run_dir: Path, cfg: Any) -> None:
+    """The checkpoint's category/subcategory/entity vocabularies must be the data's: a model
+    trained on another news table reads category and entity ids as other classes."""
+    from mtrec_dist.config import ConfigError
+
+    meta_path = run_dir / "export" / "meta.json"
+    if not meta_path.is_file():
+        return
+    have = json.loads(meta_path.read_text(encoding="utf-8")).get("vocab_sha256")
+    want = vocab_sha256(cfg.prepared_dir)
+    if have is not None and have != want:
+        raise ConfigError(
+            f"{meta_path}: the checkpoint was trained on a news table with other vocabularies "
+            f"(vocab_sha256 {have[:16]}...) than {cfg.prepared_dir}/vocab ({want[:16]}...): "
+            "evaluate on the prepared folder the run was trained on (data.prepared in "
+            f"{run_dir}/config.yaml)"
+        )
