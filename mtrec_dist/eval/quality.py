@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from mtrec_dist.config import Config
-from mtrec_dist.eval.metrics import METRICS, compute_metrics_lists
+from mtrec_dist.eval.metrics import METRICS, ranked_metrics
 
 
 def lift_fraction(auc: float, ceiling_auc: float) -> float:
@@ -65,7 +65,10 @@ def ceilings(root: str | Path, split: str = "dev", max_impressions: int = 0) -> 
         ids = [i for i, _ in pairs]
         if ids != [imp.impression_id for imp in imps]:
             raise ValueError(f"{root}: truth and behaviors of split {split!r} disagree on ids")
-        out[name] = compute_metrics_lists(labels, [s for _, s in pairs])
+        sizes = np.array([len(y) for y in labels], dtype=np.int64)
+        flat_y = np.concatenate([np.asarray(y, dtype=np.float64) for y in labels])
+        flat_s = np.concatenate([np.asarray(s, dtype=np.float64) for _, s in pairs])
+        out[name] = ranked_metrics(flat_y, flat_s, sizes)  # the evaluator's tie rule
     return out
 
 

@@ -56,17 +56,21 @@ def test_content_ceiling_removes_a_per_news_term_only(tiny_data):
 
 
 def test_ceiling_on_the_first_impressions_matches_sklearn(tiny_data):
+    """sklearn's AUC of the submission's ranks (a stable descending sort: tied candidates
+    ranked in candidate order), the evaluator's tie rule, on the first 30 impressions."""
     from sklearn.metrics import roc_auc_score
 
     from mtrec_dist.data import mind
 
     imps = list(mind.iter_behaviors(tiny_data / "dev" / "behaviors.tsv"))[:30]
     probs = dict(quality._true_probs(tiny_data, "dev"))
-    aucs = [
-        roc_auc_score(i.labels, probs[i.impression_id])
-        for i in imps
-        if 0 < sum(i.labels) < len(i.labels)
-    ]
+    aucs = []
+    for i in imps:
+        p = probs[i.impression_id]
+        order = sorted(range(len(p)), key=lambda j: -p[j])  # Python's sort is stable
+        rank = {j: r for r, j in enumerate(order)}
+        if 0 < sum(i.labels) < len(i.labels):
+            aucs.append(roc_auc_score(i.labels, [-rank[j] for j in range(len(p))]))
     got = quality.ceilings(tiny_data, "dev", max_impressions=30)["full"]["auc"]
     assert got == pytest.approx(float(np.mean(aucs)), abs=1e-12)
 
