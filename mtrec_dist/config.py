@@ -20,6 +20,8 @@ import yaml
 
 # Gradient surgery methods (train/surgery.py implements one function per name).
 SURGERY_METHODS = ("none", "mtrec", "pcgrad", "aux_only")
+# The methods defined for exactly two gradient groups (main, aux); pcgrad takes any number.
+TWO_GROUP_SURGERY = ("mtrec", "aux_only")
 
 
 class ConfigError(ValueError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from mtrec_dist.config import Config, ConfigError
+from mtrec_dist.config import TWO_GROUP_SURGERY, Config, ConfigError
 from mtrec_dist.data.prepared import vocab_names
 from mtrec_dist.models.miner import MINER
 from mtrec_dist.models.mtrec import BERT, BertAMF, LSTURBert, MTRec, MTRecAMF, NRMSBert
@@ -131,7 +131,7 @@ def resolve_groups(cfg: Config, model: nn.Module) -> dict[str, dict[str, float]]
             "model.tasks"
         )
     mode = cfg.trainer.surgery
-    if mode in ("mtrec", "aux_only") and len(groups) != 2:
+    if mode in TWO_GROUP_SURGERY and len(groups) != 2:
         raise ConfigError(
             f"trainer.surgery={mode} needs exactly 2 gradient groups (main and aux); with model "
             f"{cfg.model.name} the groups are {sorted(groups)}: set trainer.surgery=none "
