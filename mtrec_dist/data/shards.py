@@ -35,6 +35,7 @@ from mtrec_dist.config import Config, ConfigError
 from mtrec_dist.data.batch import PAD_NEWS_ID
 from mtrec_dist.data.tables import DataError, Entity, Impression, News, ReadStats
 from mtrec_dist.data.tokenize import title_entity_order, tokenize_titles
+from mtrec_dist.data.vectors import write_entity_vectors
 from mtrec_dist.utils import Progress, atomic_write_json, peak_rss_mb, sha256_file
 
 FORMAT_VERSION = 1
@@ -528,6 +529,9 @@ def prepare(cfg: Config, progress: bool = True, workers: int | None = None) -> d
                 json.dumps(voc, ensure_ascii=False, indent=0) + "\n", encoding="utf-8"
             )
         say(f"prepare: news table {news_info['count']} rows (incl. <pad>), NER {news_info['ner']}")
+        ev = write_entity_vectors(root, [f for _, f in folders], vocabs["entities"], tmp / "vocab")
+        news_info["entity_vectors"] = ev
+        say(f"prepare: entity vectors: {ev['with_vector']} entities with, {ev['without_vector']} without")
         row_of = {nid: i for i, nid in enumerate(ids) if i > 0}
         del arrays, ids, vocabs
 

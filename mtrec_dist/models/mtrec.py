@@ -75,8 +75,14 @@ class MTRec(nn.Module):
         self.user_encoder = build_user_encoder(self.user_kind, D, cfg.query_dim)
         self.fusion: MultiFieldFusion | None = None
         if self.multi_field:
+            ev = meta.get("entity_vectors")  # [n_entity, d] NaN = no vector (vocab/entity_vectors.npy)
             self.fusion = MultiFieldFusion(
-                D, cfg.query_dim, n_category, int(vocab.get("entities", 1)), cfg.amf_dim
+                D,
+                cfg.query_dim,
+                n_category,
+                int(vocab.get("entities", 1)),
+                cfg.amf_dim,
+                None if ev is None else torch.as_tensor(ev, dtype=torch.float32),
             )
             names = meta.get("names")
             if cfg.amf_init_from_encoder and names:
@@ -101,10 +107,10 @@ class MTRec(nn.Module):
 
         assert self.fusion is not None
         tok = load_tokenizer(cfg.encoder)
-        for field, emb in (
-            ("category", self.fusion.category_emb),
-            ("entities", self.fusion.entity_emb),
-        ):
+        fields = [("category", self.fusion.category_emb)]
+        if not self.fusion.pretrained_entities:  # pretrained TransE vectors win
+            fields.append(("entities", self.fusion.entity_emb))
+        for field, emb in fields:
             vals = names.get(field)
             if not vals:
                 continue

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 from torch import nn
 
 from mtrec_dist.config import Config, ConfigError
+from mtrec_dist.data.vectors import ENTITY_VECTORS_NPY
 from mtrec_dist.models.miner import MINER
 from mtrec_dist.models.mtrec import BERT, BertAMF, LSTURBert, MTRec, MTRecAMF, NRMSBert
 from mtrec_dist.models.unbert import UNBERT
@@ -101,6 +103,10 @@ def build_model(cfg: Config, manifest: dict) -> nn.Module:
         names = _vocab_names(cfg)
         if names:
             meta["names"] = names
+    if "entity_vectors" not in meta:
+        ev = cfg.prepared_dir / "vocab" / ENTITY_VECTORS_NPY
+        if getattr(cls, "multi_field", False) and ev.is_file():
+            meta["entity_vectors"] = np.load(ev, allow_pickle=False)
     return cls(cfg.model, meta)
 
 
