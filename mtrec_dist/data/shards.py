@@ -531,7 +531,9 @@ def prepare(cfg: Config, progress: bool = True, workers: int | None = None) -> d
         say(f"prepare: news table {news_info['count']} rows (incl. <pad>), NER {news_info['ner']}")
         ev = write_entity_vectors(root, [f for _, f in folders], vocabs["entities"], tmp / "vocab")
         news_info["entity_vectors"] = ev
-        say(f"prepare: entity vectors: {ev['with_vector']} entities with, {ev['without_vector']} without")
+        say(
+            f"prepare: entity vectors: {ev['with_vector']} entities with, {ev['without_vector']} without"
+        )
         row_of = {nid: i for i, nid in enumerate(ids) if i > 0}
         del arrays, ids, vocabs
 

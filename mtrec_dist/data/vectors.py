@@ -138,15 +138,14 @@ def write_entity_vectors(
     return info
 
 
-def word_matrix(
-    path: str | Path, vocab: list[str], dim: int
-) -> tuple[np.ndarray, np.ndarray]:
+def word_matrix(path: str | Path, vocab: list[str], dim: int) -> tuple[np.ndarray, np.ndarray]:
     """GloVe vectors for a word-piece vocabulary: (float32 [V, dim], found bool [V]).
 
     A piece is looked up as itself, then lower-cased, then without the WordPiece ``##`` prefix
     (``##ing`` -> ``ing``). Rows with no vector are zero and ``found`` is False there; the caller
     initialises them randomly.
     """
+
     def forms(w: str) -> list[str]:
         out = [w, w.lower()]
         if w.startswith("##") and len(w) > 2:

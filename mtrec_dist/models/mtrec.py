@@ -75,7 +75,9 @@ class MTRec(nn.Module):
         self.user_encoder = build_user_encoder(self.user_kind, D, cfg.query_dim)
         self.fusion: MultiFieldFusion | None = None
         if self.multi_field:
-            ev = meta.get("entity_vectors")  # [n_entity, d] NaN = no vector (vocab/entity_vectors.npy)
+            ev = meta.get(
+                "entity_vector_matrix"
+            )  # [n_entity, d], NaN = none (vocab/entity_vectors.npy)
             self.fusion = MultiFieldFusion(
                 D,
                 cfg.query_dim,
