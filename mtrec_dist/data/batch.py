@@ -21,7 +21,7 @@ Layout of a prepared folder (written by ``mtrec_dist.data.shards``)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +72,7 @@ class Sample:
     cand: np.ndarray  # int64 [C] news rows; in training the clicked one first
     labels: np.ndarray  # float32 [C]
     click_pos: int = -1  # training: position of the click in the impression (audit/resume)
+    user: int = 0  # user index for user-ID models (LSTUR, NPA); 0 = unknown user
 
 
 @dataclass
@@ -93,6 +94,9 @@ class Batch:
     hist_count: torch.Tensor  # [U] float, occurrences among real history slots of real samples
     impression_ids: tuple[str, ...]  # [B] source ids; "" for padding samples (not a tensor)
     click_pos: torch.Tensor  # [B] long
+    # [B] long user index (LSTUR / NPA user-ID embeddings), 0 = unknown user; empty ([0]) when
+    # the batch was built without users (then every sample is the unknown user).
+    user_idx: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
     def to(self, device: torch.device | str) -> Batch:
         """The tensors moved to ``device`` (the impression ids are strings and stay)."""
@@ -181,4 +185,5 @@ def collate(
         hist_count=t(hist_count),
         impression_ids=tuple(str(s.impression_id) for s in samples) + ("",) * (B - n_real),
         click_pos=t(np.array([s.click_pos for s in samples] + [-1] * (B - n_real), dtype=np.int64)),
+        user_idx=t(np.array([s.user for s in samples] + [0] * (B - n_real), dtype=np.int64)),
     )

@@ -51,6 +51,7 @@ from mtrec_dist.data.prepared import (
 )
 from mtrec_dist.data.tables import DataError, Entity, Impression, News, ReadStats
 from mtrec_dist.data.tokenize import title_entity_order, tokenize_titles
+from mtrec_dist.data.vectors import write_entity_vectors
 from mtrec_dist.utils import Progress, atomic_write_json, peak_rss_mb, sha256_file
 
 OPTIONAL_SPLITS = ("test",)
@@ -570,6 +571,11 @@ def prepare(cfg: Config, progress: bool = True, workers: int | None = None) -> d
         news_info["seconds"] = round(time.monotonic() - t0, 2)  # informational
         news_info["cpu_seconds"] = round(time.process_time() - cpu0, 2)
         say(f"prepare: news table {news_info['count']} rows (incl. <pad>), NER {news_info['ner']}")
+        ev = news_info["entity_vectors"]
+        say(
+            f"prepare: entity vectors: {ev['with_vector']} entities with, "
+            f"{ev['without_vector']} without"
+        )
 
         if workers is None:
             workers = min(2, os.cpu_count() or 1)
@@ -629,4 +635,8 @@ def _write_news(
         vocab_path(tmp, name).write_text(
             json.dumps(voc, ensure_ascii=False, indent=0) + "\n", encoding="utf-8"
         )
+    root = Path(d.root)
+    news_info["entity_vectors"] = write_entity_vectors(
+        root, [f for _, f in folders], vocabs["entities"], tmp / "vocab"
+    )
     return news_info, {nid: i for i, nid in enumerate(ids) if i > 0}

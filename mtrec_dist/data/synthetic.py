@@ -1027,7 +1027,47 @@ FILES = (
     "truth/dev_probs.tsv",
     "truth/test_probs.tsv",
     "truth/test_truth.txt",
+    "train/entity_embedding.vec",
+    "dev/entity_embedding.vec",
+    "test/entity_embedding.vec",
 )
+
+ENT_VEC_DIM = 100  # MIND's TransE entity vectors are 100-d
+ENT_VEC_MISSING = 0.1  # share of entities written without a vector (coverage is never 100%)
+
+
+def write_entity_vectors(
+    path: Path, w: _World, news: np.ndarray, seed: int, dim: int = ENT_VEC_DIM
+) -> int:
+    """Write ``entity_embedding.vec`` in MIND's format for the entities of the news ``news``
+    (a bool mask over ``w``'s news); returns the number of vectors written.
+
+    MIND ships one such file per split, holding 100-d TransE vectors of that split's entities
+    (``Q42<TAB>v1<TAB>...<TAB>v100<TAB>``). Here a vector is the mean of its categories'
+    centroids plus noise (unit-variance centroids, noise sd 0.5), so entities of one category
+    lie close together as related entities do in a knowledge graph; ``ENT_VEC_MISSING`` of the
+    entities (the same ones in every split) get no vector, as some MIND entities have none.
+    Drawn from a generator of its own (seeded by ``seed``), so the other files do not change.
+    """
+    E = len(w.ent_qid)
+    rng = np.random.default_rng([int(seed), 0x7EC])
+    centroids = rng.standard_normal((w.n_cat, dim))
+    vecs = 0.5 * rng.standard_normal((E, dim))
+    count = np.zeros(E)
+    for c, ents in enumerate(w.cat_ents):
+        vecs[ents] += centroids[c]
+        count[ents] += 1
+    vecs /= np.sqrt(np.maximum(count, 1))[:, None]
+    has_vec = rng.random(E) >= ENT_VEC_MISSING
+    used = np.zeros(E, dtype=bool)
+    ents = w.ent[news]
+    used[ents[ents >= 0]] = True
+    rows = np.flatnonzero(used & has_vec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for i in rows.tolist():
+            f.write(w.ent_qid[i] + "\t" + "\t".join(f"{x:.6f}" for x in vecs[i]) + "\t\n")
+    return int(rows.size)
 
 
 def _split_counts(total: int, n_days: int) -> list[int]:
@@ -1078,6 +1118,7 @@ def generate(out: str | Path, scale: str = "small", seed: int = 0, progress: boo
         )
         mind.write_behaviors(out / split / "behaviors.tsv", imps)
         mind.write_news(out / split / "news.tsv", (w.records[i] for i in np.flatnonzero(st.ref)))
+        write_entity_vectors(out / split / "entity_embedding.vec", w, st.ref, int(seed))
         seen_ref |= st.ref
         if metrics is not None:
             ceiling[split] = metrics.result()

@@ -152,12 +152,47 @@ class MultiFieldFusion(nn.Module):
       attends over title and category only), rather than a learned "no entity" vector: a
       made-up vector would take attention weight while carrying no information.
     The dense layers are plain linear maps (amf_dim -> D) into the title's space.
+
+    Pretrained entity vectors (MTRec Appendix A: "the embeddings dimension of the entities and
+    categories are 100, and both are finetuned"; MIND's 100-d TransE ``entity_embedding.vec``):
+    ``entity_vectors`` [n_entity, amf_dim] with NaN rows for entities that have no vector.
+    The embedding table then holds row 0 = none (padding, never used), row 1 = ONE learned
+    default shared by every entity without a vector, rows 2.. = the entities with a vector
+    (initialised from it, fine-tuned); ``entity_row`` maps vocabulary index -> table row.
+    Without vectors the table is indexed by the vocabulary directly (``entity_row`` = identity).
     """
 
-    def __init__(self, dim: int, query_dim: int, n_category: int, n_entity: int, amf_dim: int):
+    def __init__(
+        self,
+        dim: int,
+        query_dim: int,
+        n_category: int,
+        n_entity: int,
+        amf_dim: int,
+        entity_vectors: torch.Tensor | None = None,
+    ):
         super().__init__()
+        n_entity = max(n_entity, 1)
         self.category_emb = nn.Embedding(max(n_category, 1), amf_dim)
-        self.entity_emb = nn.Embedding(max(n_entity, 1), amf_dim, padding_idx=0)
+        if entity_vectors is None:
+            row = torch.arange(n_entity)
+            self.entity_emb = nn.Embedding(n_entity, amf_dim, padding_idx=0)
+        else:
+            if tuple(entity_vectors.shape) != (n_entity, amf_dim):
+                raise ConfigError(
+                    f"entity vectors have shape {tuple(entity_vectors.shape)} but AMF needs "
+                    f"({n_entity}, model.amf_dim={amf_dim}): set model.amf_dim to the vectors' "
+                    "width (100 for MIND's TransE vectors) or re-run prepare"
+                )
+            has = ~torch.isnan(entity_vectors).any(1)  # [n_entity]
+            has[0] = False
+            row = torch.where(has, has.long().cumsum(0) + 1, torch.ones_like(has, dtype=torch.long))
+            row[0] = 0
+            self.entity_emb = nn.Embedding(int(has.sum()) + 2, amf_dim, padding_idx=0)
+            with torch.no_grad():
+                self.entity_emb.weight[2:] = entity_vectors[has].to(self.entity_emb.weight.dtype)
+        self.register_buffer("entity_row", row, persistent=False)
+        self.pretrained_entities = entity_vectors is not None
         self.category_proj = nn.Linear(amf_dim, dim)
         self.entity_proj = nn.Linear(amf_dim, dim)
         self.field_attention = AdditiveAttention(dim, query_dim)
@@ -169,7 +204,7 @@ class MultiFieldFusion(nn.Module):
         r_c = self.category_proj(self.category_emb(category))  # [U, D]
         ent_mask = entities > 0  # [U, E]
         n_ent = ent_mask.sum(1, keepdim=True)  # [U, 1]
-        ent = self.entity_emb(entities) * ent_mask.unsqueeze(-1)  # [U, E, amf_dim]
+        ent = self.entity_emb(self.entity_row[entities]) * ent_mask.unsqueeze(-1)  # [U, E, amf]
         ent_mean = ent.sum(1) / n_ent.clamp_min(1)  # [U, amf_dim]
         r_e = self.entity_proj(ent_mean)  # [U, D]
         fields = torch.stack([title, r_c, r_e], dim=1)  # [U, 3, D]

@@ -76,8 +76,16 @@ class MTRec(nn.Module):
         self.score_scale = 1.0 / D**0.5 if cfg.scaled_scores else 1.0  # model.scaled_scores
         self.fusion: MultiFieldFusion | None = None
         if self.multi_field:
+            ev = meta.get(
+                "entity_vector_matrix"
+            )  # [n_entity, d], NaN = none (vocab/entity_vectors.npy)
             self.fusion = MultiFieldFusion(
-                D, cfg.query_dim, n_category, int(vocab.get("entities", 1)), cfg.amf_dim
+                D,
+                cfg.query_dim,
+                n_category,
+                int(vocab.get("entities", 1)),
+                cfg.amf_dim,
+                None if ev is None else torch.as_tensor(ev, dtype=torch.float32),
             )
             names = meta.get("names")
             if cfg.amf_init_from_encoder and names:
@@ -102,10 +110,10 @@ class MTRec(nn.Module):
 
         assert self.fusion is not None
         tok = load_tokenizer(cfg.encoder)
-        for field, emb in (
-            ("category", self.fusion.category_emb),
-            ("entities", self.fusion.entity_emb),
-        ):
+        fields = [("category", self.fusion.category_emb)]
+        if not self.fusion.pretrained_entities:  # pretrained TransE vectors win
+            fields.append(("entities", self.fusion.entity_emb))
+        for field, emb in fields:
             vals = names.get(field)
             if not vals:
                 continue

@@ -7,10 +7,15 @@ in a second with the key and the allowed values instead of after loading BERT.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 from torch import nn
 
 from mtrec_dist.config import TWO_GROUP_SURGERY, Config, ConfigError
 from mtrec_dist.data.prepared import vocab_names
+from mtrec_dist.data.vectors import ENTITY_VECTORS_NPY
+from mtrec_dist.models.classic import LSTUR, NAML, NPA, NRMS
 from mtrec_dist.models.miner import MINER
 from mtrec_dist.models.mtrec import BERT, BertAMF, LSTURBert, MTRec, MTRecAMF, NRMSBert
 from mtrec_dist.models.unbert import UNBERT
@@ -19,6 +24,8 @@ TASKS = ("category", "ner", "sentiment", "disagreement")  # switchable; "main" i
 _AGGREGATORS = {
     "model.miner_aggregator": ("max", "mean", "weighted"),
     "model.unbert_aggregator": ("nsep", "mean", "attention"),
+    "model.unbert_signals": ("both", "word", "news"),
+    "model.lstur_kind": ("ini", "con"),
 }
 
 
@@ -31,6 +38,11 @@ MODELS: dict[str, type[nn.Module]] = {
     "lstur_bert": LSTURBert,
     "miner": MINER,
     "unbert": UNBERT,
+    # classic word-embedding baselines (mtrec_dist.models.classic)
+    "nrms": NRMS,
+    "naml": NAML,
+    "lstur": LSTUR,
+    "npa": NPA,
 }
 MODEL_NAMES = tuple(MODELS)
 
@@ -66,6 +78,13 @@ def validate_model_config(cfg: Config, manifest: dict) -> None:
         raise ConfigError(
             f"model.query_dim={m.query_dim}, model.amf_dim={m.amf_dim}: must be positive"
         )
+    if m.unbert_news_layers < 0:
+        raise ConfigError(f"model.unbert_news_layers={m.unbert_news_layers}: must be >= 0")
+    for key in ("word_dim", "cnn_filters", "cnn_window", "nrms_heads", "nrms_head_dim"):
+        if getattr(m, key) <= 0:
+            raise ConfigError(f"model.{key}={getattr(m, key)}: must be a positive integer")
+    if cfg.data.word_vectors and not Path(cfg.data.word_vectors).is_file():
+        raise ConfigError(f"data.word_vectors={cfg.data.word_vectors!r}: no such file")
     from mtrec_dist.hub import resolve_encoder
 
     resolve_encoder(m.encoder)  # missing folder / not BERT-family -> error naming model.encoder
@@ -85,6 +104,11 @@ def build_model(cfg: Config, manifest: dict) -> nn.Module:
         names = vocab_names(cfg.prepared_dir)
         if names:
             meta["names"] = names
+    meta.setdefault("word_vectors", cfg.data.word_vectors)  # classic models' GloVe file
+    if "entity_vector_matrix" not in meta and cfg.model.amf_entity_vectors:
+        ev = cfg.prepared_dir / "vocab" / ENTITY_VECTORS_NPY
+        if getattr(cls, "multi_field", False) and ev.is_file():
+            meta["entity_vector_matrix"] = np.load(ev, allow_pickle=False)
     return cls(cfg.model, meta)
 
 

@@ -29,10 +29,18 @@ clicked titles oldest to newest (as the history is stored), each without its own
   ``nsep`` = the lead token's output; ``mean`` = mean over the span (eq. 7); ``attention`` =
   ``softmax_i(w_o^T tanh(W_h w_i + b_h) + b_o)`` weights over the span (eq. 8-9; read as a
   softmax, since eq. 9's plain normalisation by a sum of unconstrained scores can divide by ~0).
-  These title vectors go through :data:`NEWS_LAYERS` fresh transformer layers (post-LN, GELU,
-  the encoder's width/heads/FFN size, no positions) and the candidate's output is ``e_n``.
+  The scalar bias b_o of eq. 8 is left out: it adds the same constant to every logit of a span
+  and the softmax is shift-invariant, so it changes no output and its gradient is exactly 0
+  (it was the one parameter that never trained).
+  These title vectors go through ``model.unbert_news_layers`` (default :data:`NEWS_LAYERS`)
+  fresh transformer layers (post-LN, GELU, the encoder's width/heads/FFN size, no positions)
+  and the candidate's output is ``e_n`` ("we then stack the same transformer layers as WLM",
+  §3.4; the paper does not give the depth).
 - Click predictor (eq. 10): ``score = Linear([e_w; e_n])``, one logit per pair (the paper's
   two-way softmax is replaced by the NCE over the 1+K candidates, as in every model here).
+  ``model.unbert_signals`` = ``word`` / ``news`` keeps only ``e_w`` / ``e_n`` (Table 3's
+  UNBERT_word / UNBERT_news ablation): the unused module is not built, so every parameter of
+  the model trains.
 - Loss: ``main`` only (NCE, MTRec eq. 3); ``model.tasks`` (auxiliary tasks) is ignored.
 
 Maximum input length: ``min(model.unbert_max_len, encoder max_position_embeddings)``. When a
@@ -61,7 +69,8 @@ from mtrec_dist.models.outputs import TaskOutputs
 from mtrec_dist.models.user import masked_softmax
 
 AGGREGATORS = ("nsep", "mean", "attention")
-NEWS_LAYERS = 2  # transformer layers of the news-level module
+SIGNALS = ("both", "word", "news")  # matching signals fed to the click predictor (Table 3)
+NEWS_LAYERS = 2  # default transformer layers of the news-level module
 
 
 class PairInputs(NamedTuple):
@@ -184,6 +193,15 @@ class UNBERT(nn.Module):
             pos.weight.zero_()
         pos.weight.requires_grad_(False)
         self.use_token_types = int(getattr(bcfg, "type_vocab_size", 1)) >= 2
+        if cfg.unbert_signals not in SIGNALS:
+            raise ConfigError(
+                f"model.unbert_signals={cfg.unbert_signals!r}: allowed values are "
+                f"{', '.join(SIGNALS)}"
+            )
+        if cfg.unbert_news_layers < 0:
+            raise ConfigError(f"model.unbert_news_layers={cfg.unbert_news_layers}: must be >= 0")
+        self.signals = cfg.unbert_signals
+        news_level = self.signals != "word"
         self.encoder = build_news_encoder(cfg, encoder)  # LoRA when model.lora
         D = self.encoder.hidden_size
         self.aggregator = cfg.unbert_aggregator
@@ -191,9 +209,9 @@ class UNBERT(nn.Module):
         nn.init.normal_(
             self.news_segment.weight, std=float(getattr(bcfg, "initializer_range", 0.02))
         )
-        if self.aggregator == "attention":  # eq. 8
+        if self.aggregator == "attention" and news_level:  # eq. 8 (b_o dropped: see above)
             self.token_attention = nn.Sequential(
-                nn.Linear(D, cfg.query_dim), nn.Tanh(), nn.Linear(cfg.query_dim, 1)
+                nn.Linear(D, cfg.query_dim), nn.Tanh(), nn.Linear(cfg.query_dim, 1, bias=False)
             )
         layer = nn.TransformerEncoderLayer(
             D,
@@ -204,8 +222,13 @@ class UNBERT(nn.Module):
             layer_norm_eps=float(bcfg.layer_norm_eps),
             batch_first=True,
         )
-        self.news_layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(NEWS_LAYERS))
-        self.click = nn.Linear(2 * D, 1)  # eq. 10: [e_w; e_n] -> logit
+        depth = cfg.unbert_news_layers if news_level else 0
+        self.news_layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(depth))
+        width = 2 * D if self.signals == "both" else D
+        # eq. 10: [e_w; e_n] (or one of them) -> logit. No bias: the NCE softmax over a
+        # sample's candidates cancels a constant shared by all of them, so a bias would get an
+        # exactly-zero gradient (eq. 10's two-way softmax per pair is where the paper needs one).
+        self.click = nn.Linear(width, 1, bias=False)
 
     def shared_parameter_names(self) -> set[str]:
         """The trainable encoder parameters (UNBERT has one task, so nothing else is shared)."""
@@ -223,11 +246,15 @@ class UNBERT(nn.Module):
             inputs_embeds=embeds, token_type_ids=ttype, attention_mask=inputs.attention_mask
         ).last_hidden_state  # [P, T, D]
         e_w = hidden[:, 0]  # [P, D] word-level matching ([CLS])
+        if self.signals == "word":
+            return self.click(e_w).squeeze(-1)  # [P]
         titles, title_mask = self.aggregate(hidden, inputs.span)  # [P, N, D], [P, N]
         x = titles
         for layer in self.news_layers:
             x = layer(x, src_key_padding_mask=~title_mask)
         e_n = x[:, 0]  # [P, D] news-level matching at the candidate
+        if self.signals == "news":
+            return self.click(e_n).squeeze(-1)
         return self.click(torch.cat([e_w, e_n], dim=-1)).squeeze(-1)  # [P]
 
     def aggregate(

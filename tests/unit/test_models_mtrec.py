@@ -11,15 +11,15 @@ from mtrec_dist.config import ModelConfig
 from mtrec_dist.data.batch import NER_IGNORE, NewsTable, Sample, collate
 from mtrec_dist.hub import load_encoder
 from mtrec_dist.models.encoders import name_embeddings
-from mtrec_dist.models.mtrec import MTRecAMF
+from mtrec_dist.models.mtrec import MTRec, MTRecAMF
 from mtrec_dist.models.registry import MODELS as REGISTERED
 from mtrec_dist.models.user import GRUUserEncoder, nrms_heads
 
 N_NEWS, L, E, N_CAT, N_ENT = 14, 9, 3, 5, 6
 META = {"has_sentiment": True, "vocab": {"category": N_CAT, "subcategory": 1, "entities": N_ENT}}
 ALL_TASKS = {"category": True, "ner": True, "sentiment": True}
-# the registered MTRec family (MINER and UNBERT have their own tests)
-MODELS = {n: c for n, c in REGISTERED.items() if n not in ("miner", "unbert")}
+# the registered MTRec family (MINER, UNBERT and the classic models have their own tests)
+MODELS = {n: c for n, c in REGISTERED.items() if issubclass(c, MTRec)}
 MULTI_TASK = {"mtrec", "mtrec_amf"}
 
 

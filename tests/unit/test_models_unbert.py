@@ -197,3 +197,57 @@ def test_config_errors():
         make(unbert_aggregator="max")
     with pytest.raises(ConfigError, match="model.unbert_max_len"):
         make(unbert_max_len=3)
+
+
+@pytest.mark.parametrize("signals", ["both", "word", "news"])
+def test_every_parameter_trains_for_each_signal(signals):
+    """Table 3's switches; every trainable parameter gets a gradient (eq. 8's bias b_o, which
+    the softmax cancels, is no longer a parameter)."""
+    model = make(unbert_aggregator="attention", unbert_signals=signals)
+    assert model.click.bias is None  # NCE over candidates cancels a shared bias
+    if signals != "word":
+        assert model.token_attention[2].bias is None  # the span softmax cancels b_o
+    batch = collate(TWO, news_table())
+    model(batch).losses["main"].backward()
+    dead = [
+        n for n, p in model.named_parameters() if p.requires_grad and not p.grad.abs().sum() > 0
+    ]
+    assert dead == []
+    names = {n.split(".")[0] for n, _ in model.named_parameters()}
+    assert ("news_layers" in names) == (signals != "word")
+    assert ("token_attention" in names) == (signals != "word")
+
+
+def test_signals_and_depth_by_hand():
+    """word: the click layer sees [CLS] only; news: the candidate's vector after the news-level
+    layers only; depth = model.unbert_news_layers (0 = the aggregated title itself)."""
+    batch = collate(TWO, news_table())
+    pb, pc = pairs(batch)
+    for signals, depth in (("word", 2), ("news", 0), ("news", 3)):
+        model = make(unbert_aggregator="mean", unbert_signals=signals, unbert_news_layers=depth)
+        assert len(model.news_layers) == (0 if signals == "word" else depth)
+        inp = build_pair_inputs(batch, pb, pc, N, model.max_len)
+        bert = model.encoder.bert
+        emb = bert.get_input_embeddings()(inp.input_ids) + model.news_segment(inp.news_segment)
+        hidden = bert(
+            inputs_embeds=emb, token_type_ids=inp.token_type_ids, attention_mask=inp.attention_mask
+        ).last_hidden_state
+        if signals == "word":
+            feat = hidden[:, 0]
+        else:
+            cand = torch.stack(
+                [hidden[p][inp.span[p] == 0].mean(0) for p in range(len(pb))]
+            )  # candidate span mean (eq. 7)
+            if depth == 0:
+                feat = cand
+            else:
+                titles, mask = model.aggregate(hidden, inp.span)
+                torch.testing.assert_close(titles[:, 0], cand)
+                x = titles
+                for layer in model.news_layers:
+                    x = layer(x, src_key_padding_mask=~mask)
+                feat = x[:, 0]
+        want = feat @ model.click.weight[0]
+        torch.testing.assert_close(model.pair_scores(inp), want)
+    with pytest.raises(ConfigError, match="model.unbert_signals"):
+        make(unbert_signals="cls")
