@@ -525,20 +525,55 @@ def _take_distinct(draws: np.ndarray, k: int) -> list[int]:
     return out
 
 
-def _build_world(scale: Scale, ss: np.random.SeedSequence, progress: bool) -> _World:
-    rng = _child(ss, 0)
-    C = len(_CATEGORIES)
-    cat_names = [c[0] for c in _CATEGORIES]
+@dataclass
+class _Categories:
+    """The static category table (``_CATEGORIES``) in the shapes the world builders read."""
+
+    names: list[str]
+    prior: np.ndarray  # float64 [C], normalised MIND-like category frequencies
+    sub_names: list[list[str]]
+    words: list[list[str]]  # word pool of each category
+    word_cum: list[np.ndarray]  # Zipf CDF over each word pool
+
+
+def _categories() -> _Categories:
+    """Read and check the category table; draws nothing.
+
+    Why the check: a title's words are stored as a uint64 bitmask over its category's pool
+    (``_World.wmask``), so a pool past 64 words or with a repeated word would silently corrupt
+    the planted word-overlap term.
+    """
+    names = [c[0] for c in _CATEGORIES]
     prior = np.array([c[1] for c in _CATEGORIES])
     prior /= prior.sum()
     sub_names = [c[2].split() for c in _CATEGORIES]
     words = [c[3].split() for c in _CATEGORIES]
-    for name, ws in zip(cat_names, words):
+    for name, ws in zip(names, words):
         if not (20 <= len(ws) <= 64) or len(set(ws)) != len(ws):
             raise AssertionError(f"word pool of {name}: expected 20-64 distinct words")
+    word_cum = [_zipf_cum(len(ws), _WORD_ZIPF) for ws in words]
+    return _Categories(names, prior, sub_names, words, word_cum)
 
-    # ---- entities
-    E = scale.entities
+
+@dataclass
+class _Entities:
+    """Every named entity of the world, and which of them each category can mention."""
+
+    ent_name: list[str]
+    ent_type: list[str]
+    ent_qid: list[str]
+    ent_conf: np.ndarray
+    cat_ents: list[np.ndarray]  # entity ids tied to each category, in Zipf rank order
+    ent_cum: list[np.ndarray]  # Zipf CDF over each category's entities
+
+
+def _build_entities(rng: np.random.Generator, E: int, cats: _Categories) -> _Entities:
+    """Draw E entities (type, unique name, Wikidata-like id, confidence, 1-2 categories).
+
+    Why its own step: these are the first draws of the world stream, and the news and users
+    built after them only look entities up by category (``cat_ents``, ``ent_cum``).
+    """
+    C = len(cats.names)
     etype_idx = rng.choice(3, size=E, p=_ENT_TYPE_PROBS)
     ent_name: list[str] = [""] * E
     for t, code in enumerate(_ENT_TYPES):
@@ -550,15 +585,22 @@ def _build_world(scale: Scale, ss: np.random.SeedSequence, progress: bool) -> _W
     qids = rng.choice(9_000_000, size=E, replace=False) + 1000
     ent_qid = [f"Q{q}" for q in qids.tolist()]
     ent_conf = np.round(rng.uniform(0.8, 1.0, size=E), 3)
-    cat1 = rng.choice(C, size=E, p=prior)
-    cat2 = rng.choice(C, size=E, p=prior)
+    cat1 = rng.choice(C, size=E, p=cats.prior)
+    cat2 = rng.choice(C, size=E, p=cats.prior)
     two = (rng.random(E) < 0.4) & (cat2 != cat1)
     cat_ents = []
     for c in range(C):
         cat_ents.append(np.flatnonzero((cat1 == c) | (two & (cat2 == c))).astype(np.int32))
+    ent_cum = [_zipf_cum(max(len(e), 1), _ENT_ZIPF) for e in cat_ents]
+    return _Entities(ent_name, ent_type, ent_qid, ent_conf, cat_ents, ent_cum)
 
-    # ---- news, sorted by publication day
-    N = scale.news
+
+def _news_days(N: int) -> tuple[np.ndarray, dict[int, int]]:
+    """Publication day of each news index, and the first index of each day; draws nothing.
+
+    Why sorted by day: candidate draws (``_draw_news``) sample a day's news as one contiguous
+    index range ``[day_lo[d], day_lo[d + 1])``, proportional to cumulative popularity.
+    """
     days = np.arange(-(PRE_DAYS - 1), TEST_DAY + 1)
     w = np.where(days <= 0, PRE_DAY_WEIGHT, WINDOW_DAY_WEIGHT)
     per_day = np.floor(N * w / w.sum()).astype(np.int64)
@@ -567,21 +609,80 @@ def _build_world(scale: Scale, ss: np.random.SeedSequence, progress: bool) -> _W
     starts = np.concatenate([[0], np.cumsum(per_day)])
     day_lo = {int(d): int(s) for d, s in zip(days, starts[:-1])}
     day_lo[TEST_DAY + 1] = N
+    return day, day_lo
+
+
+@dataclass
+class _News:
+    """The news half of ``_World`` (same field names), sorted by publication day."""
+
+    news_id: np.ndarray
+    day: np.ndarray
+    day_lo: dict[int, int]
+    cat: np.ndarray
+    ent: np.ndarray
+    wmask: np.ndarray
+    logpop: np.ndarray
+    cumpop: np.ndarray
+    records: list[News]
+
+
+@dataclass
+class _NewsDraws:
+    """Per-news random numbers, drawn for all news at once before any text is composed."""
+
+    n_ent: np.ndarray  # [N] entities asked for (0-3)
+    sub_u: np.ndarray  # [N] uniform: subcategory
+    tmpl_u: np.ndarray  # [N] uniform: title template
+    abs_u: np.ndarray  # [N] uniform: abstract template
+    word_draw: np.ndarray  # [N, 12] uniforms: Zipf word draws
+    ent_draw: np.ndarray  # [N, 8] uniforms: Zipf entity draws
+    misc: np.ndarray  # [N, 8] integers: verbs, adjectives, numbers
+
+
+def _build_news(
+    rng: np.random.Generator, N: int, cats: _Categories, ents: _Entities, progress: bool
+) -> _News:
+    """Draw N news (id, category, popularity, then every per-news number) and compose them.
+
+    Why all the draws come first, as whole arrays: the number of draws must not depend on the
+    text composed (so the users drawn next see the same stream), and it keeps the loop in
+    ``_compose_news`` free of generator calls.
+    """
+    day, day_lo = _news_days(N)
     nums = rng.choice(N * 5, size=N, replace=False) + 10_000
     news_id = np.array([f"N{x}" for x in nums.tolist()], dtype=object)
-    cat = rng.choice(C, size=N, p=prior).astype(np.int64)
+    cat = rng.choice(len(cats.names), size=N, p=cats.prior).astype(np.int64)
     pop = (1.0 - rng.random(N)) ** (-1.0 / POP_ALPHA)
     logpop = np.log(pop) - 1.0 / POP_ALPHA  # E[log pop] = 1/alpha for Pareto(alpha)
     cumpop = np.concatenate([[0.0], np.cumsum(pop)])
+    # one statement per draw, in stream order
     n_ent = rng.choice(4, size=N, p=_N_ENT_PROBS)
     sub_u = rng.random(N)
     tmpl_u = rng.random(N)
     abs_u = rng.random(N)
-    word_cum = [_zipf_cum(len(ws), _WORD_ZIPF) for ws in words]
-    ent_cum = [_zipf_cum(max(len(e), 1), _ENT_ZIPF) for e in cat_ents]
     word_draw = rng.random((N, 12))
     ent_draw = rng.random((N, 8))
     misc = rng.integers(0, 1 << 30, size=(N, 8))
+    draws = _NewsDraws(n_ent, sub_u, tmpl_u, abs_u, word_draw, ent_draw, misc)
+    ent, wmask, records = _compose_news(news_id, cat, draws, cats, ents, progress)
+    return _News(news_id, day, day_lo, cat, ent, wmask, logpop, cumpop, records)
+
+
+def _compose_news(
+    news_id: np.ndarray,
+    cat: np.ndarray,
+    d: _NewsDraws,
+    cats: _Categories,
+    ents: _Entities,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray, list[News]]:
+    """Turn each news' draws into its entities, title word mask and ``News`` record.
+
+    Why a separate loop: this is the only per-news Python work of the world (the rest is
+    vectorised), so it is the one place that reports progress.
+    """
+    N = len(news_id)
     ent = np.full((N, 3), -1, dtype=np.int32)
     wmask = np.zeros(N, dtype=np.uint64)
     records: list[News] = []
@@ -589,129 +690,196 @@ def _build_world(scale: Scale, ss: np.random.SeedSequence, progress: bool) -> _W
     prog.enabled = prog.enabled and progress
     for n in range(N):
         c = int(cat[n])
-        pool_e = cat_ents[c]
-        m = min(int(n_ent[n]), len(pool_e))
-        ents = [
-            int(pool_e[i])
-            for i in _take_distinct(np.searchsorted(ent_cum[c], ent_draw[n], side="right"), m)
-        ]
-        m = len(ents)
-        ts = _TITLES[m]
-        template = ts[int(tmpl_u[n] * len(ts))]
-        ab = _ABSTRACTS[int(abs_u[n] * len(_ABSTRACTS))]
-        n_w = template.count("{W}")
-        widx = _take_distinct(np.searchsorted(word_cum[c], word_draw[n], side="right"), 8)
-        ws = words[c]
-        r = misc[n].tolist()
-        fills = {
-            "E": [ent_name[e] for e in ents],
-            "W": [ws[i] for i in widx[:n_w]],
-            "V": [_VERBS[r[0] % len(_VERBS)], _VERBS[r[1] % len(_VERBS)]],
-            "A": [_ADJS[r[2] % len(_ADJS)]],
-            "N": [str(3 + r[3] % 13)],
-        }
-        title, offs = _fill(template, fills)
-        title = title[0].upper() + title[1:]
-        abs_fills = {
-            "W": [ws[i] for i in widx[n_w:]] + [ws[i] for i in widx[:n_w]],
-            "V": [_VERBS[r[4] % len(_VERBS)]],
-            "A": [_ADJS[r[5] % len(_ADJS)]],
-        }
-        abstract, _ = _fill(ab, abs_fills)
+        pool_e = ents.cat_ents[c]
+        m = min(int(d.n_ent[n]), len(pool_e))
+        picks = _take_distinct(np.searchsorted(ents.ent_cum[c], d.ent_draw[n], side="right"), m)
+        ids = [int(pool_e[i]) for i in picks]
+        widx = _take_distinct(np.searchsorted(cats.word_cum[c], d.word_draw[n], side="right"), 8)
+        names = [ents.ent_name[e] for e in ids]
+        ws = cats.words[c]
+        title, offs, abstract, title_w = _news_text(
+            names, ws, widx, d.tmpl_u[n], d.abs_u[n], d.misc[n].tolist()
+        )
         mask = 0
-        for i in widx[:n_w]:
+        for i in title_w:
             mask |= 1 << i
         wmask[n] = mask
-        ent[n, :m] = ents
-        t_ents = [
-            Entity(
-                label=ent_name[ents[j]],
-                type=ent_type[ents[j]],
-                wikidata_id=ent_qid[ents[j]],
-                confidence=float(ent_conf[ents[j]]),
-                offsets=[off],
-                surface_forms=[ent_name[ents[j]]],
-            )
-            for j, off in offs
-        ]
-        subs = sub_names[c]
+        ent[n, : len(ids)] = ids
+        subs = cats.sub_names[c]
         nid = news_id[n]
         records.append(
             News(
                 news_id=nid,
-                category=cat_names[c],
-                subcategory=subs[int(sub_u[n] * len(subs))],
+                category=cats.names[c],
+                subcategory=subs[int(d.sub_u[n] * len(subs))],
                 title=title,
                 abstract=abstract,
                 url=f"https://synthetic.mtrec.invalid/news/{nid}.html",
-                title_entities=t_ents,
+                title_entities=_title_entities(ents, ids, offs),
                 abstract_entities=[],
             )
         )
         prog.update()
     prog.close()
+    return ent, wmask, records
 
-    # ---- users
-    U = scale.users
+
+def _news_text(
+    names: list[str],
+    ws: list[str],
+    widx: list[int],
+    tmpl_u: float,
+    abs_u: float,
+    r: list[int],
+) -> tuple[str, list[tuple[int, int]], str, list[int]]:
+    """Title, its entity offsets, abstract, and the word indices the title uses.
+
+    Why the title words are returned: they (not the abstract's) form the news' word mask, the
+    part of the planted click model a model can read from the title.
+    """
+    ts = _TITLES[len(names)]
+    template = ts[int(tmpl_u * len(ts))]
+    ab = _ABSTRACTS[int(abs_u * len(_ABSTRACTS))]
+    n_w = template.count("{W}")
+    fills = {
+        "E": names,
+        "W": [ws[i] for i in widx[:n_w]],
+        "V": [_VERBS[r[0] % len(_VERBS)], _VERBS[r[1] % len(_VERBS)]],
+        "A": [_ADJS[r[2] % len(_ADJS)]],
+        "N": [str(3 + r[3] % 13)],
+    }
+    title, offs = _fill(template, fills)
+    title = title[0].upper() + title[1:]
+    abs_fills = {
+        "W": [ws[i] for i in widx[n_w:]] + [ws[i] for i in widx[:n_w]],
+        "V": [_VERBS[r[4] % len(_VERBS)]],
+        "A": [_ADJS[r[5] % len(_ADJS)]],
+    }
+    abstract, _ = _fill(ab, abs_fills)
+    return title, offs, abstract, widx[:n_w]
+
+
+def _title_entities(ents: _Entities, ids: list[int], offs: list[tuple[int, int]]) -> list[Entity]:
+    """MIND ``TitleEntities``: one entry per entity slot, at the offset its name was placed.
+
+    Why from the fill offsets: exact-match NER must find each name verbatim at that offset.
+    """
+    return [
+        Entity(
+            label=ents.ent_name[ids[j]],
+            type=ents.ent_type[ids[j]],
+            wikidata_id=ents.ent_qid[ids[j]],
+            confidence=float(ents.ent_conf[ids[j]]),
+            offsets=[off],
+            surface_forms=[ents.ent_name[ids[j]]],
+        )
+        for j, off in offs
+    ]
+
+
+@dataclass
+class _Users:
+    """The user half of ``_World`` (same field names), histories excepted."""
+
+    user_id: list[str]
+    w_flat: np.ndarray
+    fw_flat: np.ndarray
+    fav_ent: np.ndarray
+    cum_act: np.ndarray
+
+
+def _build_users(rng: np.random.Generator, U: int, cats: _Categories, ents: _Entities) -> _Users:
+    """Draw U users: interests and favourites, then ids and activity.
+
+    Why ids and activity come last: they are the world stream's final draws, after the
+    interests (``_user_interests``), and the order is part of what the seed reproduces.
+    """
+    w_mat, fw_mat, fav_ent = _user_interests(rng, U, cats, ents)
+    unums = rng.choice(U * 3, size=U, replace=False) + 1
+    user_id = [f"U{x}" for x in unums.tolist()]
+    act = np.exp(rng.normal(0.0, ACTIVITY_SIGMA, size=U))
+    cum_act = np.cumsum(act)
+    return _Users(user_id, w_mat.reshape(-1), fw_mat.reshape(-1), fav_ent, cum_act)
+
+
+def _user_interests(
+    rng: np.random.Generator, U: int, cats: _Categories, ents: _Entities
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Interest weights [U, C], favourite-word masks [U, C] and favourite entities [U, 4].
+
+    Why vectorised per category: each category has its own Zipf tables, so all users
+    interested in one category are looked up in one ``searchsorted`` instead of per user.
+    """
+    C = len(cats.names)
     n_int = rng.integers(2, 5, size=U)
     w_mat = np.zeros((U, C))
     fw_mat = np.zeros((U, C), dtype=np.uint64)
     fav_ent = np.full((U, 4), -2, dtype=np.int32)
-    gumbel = rng.gumbel(size=(U, C)) + np.log(prior) * 0.5  # interests ~ sqrt(prior)
+    gumbel = rng.gumbel(size=(U, C)) + np.log(cats.prior) * 0.5  # interests ~ sqrt(prior)
     dir_w = rng.gamma(1.0, size=(U, 4))
     n_fav_e = rng.integers(2, 5, size=U)
     fe_cat_u = rng.random((U, 4))
     fe_u = rng.random((U, 4))
     fw_u = rng.random((U, 4, 2))
-    cats = np.argsort(-gumbel, axis=1, kind="stable")[:, :4]  # [U, 4] interests, best first
+    cs = np.argsort(-gumbel, axis=1, kind="stable")[:, :4]  # [U, 4] interests, best first
     slot_ok = np.arange(4)[None, :] < n_int[:, None]  # [U, 4]
     wts = np.where(slot_ok, dir_w, 0.0)
     wts /= wts.sum(axis=1, keepdims=True)
     rows = np.arange(U)
     for j in range(4):
-        w_mat[rows[slot_ok[:, j]], cats[slot_ok[:, j], j]] = wts[slot_ok[:, j], j]
+        w_mat[rows[slot_ok[:, j]], cs[slot_ok[:, j], j]] = wts[slot_ok[:, j], j]
     fe_slot = np.minimum((fe_cat_u * n_int[:, None]).astype(np.int64), n_int[:, None] - 1)
-    fe_cat = np.take_along_axis(cats, fe_slot, axis=1)  # [U, 4] category of each favourite
+    fe_cat = np.take_along_axis(cs, fe_slot, axis=1)  # [U, 4] category of each favourite
     fe_ok = np.arange(4)[None, :] < n_fav_e[:, None]
     for c in range(C):  # vectorised per category: its own Zipf tables
         for j in range(4):
-            m = slot_ok[:, j] & (cats[:, j] == c)
-            idx = np.searchsorted(word_cum[c], fw_u[m, j, :], side="right").astype(np.uint64)
+            m = slot_ok[:, j] & (cs[:, j] == c)
+            idx = np.searchsorted(cats.word_cum[c], fw_u[m, j, :], side="right").astype(np.uint64)
             fw_mat[m, c] = (np.uint64(1) << idx[:, 0]) | (np.uint64(1) << idx[:, 1])
             m = fe_ok[:, j] & (fe_cat[:, j] == c)
-            if len(cat_ents[c]) and m.any():
-                i = np.searchsorted(ent_cum[c], fe_u[m, j], side="right")
-                fav_ent[m, j] = cat_ents[c][i]
-    unums = rng.choice(U * 3, size=U, replace=False) + 1
-    user_id = [f"U{x}" for x in unums.tolist()]
-    act = np.exp(rng.normal(0.0, ACTIVITY_SIGMA, size=U))
-    cum_act = np.cumsum(act)
+            if len(ents.cat_ents[c]) and m.any():
+                i = np.searchsorted(ents.ent_cum[c], fe_u[m, j], side="right")
+                fav_ent[m, j] = ents.cat_ents[c][i]
+    return w_mat, fw_mat, fav_ent
 
+
+def _build_world(scale: Scale, ss: np.random.SeedSequence, progress: bool) -> _World:
+    """The fixed world of a seed: entities, news and users from stream 0, histories from 1.
+
+    Why one stream, drawn in this order (entities, news, users): ``content_logits`` rebuilds
+    the world from ``synth.json``'s scale and seed alone, so the draw order is part of the
+    data format; each builder draws only from ``rng``, in sequence.
+    """
+    rng = _child(ss, 0)
+    cats = _categories()
+    ents = _build_entities(rng, scale.entities, cats)
+    news = _build_news(rng, scale.news, cats, ents, progress)
+    users = _build_users(rng, scale.users, cats, ents)
     world = _World(
-        n_cat=C,
-        cat_names=cat_names,
-        sub_names=sub_names,
-        words=words,
-        ent_name=ent_name,
-        ent_type=ent_type,
-        ent_qid=ent_qid,
-        ent_conf=ent_conf,
-        cat_ents=cat_ents,
-        news_id=news_id,
-        day=day,
-        day_lo=day_lo,
-        cat=cat,
-        ent=ent,
-        wmask=wmask,
-        logpop=logpop,
-        cumpop=cumpop,
-        records=records,
-        user_id=user_id,
-        w_flat=w_mat.reshape(-1),
-        fw_flat=fw_mat.reshape(-1),
-        fav_ent=fav_ent,
-        cum_act=cum_act,
-        hist_ptr=np.zeros(U + 1, dtype=np.int64),
+        n_cat=len(cats.names),
+        cat_names=cats.names,
+        sub_names=cats.sub_names,
+        words=cats.words,
+        ent_name=ents.ent_name,
+        ent_type=ents.ent_type,
+        ent_qid=ents.ent_qid,
+        ent_conf=ents.ent_conf,
+        cat_ents=ents.cat_ents,
+        news_id=news.news_id,
+        day=news.day,
+        day_lo=news.day_lo,
+        cat=news.cat,
+        ent=news.ent,
+        wmask=news.wmask,
+        logpop=news.logpop,
+        cumpop=news.cumpop,
+        records=news.records,
+        user_id=users.user_id,
+        w_flat=users.w_flat,
+        fw_flat=users.fw_flat,
+        fav_ent=users.fav_ent,
+        cum_act=users.cum_act,
+        hist_ptr=np.zeros(len(users.user_id) + 1, dtype=np.int64),
         hist=np.zeros(0, dtype=np.int32),
     )
     _build_histories(world, _child(ss, 1), progress)
@@ -1075,24 +1243,16 @@ def _split_counts(total: int, n_days: int) -> list[int]:
     return [base + (1 if i < rem else 0) for i in range(n_days)]
 
 
-def generate(out: str | Path, scale: str = "small", seed: int = 0, progress: bool = True) -> dict:
-    """Write a synthetic MIND dataset into ``out`` and return the content of ``synth.json``.
+def _write_splits(
+    w: _World, sc: Scale, ss: np.random.SeedSequence, out: Path, progress: bool
+) -> tuple[dict[str, _SplitState], dict[str, dict], np.ndarray]:
+    """Write train, dev and test in that order; return their states, ceilings and news seen.
 
-    Layout: ``train|dev|test/{news,behaviors}.tsv`` (MIND format; test unlabeled),
-    ``truth/{dev,test}_probs.tsv`` (``ImpressionID<TAB>p1,p2,...``, true click probabilities),
-    ``truth/test_truth.txt`` (``ImpressionID [0,1,...]``), ``synth.json``.
+    Why in this order: a split's cold-start shares compare its candidates with the news
+    referenced by train and by all splits written before it (``seen_ref``); the draws do not
+    depend on the order, since every day has its own child stream.
     """
-    if scale not in SCALES:
-        raise ConfigError(f"scale: expected one of {list(SCALES)}, got {scale!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ConfigError(f"seed: expected a non-negative integer, got {seed!r}")
-    sc = SCALES[scale]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ss = np.random.SeedSequence(int(seed))
-    w = _build_world(sc, ss, progress)
     N, U = len(w.records), len(w.user_id)
-
     total = sc.train + sc.dev + sc.test
     prog = Progress("synth: impressions", total, unit="imp")
     prog.enabled = prog.enabled and progress
@@ -1123,38 +1283,58 @@ def generate(out: str | Path, scale: str = "small", seed: int = 0, progress: boo
         if metrics is not None:
             ceiling[split] = metrics.result()
     prog.close()
+    return states, ceiling, seen_ref
 
-    def split_info(split: str) -> dict:
-        st = states[split]
-        info = {
-            "impressions": st.impressions,
-            "news": int(st.ref.sum()),
-            "users": int(st.users.sum()),
-            "candidates": st.candidates,
-            "clicks": st.clicks,
-            "ctr": st.clicks / max(st.candidates, 1),
-            "empty_history_impressions": st.empty_history,
-            "days": [
-                (START + dt.timedelta(days=d - 1)).strftime("%m/%d/%Y") for d in SPLIT_DAYS[split]
-            ],
-        }
-        if split != "train":
-            info["cold_start_share_vs_train"] = st.cold_vs_train / max(st.candidates, 1)
-            info["cold_start_share_vs_earlier_splits"] = st.cold_vs_seen / max(st.candidates, 1)
-        return info
 
-    result = {
+def _split_info(split: str, st: _SplitState) -> dict:
+    """One split's entry of ``synth.json``'s counts.
+
+    Why cold-start shares only for dev and test: they are measured against the splits before,
+    and train has none.
+    """
+    info = {
+        "impressions": st.impressions,
+        "news": int(st.ref.sum()),
+        "users": int(st.users.sum()),
+        "candidates": st.candidates,
+        "clicks": st.clicks,
+        "ctr": st.clicks / max(st.candidates, 1),
+        "empty_history_impressions": st.empty_history,
+        "days": [
+            (START + dt.timedelta(days=d - 1)).strftime("%m/%d/%Y") for d in SPLIT_DAYS[split]
+        ],
+    }
+    if split != "train":
+        info["cold_start_share_vs_train"] = st.cold_vs_train / max(st.candidates, 1)
+        info["cold_start_share_vs_earlier_splits"] = st.cold_vs_seen / max(st.candidates, 1)
+    return info
+
+
+def _summary(
+    out: Path,
+    scale: str,
+    seed: int,
+    w: _World,
+    splits: tuple[dict[str, _SplitState], dict[str, dict], np.ndarray],
+) -> dict:
+    """The content of ``synth.json``: counts, ceilings, click-model constants, file hashes.
+
+    Why hashes of the written files: same seed -> byte-identical files is the determinism
+    contract, and the hashes let anyone check a copy of the data against it.
+    """
+    states, ceiling, seen_ref = splits
+    return {
         "format": "MIND",
         "generator": "mtrec_dist.data.synthetic",
         "seed": int(seed),
         "scale": scale,
         "counts": {
-            "news_total": N,
-            "users_total": U,
+            "news_total": len(w.records),
+            "users_total": len(w.user_id),
             "entities": len(w.ent_name),
             "news_all_splits": int(seen_ref.sum()),
             "history_mean_len": float(np.diff(w.hist_ptr).mean()),
-            **{s: split_info(s) for s in ("train", "dev", "test")},
+            **{s: _split_info(s, states[s]) for s in ("train", "dev", "test")},
         },
         "ceiling": ceiling,
         "click_model": {
@@ -1171,6 +1351,26 @@ def generate(out: str | Path, scale: str = "small", seed: int = 0, progress: boo
         },
         "sha256": {f: sha256_file(out / f) for f in FILES},
     }
+
+
+def generate(out: str | Path, scale: str = "small", seed: int = 0, progress: bool = True) -> dict:
+    """Write a synthetic MIND dataset into ``out`` and return the content of ``synth.json``.
+
+    Layout: ``train|dev|test/{news,behaviors}.tsv`` (MIND format; test unlabeled),
+    ``truth/{dev,test}_probs.tsv`` (``ImpressionID<TAB>p1,p2,...``, true click probabilities),
+    ``truth/test_truth.txt`` (``ImpressionID [0,1,...]``), ``synth.json``.
+    """
+    if scale not in SCALES:
+        raise ConfigError(f"scale: expected one of {list(SCALES)}, got {scale!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"seed: expected a non-negative integer, got {seed!r}")
+    sc = SCALES[scale]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ss = np.random.SeedSequence(int(seed))
+    w = _build_world(sc, ss, progress)
+    splits = _write_splits(w, sc, ss, out, progress)
+    result = _summary(out, scale, seed, w, splits)
     atomic_write_json(out / "synth.json", result)
     return result
 
