@@ -3,7 +3,9 @@
     python bench/bench_quality.py [--out bench/results/quality.json] [--rows mtrec,bert ...]
                                   [--seeds 0 1 2] [--steps 150] [--data DIR]
 
-The CPU regime (chosen so that the whole default table fits in about an hour on 2 cores):
+The CPU regime (measured cost: 5-7 minutes per 100-step run of the MTRec family with one thread
+on a loaded 2-core machine, so the default 9 rows x 3 seeds take about 2-3 hours; narrow it
+with --rows / --seeds / --steps):
 
 * data: synthetic MIND ``small`` (seed 0: 20,000 train / 5,000 dev impressions, 8,000 news,
   planted click model), prepared with titles of 20 word pieces and the 20 most recent clicks;
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--encoder", default="minilm")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--eval-impressions", type=int, default=1000)
