@@ -1244,7 +1244,7 @@ def _split_counts(total: int, n_days: int) -> list[int]:
 
 
 def _write_splits(
-    w: _World, sc: Scale, ss: np.random.SeedSequence, out: Path, progress: bool
+    w: _World, sc: Scale, seed: int, out: Path, progress: bool
 ) -> tuple[dict[str, _SplitState], dict[str, dict], np.ndarray]:
     """Write train, dev and test in that order; return their states, ceilings and news seen.
 
@@ -1252,6 +1252,7 @@ def _write_splits(
     referenced by train and by all splits written before it (``seen_ref``); the draws do not
     depend on the order, since every day has its own child stream.
     """
+    ss = np.random.SeedSequence(seed)  # the same root sequence generate() built the world from
     N, U = len(w.records), len(w.user_id)
     total = sc.train + sc.dev + sc.test
     prog = Progress("synth: impressions", total, unit="imp")
@@ -1369,7 +1370,7 @@ def generate(out: str | Path, scale: str = "small", seed: int = 0, progress: boo
     out.mkdir(parents=True, exist_ok=True)
     ss = np.random.SeedSequence(int(seed))
     w = _build_world(sc, ss, progress)
-    splits = _write_splits(w, sc, ss, out, progress)
+    splits = _write_splits(w, sc, int(seed), out, progress)
     result = _summary(out, scale, seed, w, splits)
     atomic_write_json(out / "synth.json", result)
     return result
