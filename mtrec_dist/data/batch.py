@@ -16,6 +16,7 @@ Layout of a prepared folder (written by ``mtrec_dist.data.shards``)::
     news/entities.npy    int32 [N, E]  0 = none (entity vocabulary index)
     news/news_ids.txt    line i = news id of row i; row 0 is "<pad>": the empty title
     vocab/category.json  vocab/subcategory.json  vocab/entities.json
+    vocab/users.json     "<unk>" then the train split's user ids, sorted (index = user index)
     shards/<split>-000000.tar ...
 """
 

@@ -14,7 +14,22 @@ The folder layout is in ``mtrec_dist.data.batch``. The shard sample contract liv
 that the writer and the reader share it: one tar sample per impression, its key the impression
 id exactly as the source file spells it (``003`` stays ``003``), with members ``hist.npy``
 (int32 news rows, most recent last), ``cand.npy`` (int32 news rows; 0 = a candidate missing
-from the news table) and, in a labeled split, ``label.npy`` (uint8 0/1 per candidate).
+from the news table), ``user.npy`` (int32 [1]: the impression's user index) and, in a labeled
+split, ``label.npy`` (uint8 0/1 per candidate).
+
+Users (LSTUR's and NPA's user-ID embeddings): ``vocab/users.json`` lists the user ids of the
+TRAIN split's behaviors, index 0 = ``"<unk>"`` (the unknown user), then every distinct train
+user id in sorted (string) order, so train users are 1..n. A dev/test user that never occurs in
+train is stored as 0 (counted in the split's ``stats.unknown_user``); without a ``train`` split
+every user is 0. The manifest records the vocabulary size (incl. 0) as ``news.vocab.users``,
+which is what the user-ID models size their embedding tables from.
+
+Older prepared folders (written before users existed) have no ``news.vocab.users`` and no
+``user.npy`` members. Readers accept them and read every impression as user 0, so models that
+do not use users keep working on them; a model that needs users (LSTUR, NPA: see
+:func:`require_users`) refuses such a folder at build time with a DataError naming the manifest
+and saying to re-run ``mtrec prepare``. Once the manifest declares users, a sample without
+``user.npy`` (or with an index outside the vocabulary) is a DataError naming the shard.
 """
 
 from __future__ import annotations
@@ -31,13 +46,22 @@ from mtrec_dist.data.tables import DataError
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
-VOCABS = ("category", "subcategory", "entities")
+VOCABS = ("category", "subcategory", "entities")  # news vocabularies (the vocab fingerprint)
+USER_VOCAB = "users"  # vocab/users.json: "<unk>" then the train split's user ids, sorted
 
 # Shard sample members (the writer in shards.py and the reader in stream.py use these names).
 HIST = "hist.npy"
 CAND = "cand.npy"
 LABEL = "label.npy"
-SHARD_MEMBERS = (HIST, CAND, LABEL)
+USER = "user.npy"
+SHARD_MEMBERS = (HIST, CAND, LABEL, USER)
+
+
+def required_members(labeled: bool, has_users: bool) -> tuple[str, ...]:
+    """The members every sample of a shard must hold (LABEL iff labeled, USER iff the manifest
+    declares users)."""
+    return (HIST, CAND) + ((LABEL,) if labeled else ()) + ((USER,) if has_users else ())
+
 
 _REQUIRED = ("format_version", "tokenizer", "title_len", "history_len", "news", "splits")
 _SHARD_KEYS = ("path", "sha256", "impressions", "clicks")
@@ -97,6 +121,26 @@ def load_manifest(prepared_dir: str | Path) -> dict[str, Any]:
     if not isinstance(m["splits"], dict):
         raise DataError(path, None, "splits: expected an object")
     return m
+
+
+def num_users(manifest: dict[str, Any]) -> int | None:
+    """Rows of the user vocabulary (incl. 0 = unknown), or None for a folder prepared before
+    users were recorded (every impression then reads as user 0)."""
+    n = manifest.get("news", {}).get("vocab", {}).get(USER_VOCAB)
+    return int(n) if isinstance(n, int) else None
+
+
+def require_users(manifest: dict[str, Any], prepared_dir: str | Path | None, what: str) -> int:
+    """The user vocabulary size; a DataError naming the manifest when the folder has none."""
+    n = num_users(manifest)
+    if n is None:
+        raise DataError(
+            _where(prepared_dir),
+            None,
+            f"no user vocabulary (news.vocab.{USER_VOCAB}): {what} needs user ids, and this "
+            "folder was prepared before they were recorded; re-run `mtrec prepare`",
+        )
+    return n
 
 
 def _where(prepared_dir: str | Path | None) -> Path:
@@ -171,8 +215,8 @@ def shards(prepared_dir: str | Path, manifest: dict[str, Any], split: str) -> li
 
 
 def vocab_path(prepared_dir: str | Path, name: str) -> Path:
-    if name not in VOCABS:
-        raise ValueError(f"vocabulary {name!r}: expected one of {VOCABS}")
+    if name not in VOCABS + (USER_VOCAB,):
+        raise ValueError(f"vocabulary {name!r}: expected one of {VOCABS + (USER_VOCAB,)}")
     return Path(prepared_dir) / "vocab" / f"{name}.json"
 
 

@@ -14,6 +14,10 @@ Crash safety: everything is written into a temporary sibling folder which is ren
 place only after manifest.json (written last) is complete, so a folder that has a manifest is
 always finished, and an existing prepared folder is replaced only by a complete one.
 
+Users: a first pass over the train split's behaviors builds the user vocabulary (train users
+1..n in sorted id order, 0 = unknown; see ``mtrec_dist.data.prepared``) before any shard is
+written, so every split's shards store the same index for a user (``user.npy``).
+
 Memory: the news table (about 161k rows for MIND-large) is held in memory; impressions are
 streamed from the reader straight into shards, one at a time.
 """
@@ -45,6 +49,8 @@ from mtrec_dist.data.prepared import (
     LABEL,
     MANIFEST,
     SHARD_DIR,
+    USER,
+    USER_VOCAB,
     check_impression_id,
     shard_pattern,
     vocab_path,
@@ -61,7 +67,9 @@ SPLIT_STATS = (
     "candidates_missing_news",
     "history_truncated",
     "impressions_without_click",
+    "unknown_user",  # user id not in the train split's users: stored as user 0
 )
+TRAIN_SPLIT = "train"  # the split whose behaviors define the user vocabulary
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,8 +288,18 @@ def npy_bytes(a: np.ndarray) -> bytes:
     return h + a.tobytes()
 
 
+def user_vocab(user_ids: Iterator[str]) -> list[str]:
+    """``["<unk>"]`` then the distinct user ids in sorted order: train users get 1..n."""
+    return ["<unk>"] + sorted(set(user_ids))
+
+
 def _shard_sample(
-    imp: Impression, key: str, row_of: dict[str, int], history_len: int, st: dict[str, int]
+    imp: Impression,
+    key: str,
+    row_of: dict[str, int],
+    history_len: int,
+    st: dict[str, int],
+    user_of: dict[str, int],
 ) -> tuple[dict, int]:
     """The tar sample of one impression (members named in ``prepared``) and its clicks."""
     get = row_of.get
@@ -300,6 +318,10 @@ def _shard_sample(
         HIST: npy_bytes(np.array(hist, dtype="<i4")),
         CAND: npy_bytes(np.array(cand, dtype="<i4")),
     }
+    user = user_of.get(str(imp.user_id), 0)
+    if user == 0:
+        st["unknown_user"] += 1
+    sample[USER] = npy_bytes(np.array([user], dtype="<i4"))
     clicks = 0
     if imp.labels is not None:
         lab = np.array(imp.labels, dtype=np.uint8)
@@ -356,11 +378,14 @@ def write_split(
     total: int | None = None,
     progress: bool = True,
     source: str = "",
+    user_of: dict[str, int] | None = None,
 ) -> dict:
     """Stream one split's impressions into ``out_dir/shards/<split>-NNNNNN.tar``.
 
+    ``user_of``: user id -> index in the user vocabulary (absent = 0, the unknown user).
     Returns the split's manifest entry (shard paths are relative to ``out_dir``).
     """
+    user_of = user_of or {}
     import webdataset as wds
 
     (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
@@ -398,7 +423,7 @@ def write_split(
         for imp in impressions:
             key = check(imp, n_imp)
             try:
-                sample, clicks = _shard_sample(imp, key, row_of, history_len, st)
+                sample, clicks = _shard_sample(imp, key, row_of, history_len, st, user_of)
             except ValueError as e:
                 raise DataError(check.source, imp.line, f"impression {key}: {e}") from None
             writer.write(sample)
@@ -484,6 +509,7 @@ def _split_job(split: str, folder: Path, tmp: Path, total: int | None, progress:
             total=total,
             progress=progress,
             source=str(st["src"].behaviors_file(folder)),
+            user_of=st["user_of"],
         )
         entry["read_stats"] = rstats.as_dict()
         return ("ok", entry)
@@ -577,11 +603,13 @@ def prepare(cfg: Config, progress: bool = True, workers: int | None = None) -> d
             f"{ev['without_vector']} without"
         )
 
+        user_of = _write_users(src, folders, tmp, news_info, say)
         if workers is None:
             workers = min(2, os.cpu_count() or 1)
         _FORK_STATE.update(
             src=src,
             row_of=row_of,
+            user_of=user_of,
             history_len=d.history_len,
             impressions_per_shard=d.impressions_per_shard,
         )
@@ -640,3 +668,24 @@ def _write_news(
         root, [f for _, f in folders], vocabs["entities"], tmp / "vocab"
     )
     return news_info, {nid: i for i, nid in enumerate(ids) if i > 0}
+
+
+def _write_users(
+    src: _Source, folders: list[tuple[str, Path]], tmp: Path, news_info: dict, say
+) -> dict[str, int]:
+    """The user vocabulary from the train split's behaviors (a reading pass before the shards
+    are written, so every split's shards get the same indices): ``vocab/users.json`` and
+    ``news.vocab.users``; returns user id -> index (train users 1..n, sorted)."""
+    train = [folder for split, folder in folders if split == TRAIN_SPLIT]
+    ids: list[str] = []
+    if train:
+        say(f"prepare: reading the users of split {TRAIN_SPLIT!r}")
+        ids = [str(imp.user_id) for imp in src.behaviors(train[0], ReadStats())]
+    else:
+        say(f"notice: no split {TRAIN_SPLIT!r}: every impression gets the unknown user (0)")
+    vocab = user_vocab(iter(ids))
+    vocab_path(tmp, USER_VOCAB).write_text(
+        json.dumps(vocab, ensure_ascii=False, indent=0) + "\n", encoding="utf-8"
+    )
+    news_info["vocab"][USER_VOCAB] = len(vocab)
+    return {u: i for i, u in enumerate(vocab) if i > 0}

@@ -47,11 +47,14 @@ from mtrec_dist.data.prepared import (
     LABEL,
     MANIFEST,
     SHARD_MEMBERS,
+    USER,
     Shard,
     check_impression_id,
     is_labeled,
     load_manifest,
+    num_users,
     require_labeled,
+    required_members,
     shards,
     split_info,
 )
@@ -259,7 +262,8 @@ def _tar_members(path: Path, f: BinaryIO) -> Iterator[tuple[str, bytes]]:
 def iter_shard(
     path: str | Path, expect: Shard | None = None
 ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
-    """Yield ``(key, {"hist.npy": .., "cand.npy": .., ["label.npy": ..]})`` in tar order.
+    """Yield ``(key, {"hist.npy": .., "cand.npy": .., ["label.npy": ..], ["user.npy": ..]})``
+    in tar order.
 
     Members other than the shard members are ignored, never decoded. With ``expect`` (the
     shard's manifest entry), the impression count and the sha256 are checked once the file is
@@ -327,13 +331,15 @@ def _ids(a: np.ndarray, lo: int, n_news: int, path: Path, where: str, member: st
 
 
 def _impressions(
-    shard: Shard, labeled: bool, n_news: int
-) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-    """(impression id, hist int64, cand int64, label uint8) per sample of one shard, checked:
-    history rows in [1, n_news) (prepare drops history news missing from the table), candidate
-    rows in [0, n_news) (0 = missing news), labels 0 or 1, one per candidate."""
+    shard: Shard, labeled: bool, n_news: int, n_users: int | None = None
+) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray, int]]:
+    """(impression id, hist int64, cand int64, label uint8, user) per sample of one shard,
+    checked: history rows in [1, n_news) (prepare drops history news missing from the table),
+    candidate rows in [0, n_news) (0 = missing news), labels 0 or 1, one per candidate, the user
+    index in [0, n_users). ``n_users=None`` (a folder prepared before users were recorded):
+    ``user.npy`` is not required and every impression is user 0."""
     path = shard.path
-    need = SHARD_MEMBERS if labeled else (HIST, CAND)
+    need = required_members(labeled, n_users is not None)
     for i, (key, d) in enumerate(iter_shard(path, shard)):
         where = _at(i, key)
         why = check_impression_id(key)
@@ -341,9 +347,24 @@ def _impressions(
             raise DataError(path, None, f"{where}: impression id {why}")
         missing = [m for m in need if m not in d]
         if missing:
-            raise DataError(path, None, f"{where}: missing {missing}")
+            hint = (
+                "; the manifest declares users (news.vocab.users) but this shard has none: "
+                "re-run `mtrec prepare`"
+                if missing == [USER]
+                else ""
+            )
+            raise DataError(path, None, f"{where}: missing {missing}{hint}")
         hist = _ids(d[HIST], 1, n_news, path, where, HIST)
         cand = _ids(d[CAND], 0, n_news, path, where, CAND)
+        user = 0
+        if n_users is not None:
+            u = d[USER]
+            if u.dtype.kind not in "iu" or u.size != 1 or not 0 <= int(u.reshape(-1)[0]) < n_users:
+                raise DataError(
+                    path, None, f"{where}: {USER} holds {u.tolist()} ({u.dtype}), expected one "
+                    f"user index in [0, {n_users}) (news.vocab.users); re-run `mtrec prepare`",
+                )  # fmt: skip
+            user = int(u.reshape(-1)[0])
         if labeled:
             label = d[LABEL].reshape(-1)
             if label.shape != cand.shape:
@@ -360,7 +381,7 @@ def _impressions(
             label = label.astype(np.uint8, copy=False)
         else:
             label = np.zeros(cand.shape, dtype=np.uint8)
-        yield key, hist, cand, label
+        yield key, hist, cand, label, user
 
 
 def eval_impressions(
@@ -376,10 +397,10 @@ def eval_impressions(
     manifest = load_manifest(prepared_dir)
     found = shards(prepared_dir, manifest, split)
     labeled = is_labeled(manifest, split, prepared_dir)
-    n_news = int(manifest["news"]["count"])
+    n_news, n_users = int(manifest["news"]["count"]), num_users(manifest)
     for i in range(len(found)) if shard_indices is None else shard_indices:
-        for imp, hist, cand, label in _impressions(found[i], labeled, n_news):
-            yield Sample(imp, hist, cand, label.astype(np.float32))
+        for imp, hist, cand, label, user in _impressions(found[i], labeled, n_news, n_users):
+            yield Sample(imp, hist, cand, label.astype(np.float32), user=user)
 
 
 # --------------------------------------------------------------------------- worker side
@@ -395,17 +416,21 @@ class _Packed:
     hist: np.ndarray  # [sum h] int64
     hist_len: np.ndarray  # [n] int64
     pad_neg: np.ndarray  # [n] bool, negatives are padding news (impression had none)
+    user: np.ndarray  # [n] int64 user index (0 = unknown)
 
     def __len__(self) -> int:
         return int(self.imp.size)
 
 
-def _pack(rows: list[tuple[str, int, np.ndarray, np.ndarray, bool]], k: int) -> _Packed:
+_Row = tuple[str, int, np.ndarray, np.ndarray, bool, int]
+
+
+def _pack(rows: list[_Row], k: int) -> _Packed:
     n = len(rows)
     if n == 0:
         z = np.zeros(0, dtype=np.int64)
         ids = np.zeros(0, dtype=str)
-        return _Packed(ids, z, np.zeros((0, k + 1), np.int64), z, z, np.zeros(0, bool))
+        return _Packed(ids, z, np.zeros((0, k + 1), np.int64), z, z, np.zeros(0, bool), z)
     return _Packed(
         imp=np.array([r[0] for r in rows], dtype=str),
         click_pos=np.array([r[1] for r in rows], dtype=np.int64),
@@ -413,14 +438,17 @@ def _pack(rows: list[tuple[str, int, np.ndarray, np.ndarray, bool]], k: int) -> 
         hist=np.concatenate([r[3] for r in rows]),
         hist_len=np.array([r[3].size for r in rows], dtype=np.int64),
         pad_neg=np.array([r[4] for r in rows], dtype=bool),
+        user=np.array([r[5] for r in rows], dtype=np.int64),
     )
 
 
 def _unpack(p: _Packed, labels: np.ndarray) -> list[Sample]:
     hists = np.split(p.hist, np.cumsum(p.hist_len)[:-1]) if len(p) else []
     return [
-        Sample(i, h, c, labels, int(cp))
-        for i, h, c, cp in zip(p.imp.tolist(), hists, p.cand, p.click_pos.tolist())
+        Sample(i, h, c, labels, int(cp), user=u)
+        for i, h, c, cp, u in zip(
+            p.imp.tolist(), hists, p.cand, p.click_pos.tolist(), p.user.tolist()
+        )
     ]
 
 
@@ -430,6 +458,7 @@ class _WorkerSpec:
 
     shards: list[Shard]  # manifest entries; clicks, count and sha256 checked while reading
     n_news: int  # rows of the news table, for the range checks
+    n_users: int | None  # rows of the user vocabulary; None = folder without users (all 0)
     seed: int
     epoch: int
     rank: int
@@ -441,14 +470,15 @@ class _WorkerSpec:
     chunk_size: int
 
 
-def _clicks(spec: _WorkerSpec) -> Iterator[tuple[str, int, np.ndarray, np.ndarray, bool]]:
-    """One row per click: (impression id, click position, [click, negatives], hist, pad_neg)."""
+def _clicks(spec: _WorkerSpec) -> Iterator[_Row]:
+    """One row per click: (impression id, click position, [click, negatives], hist, pad_neg,
+    user)."""
     rng = np.random.default_rng([spec.seed, spec.epoch, spec.rank, spec.worker, 1])
     k, H = spec.neg_k, spec.history_len
     pad = np.zeros(k, dtype=np.int64)
     for shard in spec.shards:
         n = 0
-        for imp, hist, cand, label in _impressions(shard, True, spec.n_news):
+        for imp, hist, cand, label, user in _impressions(shard, True, spec.n_news, spec.n_users):
             pos = np.flatnonzero(label == 1)
             if pos.size == 0:
                 continue
@@ -459,7 +489,7 @@ def _clicks(spec: _WorkerSpec) -> Iterator[tuple[str, int, np.ndarray, np.ndarra
                     negs, pad_neg = pad, True
                 else:
                     negs, pad_neg = rng.choice(neg, size=k, replace=neg.size < k), False
-                yield imp, p, np.concatenate([cand[p : p + 1], negs]), hist, pad_neg
+                yield imp, p, np.concatenate([cand[p : p + 1], negs]), hist, pad_neg, user
             n += pos.size
         if n != shard.clicks:
             raise DataError(
@@ -490,7 +520,7 @@ def _worker_chunks(spec: _WorkerSpec) -> Iterator[_Packed]:
     """This worker's chunks; chunk j = samples [j*c, (j+1)*c) minus the first ``skip``."""
     rng = np.random.default_rng([spec.seed, spec.epoch, spec.rank, spec.worker, 2])
     c, skip = spec.chunk_size, spec.skip
-    rows: list[tuple[str, int, np.ndarray, np.ndarray, bool]] = []
+    rows: list[_Row] = []
     i = 0
     for row in _shuffled(_clicks(spec), spec.shuffle_buffer, rng):
         if i >= skip:
@@ -660,6 +690,7 @@ class TrainLoader:
             _WorkerSpec(
                 shards=[found[i] for i in ws],
                 n_news=int(manifest["news"]["count"]),
+                n_users=num_users(manifest),
                 seed=seed,
                 epoch=epoch,
                 rank=rank,

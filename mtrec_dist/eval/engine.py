@@ -287,7 +287,11 @@ class Engine:
         """Per-candidate path: (history, <= CROSS_CHUNK candidates) samples, CROSS_BATCH at a time."""
         pieces = [
             Sample(
-                s.impression_id, s.hist, s.cand[j : j + CROSS_CHUNK], s.labels[j : j + CROSS_CHUNK]
+                s.impression_id,
+                s.hist,
+                s.cand[j : j + CROSS_CHUNK],
+                s.labels[j : j + CROSS_CHUNK],
+                user=s.user,  # NPA's personalised attention reads the user
             )
             for s in samples
             for j in range(0, len(s.cand), CROSS_CHUNK)

@@ -166,7 +166,9 @@ def _user_ids(batch: Batch) -> torch.Tensor:
 
 
 def _n_users(meta: dict) -> int:
-    """User-ID rows: ``meta["vocab"]["users"]`` (incl. 0 = unknown) when the data has users."""
+    """User-ID rows: ``meta["vocab"]["users"]`` (incl. 0 = unknown), the manifest's
+    ``news.vocab.users`` written by ``mtrec prepare`` (train users 1..n, see
+    :mod:`mtrec_dist.data.prepared`)."""
     return max(int(meta.get("vocab", {}).get("users", 1)), 1)
 
 
@@ -280,6 +282,8 @@ class LSTUR(_BiEncoder):
     ``model.lstur_mask_prob``, as LSTUR does so that the model also serves new users.
     """
 
+    needs_users = True  # the registry refuses a prepared folder without user ids
+
     def __init__(self, cfg: ModelConfig, meta: dict, encoder: nn.Module | None = None):
         super().__init__()
         if cfg.lstur_kind not in LSTUR_KINDS:
@@ -319,6 +323,7 @@ class NPA(nn.Module):
     """
 
     cross_encoder = True
+    needs_users = True  # the registry refuses a prepared folder without user ids
 
     def __init__(self, cfg: ModelConfig, meta: dict, encoder: nn.Module | None = None):
         super().__init__()

@@ -13,7 +13,7 @@ import numpy as np
 from torch import nn
 
 from mtrec_dist.config import TWO_GROUP_SURGERY, Config, ConfigError
-from mtrec_dist.data.prepared import vocab_names
+from mtrec_dist.data.prepared import require_users, vocab_names
 from mtrec_dist.data.vectors import ENTITY_VECTORS_NPY
 from mtrec_dist.models.classic import LSTUR, NAML, NPA, NRMS
 from mtrec_dist.models.miner import MINER
@@ -83,6 +83,10 @@ def validate_model_config(cfg: Config, manifest: dict) -> None:
     for key in ("word_dim", "cnn_filters", "cnn_window", "nrms_heads", "nrms_head_dim"):
         if getattr(m, key) <= 0:
             raise ConfigError(f"model.{key}={getattr(m, key)}: must be a positive integer")
+    if getattr(MODELS[m.name], "needs_users", False):
+        # LSTUR / NPA size their user-ID tables from news.vocab.users: refuse a folder
+        # prepared before user ids were recorded instead of training every sample as user 0.
+        require_users(manifest, cfg.prepared_dir, f"model.name={m.name}")
     if cfg.data.word_vectors and not Path(cfg.data.word_vectors).is_file():
         raise ConfigError(f"data.word_vectors={cfg.data.word_vectors!r}: no such file")
     from mtrec_dist.hub import resolve_encoder

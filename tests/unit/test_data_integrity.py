@@ -317,7 +317,8 @@ def test_writer_and_reader_share_member_names(tmp_path):
             m.name.split(".", 1)[1]
             for m in members(cfg.prepared_dir / f"shards/{split}-000000.tar")
         }
-        assert names == (set(P.SHARD_MEMBERS) if labeled else {P.HIST, P.CAND})
+        assert names == (set(P.SHARD_MEMBERS) if labeled else {P.HIST, P.CAND, P.USER})
+        assert names == set(P.required_members(labeled, has_users=True))
 
 
 def test_npy_payload_decodes_like_numpy(small):

@@ -141,7 +141,8 @@ def test_manifest_counts(prepared):
     assert m["source"] == {"root": str(root), "format": "mind"}
     assert (m["title_len"], m["history_len"], m["max_entities"]) == (10, 2, 2)
     assert m["news"]["count"] == 6 and m["news"]["has_sentiment"] is False
-    assert m["news"]["vocab"] == {"category": 4, "subcategory": 6, "entities": 4}
+    # users: "<unk>" + the one train user "U" (every impression here is user "U")
+    assert m["news"]["vocab"] == {"category": 4, "subcategory": 6, "entities": 4, "users": 2}
     # Titles with entities: N1, N3. Surface forms looked for: Nadal, Donald Trump, golfing, Nadal.
     assert m["news"]["ner"] == {
         "titles_with_entities": 2,
@@ -160,6 +161,7 @@ def test_manifest_counts(prepared):
         "candidates_missing_news": 1,
         "history_truncated": 1,
         "impressions_without_click": 1,
+        "unknown_user": 0,
     }
     assert [(s["path"], s["impressions"], s["clicks"]) for s in tr["shards"]] == [
         ("shards/train-000000.tar", 3, 2),
@@ -251,8 +253,8 @@ def test_shard_files_hashes_and_members(prepared):
             with tarfile.open(p) as tf:
                 names = tf.getnames()
             exts = {n.split(".", 1)[1] for n in names}
-            assert exts == ({"hist.npy", "cand.npy", "label.npy"} if e["labeled"]
-                            else {"hist.npy", "cand.npy"}), (split, names)  # fmt: skip
+            assert exts == ({"hist.npy", "cand.npy", "label.npy", "user.npy"} if e["labeled"]
+                            else {"hist.npy", "cand.npy", "user.npy"}), (split, names)  # fmt: skip
             assert not any(n.endswith((".pyd", ".pkl", ".pickle", ".pth")) for n in names)
     assert sorted(listed) == sorted((out / "shards").iterdir())
     assert not list(out.parent.glob(".prepared.*"))  # no temporary folder left behind
@@ -335,3 +337,161 @@ def test_bad_line_in_worker_names_file_and_line(tmp_path):
         prepare(cfg, progress=False, workers=2)
     assert not (tmp_path / "prepared").exists()
     assert not list(tmp_path.glob(".prepared.*"))
+
+
+# --------------------------------------------------------------------------- user ids
+
+# Train users U7, U10, U2: the vocabulary sorts the id strings, so U10=1, U2=2, U7=3 (string
+# order, not numeric); dev's U99 and test's U5 never occur in train -> 0 (unknown user).
+USERS = {"train": ["U7", "U10", "U7", "U2"], "dev": ["U99", "U2"], "test": ["U7", "U5"]}
+USER_INDEX = {"train": [3, 1, 3, 2], "dev": [0, 2], "test": [3, 0]}
+
+
+def write_users_dataset(root: Path) -> None:
+    write_dataset(root)
+    rows = {
+        "train": [("1", [], ["N1", "N2", "N3"], [1, 0, 0]), ("2", ["N1"], ["N4", "N2"], [0, 1]),
+                  ("3", ["N3"], ["N1", "N2"], [1, 0]), ("4", ["N2"], ["N3", "N1"], [1, 1])],
+        "dev": [("10", ["N4"], ["N5", "N1"], [1, 0]), ("11", ["N1"], ["N4", "N2"], [0, 1])],
+        "test": [("20", ["N1", "N2"], ["N4", "N5"], None), ("21", [], ["N3"], None)],
+    }  # fmt: skip
+    for split, imps in rows.items():
+        mind.write_behaviors(
+            root / split / "behaviors.tsv",
+            [Impression(i, u, T, h, c, lab) for (i, h, c, lab), u in zip(imps, USERS[split])],
+        )
+
+
+@pytest.fixture(scope="module")
+def with_users(tmp_path_factory):
+    root = tmp_path_factory.mktemp("users")
+    write_users_dataset(root)
+    cfg = make_cfg(root)
+    return cfg, prepare(cfg, progress=False, workers=2)
+
+
+def test_user_vocabulary_and_shard_user_indices(with_users):
+    cfg, m = with_users
+    out = cfg.prepared_dir
+    assert json.loads((out / "vocab/users.json").read_text()) == ["<unk>", "U10", "U2", "U7"]
+    assert m["news"]["vocab"]["users"] == 4
+    for split, want in USER_INDEX.items():
+        got = []
+        for sh in m["splits"][split]["shards"]:
+            ds = wds.WebDataset(str(out / sh["path"]), shardshuffle=False)
+            for s in ds:
+                u = np.load(io.BytesIO(s["user.npy"]), allow_pickle=False)
+                assert u.dtype == np.int32 and u.shape == (1,)
+                got.append(int(u[0]))
+        assert got == want, split
+        assert m["splits"][split]["stats"]["unknown_user"] == want.count(0)
+
+
+def test_user_indices_reach_samples_and_batches(with_users):
+    from mtrec_dist.data.batch import collate
+    from mtrec_dist.data.stream import eval_impressions, train_loader
+
+    cfg, _ = with_users
+    out = cfg.prepared_dir
+    for split, want in USER_INDEX.items():
+        samples = list(eval_impressions(out, split))
+        assert [s.user for s in samples] == want, split
+    dev = list(eval_impressions(out, "dev"))
+    batch = collate(dev, NewsTable(out), batch_size=3)
+    assert batch.user_idx.tolist() == [0, 2, 0]  # unseen U99, U2, padding sample
+    # The training stream: one sample per click, each with its impression's user.
+    clicks = {"1": 3, "2": 1, "3": 3, "4": 2}  # impression -> user index (train)
+    batches = list(
+        train_loader(out, rank=0, world_size=1, batch_size=8, epoch=0, seed=0, loader_workers=0)
+    )
+    got = [
+        (iid, int(u))
+        for b in batches
+        for iid, u, real in zip(b.impression_ids, b.user_idx, b.sample_mask)
+        if real
+    ]
+    assert sorted(got) == sorted([("1", 3), ("3", 3), ("4", 2), ("4", 2), ("2", 1)])
+    assert all(clicks[i] == u for i, u in got)
+
+
+def test_user_models_refuse_a_folder_without_users(with_users, tmp_path):
+    """A folder prepared before users (no news.vocab.users, no user.npy) reads as user 0, and
+    LSTUR/NPA refuse it; a manifest that declares users needs user.npy in every sample."""
+    import shutil
+
+    from mtrec_dist.data.stream import eval_impressions
+    from mtrec_dist.models.registry import validate_model_config
+
+    cfg, _ = with_users
+    old = tmp_path / "prepared"
+    shutil.copytree(cfg.prepared_dir, old)
+    m = json.loads((old / "manifest.json").read_text())
+    del m["news"]["vocab"]["users"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    assert [s.user for s in eval_impressions(old, "dev")] == [0, 0]
+    for name in ("lstur", "npa"):
+        c = make_cfg(tmp_path, f"data.prepared={old}", f"model.name={name}")
+        with pytest.raises(DataError, match=r"manifest.json: no user vocabulary .*"
+                           r"re-run `mtrec prepare`"):  # fmt: skip
+            validate_model_config(c, m)
+    validate_model_config(make_cfg(tmp_path, f"data.prepared={old}", "model.name=nrms"), m)
+
+    # Users declared, shard without user.npy: a DataError naming the shard.
+    from tests.unit.test_stream import N_NEWS, build_prepared, make_impressions
+
+    root = tmp_path / "declared"
+    rng = np.random.default_rng(0)
+    build_prepared(root, {"dev": [make_impressions(rng, 3, N_NEWS)]}, n_news=N_NEWS,
+                   unlabeled=())  # fmt: skip
+    m = json.loads((root / "manifest.json").read_text())
+    m["news"].setdefault("vocab", {})["users"] = 3
+    (root / "manifest.json").write_text(json.dumps(m))
+    shard = root / m["splits"]["dev"]["shards"][0]["path"]
+    with pytest.raises(DataError) as e:
+        list(eval_impressions(root, "dev"))
+    assert str(e.value).startswith(f"{shard}: sample #0")
+    assert "missing ['user.npy']" in str(e.value) and "re-run `mtrec prepare`" in str(e.value)
+
+
+def test_evaluator_paths_carry_users(with_users, monkeypatch):
+    """Both scoring paths (bi-encoder batches, cross-encoder candidate chunks) see each
+    impression's user."""
+    import torch
+
+    from mtrec_dist.eval import engine
+    from mtrec_dist.eval.engine import Engine
+
+    cfg, _ = with_users
+    seen: list[tuple[str, int]] = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, cross):
+            super().__init__()
+            self.cross_encoder = cross
+
+        def record(self, batch):
+            seen.extend(
+                (i, int(u)) for i, u, m in zip(batch.impression_ids, batch.user_idx,
+                                               batch.sample_mask) if m
+            )  # fmt: skip
+            return torch.zeros(batch.cand_idx.shape)
+
+        def forward(self, batch):
+            from mtrec_dist.models.outputs import TaskOutputs
+
+            return TaskOutputs({}, self.record(batch))
+
+        def score_news_vectors(self, vecs, batch):
+            return self.record(batch)
+
+    from mtrec_dist.data.stream import eval_impressions
+
+    monkeypatch.setattr(engine, "CROSS_CHUNK", 1)  # every candidate its own piece
+    for cross in (False, True):
+        seen.clear()
+        eng = Engine(Recorder(cross), cfg.prepared_dir, "test")
+        if not cross:
+            eng.vectors = np.zeros((6, 1), np.float32)
+        eng.score_many(list(eval_impressions(cfg.prepared_dir, "test")))
+        want = [("20", 3), ("21", 0)] + ([("20", 3)] if cross else [])  # 20 has 2 candidates
+        assert sorted(seen) == sorted(want), cross
