@@ -1,4 +1,5 @@
-"""Predict: ``python launch/predict.py --run RUN_DIR --split test --out prediction.zip``."""
+"""Predict: ``python launch/predict.py --run RUN_DIR [--run RUN_DIR2 ...] --split test --out
+prediction.zip`` (several ``--run``: an ensemble, the mean of their scores)."""
 
 import sys
 from pathlib import Path

@@ -66,10 +66,15 @@ def cmd_tune(a: argparse.Namespace) -> int:
     return 0
 
 
+def _runs(a: argparse.Namespace) -> str | list[str]:
+    """One ``--run``: that folder (exactly as before); several: the ensemble's folders."""
+    return a.run[0] if len(a.run) == 1 else a.run
+
+
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from mtrec_dist.eval.evaluate import evaluate
 
-    metrics = evaluate(a.run, split=a.split, num_workers=a.workers)
+    metrics = evaluate(_runs(a), split=a.split, num_workers=a.workers)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -77,7 +82,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def cmd_predict(a: argparse.Namespace) -> int:
     from mtrec_dist.eval.predict import predict
 
-    out = predict(a.run, split=a.split, out=a.out, num_workers=a.workers)
+    out = predict(_runs(a), split=a.split, out=a.out, num_workers=a.workers)
     print(f"wrote {out}")
     return 0
 
@@ -94,6 +99,12 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
     run_demo(Path(a.out), config=a.config, overrides=a.overrides)
     return 0
+
+
+RUN_HELP = (
+    "run folder; repeat --run to ensemble several runs (mean of their raw scores per "
+    "candidate; the runs must share the prepared folder and the tokenizer)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,14 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=cmd_tune)
 
-    p = sub.add_parser("evaluate", help="AUC/MRR/nDCG of a run on a labeled split")
-    p.add_argument("--run", required=True)
+    p = sub.add_parser("evaluate", help="AUC/MRR/nDCG of a run (or an ensemble) on a labeled split")
+    p.add_argument("--run", required=True, action="append", help=RUN_HELP)
     p.add_argument("--split", default="dev")
     p.add_argument("--workers", type=int, default=None)
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("predict", help="write prediction.zip for the MIND leaderboard")
-    p.add_argument("--run", required=True)
+    p.add_argument("--run", required=True, action="append", help=RUN_HELP)
     p.add_argument("--split", default="test")
     p.add_argument("--out", default="prediction.zip")
     p.add_argument("--workers", type=int, default=None)

@@ -8,6 +8,7 @@ file of the same run, ties included.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import islice
 from pathlib import Path
 
@@ -26,7 +27,7 @@ MEMORY_CHUNK = 50_000  # impressions held at once by evaluate_model (like one pa
 
 
 def evaluate(
-    run_dir: str | Path,
+    run_dir: str | Path | Sequence[str | Path],
     split: str = "dev",
     num_workers: int | None = None,
     on_part: OnPart | None = None,
@@ -37,8 +38,15 @@ def evaluate(
     (single-class impressions), ``no_click_skipped``, ``candidates_missing_news`` (candidates
     not in news.tsv, scored as the empty title), ``news_encoded`` (0 on a cache hit).
     ``on_part(k)`` is called after the k-th part newly scored (see ``driver.run_split``).
+    Several run folders: the metrics of their mean scores
+    (:func:`mtrec_dist.eval.ensemble.evaluate_ensemble`; no metrics.json written).
     """
-    r = run_split(run_dir, split, num_workers, need_labels=True, on_part=on_part)
+    from mtrec_dist.eval.ensemble import as_runs, evaluate_ensemble
+
+    runs = as_runs(run_dir)
+    if len(runs) > 1:
+        return evaluate_ensemble(runs, split, num_workers, on_part)
+    r = run_split(runs[0], split, num_workers, need_labels=True, on_part=on_part)
     per = np.concatenate([d["metrics"] for d in iter_parts(r)]) if r.parts else np.zeros((0, 4))
     res = result(r, summarize(per))
     res["split"] = split

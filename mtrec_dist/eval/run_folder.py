@@ -67,21 +67,27 @@ def load_run(run_dir: str | Path) -> tuple[torch.nn.Module, Any, dict, str]:
     return model.eval(), cfg, manifest, sha256_file(weights)
 
 
+def run_tokenizer(run_dir: str | Path, cfg: Any) -> dict:
+    """The checkpoint's tokenizer fingerprint (``vocab_hash``, maybe ``name``): from
+    export/meta.json, else from the configured encoder's tokenizer."""
+    meta_path = Path(run_dir) / "export" / "meta.json"
+    if meta_path.is_file():
+        tok = json.loads(meta_path.read_text(encoding="utf-8")).get("tokenizer")
+        if isinstance(tok, dict) and "vocab_hash" in tok:
+            return tok
+        if isinstance(tok, str):
+            return {"vocab_hash": tok}
+    from mtrec_dist.hub import load_tokenizer, tokenizer_fingerprint
+
+    return tokenizer_fingerprint(load_tokenizer(cfg.model.encoder))
+
+
 def check_run_tokenizer(run_dir: Path, cfg: Any, manifest: dict) -> None:
     """The checkpoint's tokenizer (export/meta.json, else the encoder's) must be the data's."""
     from mtrec_dist.config import ConfigError
 
     meta_path = run_dir / "export" / "meta.json"
-    fp = None
-    if meta_path.is_file():
-        tok = json.loads(meta_path.read_text(encoding="utf-8")).get("tokenizer")
-        fp = tok if isinstance(tok, dict) and "vocab_hash" in tok else None
-        if isinstance(tok, str):
-            fp = {"vocab_hash": tok}
-    if fp is None:
-        from mtrec_dist.hub import load_tokenizer, tokenizer_fingerprint
-
-        fp = tokenizer_fingerprint(load_tokenizer(cfg.model.encoder))
+    fp = run_tokenizer(run_dir, cfg)
     want = manifest["tokenizer"]
     if fp["vocab_hash"] != want.get("vocab_hash"):
         raise ConfigError(

@@ -52,11 +52,11 @@ def data(tmp_path_factory):
     return base, cfg, manifest
 
 
-def make_run(base: Path, cfg, manifest: dict, name: str) -> Path:
+def make_run(base: Path, cfg, manifest: dict, name: str, seed: int = 0) -> Path:
     """A run folder per rundir.md: config.yaml, export/model.safetensors, export/meta.json."""
     run = base / name
     cfg.run_dir = str(run)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_model(cfg, manifest)
     with torch.no_grad():  # spread the scores: a fresh tiny BERT scores all titles alike
         for n, p in model.named_parameters():
@@ -442,3 +442,162 @@ def test_prediction_keeps_impression_ids_as_given(tmp_path):
         zip(part["ids"].tolist(), [[2, 1], [1]]), tmp_path / "p.zip", index["ids"].tolist()
     )
     assert _txt(out) == b"003 [2,1]\n3 [1]\n"
+
+
+# ============================================================================ ensembles
+
+
+class TitleMod(nn.Module):
+    """A bi-encoder stand-in with exact scores: ``(title token sum * mult) % mod`` plus
+    ``mult *`` the history length (integers < 2**24: exact in float32). Its two buffers are its
+    exported weights, so two runs of it differ only in model.safetensors."""
+
+    cross_encoder = False
+
+    def __init__(self, mult: float = 0.0, mod: float = 1.0):
+        super().__init__()
+        self.register_buffer("mult", torch.tensor(float(mult), dtype=torch.float64))
+        self.register_buffer("mod", torch.tensor(float(mod), dtype=torch.float64))
+
+    def encode_news(self, batch):
+        return ((batch.tokens.sum(1).double() * self.mult) % self.mod)[:, None]
+
+    def score_news_vectors(self, news_vecs, batch):
+        hist = batch.hist_mask.sum(1, keepdim=True).double()
+        return news_vecs.double()[batch.cand_idx][..., 0] + hist * self.mult
+
+    @staticmethod
+    def reference(table: NewsTable, sample, mult: int, mod: int) -> np.ndarray:
+        tok_sum = np.asarray(table.tokens[sample.cand], dtype=np.int64).sum(1)
+        return ((tok_sum * mult) % mod + mult * len(sample.hist)).astype(np.float64)
+
+
+def make_standin_run(base: Path, cfg, manifest: dict, name: str, model: nn.Module) -> Path:
+    run = base / name
+    cfg.run_dir = str(run)
+    (run / "export").mkdir(parents=True)
+    dump_config(cfg, run / "config.yaml")
+    weights = run / "export/model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    meta = {"step": 0, "tokenizer": manifest["tokenizer"], "model_sha256": sha256_file(weights)}
+    (run / "export/meta.json").write_text(json.dumps(meta))
+    return run
+
+
+def _stable_ranks_py(scores) -> list[int]:
+    order = sorted(range(len(scores)), key=lambda j: -float(scores[j]))  # stable: ties in order
+    rank = [0] * len(scores)
+    for r, j in enumerate(order, start=1):
+        rank[j] = r
+    return rank
+
+
+def test_ensemble_prediction_ranks_the_mean_of_the_runs(data, monkeypatch):
+    """Two runs (parts of 7 and of 11 impressions) -> prediction.txt == ranks of the mean of
+    the two models' scores computed directly from the news table, tie rule included."""
+    from mtrec_dist.models import registry
+
+    base, cfg, manifest = data
+    monkeypatch.setattr(registry, "build_model", lambda cfg, manifest: TitleMod())
+    over = [f"data.root={base / 'raw'}", f"data.prepared={base / 'prepared'}"]
+    cfg_a = load_config(
+        ROOT / "configs/tiny.yaml", [*over, f"eval.impressions_per_part={PER_PART}"]
+    )
+    cfg_b = load_config(ROOT / "configs/tiny.yaml", [*over, "eval.impressions_per_part=11"])
+    run_a = make_standin_run(base, cfg_a, manifest, "ens_a", TitleMod(1, 997))
+    run_b = make_standin_run(base, cfg_b, manifest, "ens_b", TitleMod(7, 101))
+    alone = predict(run_a, "test", out=base / "ens_a.zip", num_workers=1)  # A's parts, cached
+    out = predict([run_a, run_b], "test", out=base / "ens.zip", num_workers=1)
+
+    table = NewsTable(cfg.prepared_dir)
+    samples = list(eval_impressions(cfg.prepared_dir, "test"))
+    want, want_a, tied = [], [], 0
+    for s in samples:
+        a = TitleMod.reference(table, s, 1, 997)
+        b = TitleMod.reference(table, s, 7, 101)
+        mean = (a + b) / 2
+        tied += len(set(mean.tolist())) < len(mean)
+        want.append(f"{s.impression_id} [{','.join(map(str, _stable_ranks_py(mean)))}]")
+        want_a.append(f"{s.impression_id} [{','.join(map(str, _stable_ranks_py(a)))}]")
+    assert _txt(out).decode().splitlines() == want
+    assert _txt(alone).decode().splitlines() == want_a  # a single --run: as before
+    assert want != want_a and tied > 0  # the mean changes the ranking; ties are exercised
+    rec = json.loads((base / "ens.json").read_text())
+    assert rec["runs"] == [str(run_a), str(run_b)] and rec["impressions"] == len(samples)
+    assert rec["combine"] == "mean of raw scores"
+    assert [r["parts_reused"] for r in rec["per_run"]] == [15, 0]  # A's parts were reused
+    assert [r["parts"] for r in rec["per_run"]] == [15, 10]
+    again = predict([run_a, run_b], "test", out=base / "ens2.zip", num_workers=1)
+    assert again.read_bytes() == out.read_bytes()
+    rec2 = json.loads((base / "ens2.json").read_text())
+    assert [r["parts_scored"] for r in rec2["per_run"]] == [0, 0]  # resumable: nothing rescored
+
+
+def test_ensemble_refuses_other_tokenizer_or_data_before_scoring(data, run1):
+    from mtrec_dist import cli
+
+    base, cfg, manifest = data
+    run_a = copy_run(run1[0], "ens_tok_a")
+    run_b = copy_run(run1[0], "ens_tok_b")
+    meta = json.loads((run_b / "export/meta.json").read_text())
+    meta["tokenizer"] = {"name": "OtherTokenizer", "vocab_hash": "0" * 64}
+    (run_b / "export/meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError) as e:
+        predict([run_a, run_b], "test", out=base / "refused.zip", num_workers=1)
+    msg = str(e.value)
+    assert f"runs {run_a} and {run_b} cannot be ensembled" in msg
+    assert "tokenizer" in msg and "OtherTokenizer" in msg
+    with pytest.raises(ConfigError, match="ens_tok_b"):
+        evaluate([run_a, run_b], "dev", num_workers=1)
+    assert not (base / "refused.zip").exists()
+    assert not (run_a / "eval").exists() and not (run_b / "eval").exists()  # nothing scored
+    argv = ["predict", "--run", str(run_a), "--run", str(run_b), "--out", str(base / "r.zip")]
+    assert cli.main(argv) == 2 and not (base / "r.zip").exists()
+    # another prepared folder (a copy: same tokenizer, same data) is refused too
+    shutil.copytree(base / "prepared", base / "prepared_copy")
+    run_c = copy_run(run1[0], "ens_data_c")
+    cfg_c = load_config(run_c / "config.yaml", [f"data.prepared={base / 'prepared_copy'}"])
+    dump_config(cfg_c, run_c / "config.yaml")
+    with pytest.raises(ConfigError, match="prepared folder") as e:
+        predict([run_a, run_c], "test", out=base / "refused.zip", num_workers=1)
+    assert str(run_c) in str(e.value) and "prepared_copy" in str(e.value)
+    with pytest.raises(ConfigError, match="listed twice"):
+        predict([run_a, run_a], "test", out=base / "refused.zip", num_workers=1)
+    assert not (run_a / "eval").exists() and not (run_c / "eval").exists()
+
+
+def test_ensemble_evaluate_equals_score_of_its_prediction_file(data, run1, capsys):
+    """Two real models (seeds 0 and 1): `mtrec evaluate --run A --run B` on dev ==
+    `mtrec score` of `mtrec predict --run A --run B`'s dev file."""
+    from mtrec_dist import cli
+    from mtrec_dist.data import mind
+
+    base, cfg, manifest = data
+    run_a = run1[0]
+    run_b = make_run(base, cfg, manifest, "ens_seed1", seed=1)
+    truth = base / "ens_dev_truth.txt"
+    imps = list(mind.iter_behaviors(base / "raw/dev/behaviors.tsv"))
+    truth.write_text("".join(f"{i.impression_id} [{','.join(map(str, i.labels))}]\n" for i in imps))
+
+    def mtrec(*argv: str) -> str:
+        capsys.readouterr()
+        assert cli.main(list(argv)) == 0
+        return capsys.readouterr().out
+
+    runs = ["--run", str(run_a), "--run", str(run_b)]
+    dev = json.loads(mtrec("evaluate", *runs, "--split", "dev", "--workers", "1"))
+    mtrec("predict", *runs, "--split", "dev", "--out", str(base / "ens_dev.zip"))
+    scored = json.loads(mtrec("score", "--pred", str(base / "ens_dev.zip"), "--truth", str(truth)))
+    keys = [*METRICS, "impressions", "auc_skipped", "no_click_skipped"]
+    assert {k: dev[k] for k in keys} == {k: scored[k] for k in keys}
+    assert dev["runs"] == [str(run_a), str(run_b)]
+    # and equal to the metrics of the mean of the two runs' stored scores, computed here
+    labels = [np.array(i.labels) for i in imps]
+    mean = (
+        _part_arrays(run_a, "dev", "scores").astype(np.float64)
+        + _part_arrays(run_b, "dev", "scores")
+    ) / 2
+    ref = _submission_metrics(labels, np.split(mean, np.cumsum([len(y) for y in labels])[:-1]))
+    assert {k: dev[k] for k in METRICS} == {k: ref[k] for k in METRICS}
+    single = json.loads(mtrec("evaluate", "--run", str(run_a), "--split", "dev"))
+    assert {k: single[k] for k in METRICS} == {k: run1[1][k] for k in METRICS}
