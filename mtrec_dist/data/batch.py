@@ -1,4 +1,6 @@
-"""The news table on disk and the de-duplicated batch the models consume (data contracts: the README's architecture section).
+"""The news table on disk and the de-duplicated batch the models consume.
+
+Data contracts: docs/design.md §2 Data contracts (§2.1 news table, §2.5 de-duplicated batch).
 
 A batch encodes each distinct title once: ``news_rows[U]`` are the unique news-table rows,
 and samples point at them by index (``hist_idx``, ``cand_idx``). Autograd sums the gradient

@@ -1,4 +1,5 @@
-"""The prepared folder, read in one place: manifest, splits, shards, vocabularies, tokenizer.
+"""The prepared folder, read in one place: manifest, splits, shards, vocabularies, tokenizer
+(docs/design.md §2 Data contracts).
 
 ``mtrec prepare`` (``mtrec_dist.data.shards``) writes the folder; the trainers, the training
 stream, the evaluator and the model registry read it only through this module, so every reader

@@ -1,4 +1,6 @@
-"""Stream prepared shards to training workers as de-duplicated batches (data contracts: the README's architecture section).
+"""Stream prepared shards to training workers as de-duplicated batches.
+
+Data contracts: docs/design.md §2 Data contracts (§2.2 shard sample, §2.4 training sample).
 
 Why it is shaped this way:
 

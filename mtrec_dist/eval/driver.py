@@ -1,5 +1,6 @@
 """The steps ``mtrec evaluate`` and ``mtrec predict`` share: a split scored part by part on the
-workers, with every intermediate result in the run folder so a restart redoes nothing.
+workers, with every intermediate result in the run folder so a restart redoes nothing
+(docs/design.md §8.3 Parts and resume).
 
 1. **Index** the split (one pass over its shards, one shard per work unit): impression ids,
    candidate counts and the news rows the split needs (history ∪ candidates). Cached in

@@ -1,5 +1,5 @@
 """A run folder as the evaluator reads it: the exported model, its config, and the prepared data
-it must be evaluated on (the README's run-folder section lists the files).
+it must be evaluated on (docs/design.md §7 The run folder lists the files).
 
 The checks here refuse a model on data it cannot read correctly: another tokenizer (token ids
 mean other words) or other category/entity vocabularies (ids mean other classes).

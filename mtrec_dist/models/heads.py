@@ -3,8 +3,9 @@
 The auxiliary tasks act on the HISTORY news. A batch encodes each distinct title once, so
 every per-news loss is weighted by ``hist_count`` (its occurrences among real history slots):
 the weighted mean then equals the mean over history occurrences of the non-de-duplicated
-batch (DESIGN.md §2). A micro-batch with nothing to learn from gives a zero loss that stays
-connected to the graph, so every rank runs the same backward.
+batch (docs/design.md §2.5 De-duplicated batch and occurrence weighting). A micro-batch with
+nothing to learn from gives a zero loss that stays connected to the graph, so every rank runs
+the same backward.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What every model returns (DESIGN.md §3)."""
+"""What every model returns (docs/design.md §3 Models contract)."""
 
 from __future__ import annotations
 

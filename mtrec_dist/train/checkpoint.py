@@ -1,4 +1,5 @@
-"""Checkpoints in the run folder, the position they restore, and the final export.
+"""Checkpoints in the run folder, the position they restore, and the final export
+(docs/design.md §6 Checkpoints and resume).
 
 Layout: ``RUN_DIR/checkpoints/step_<8 digits>/`` holds DeepSpeed's files (tag ``ds``, one
 partition per rank), ``train_state.json`` and, last, the ``COMPLETE`` marker. Every rank writes

@@ -1,4 +1,5 @@
-"""The console of a training run shows our progress and results, not Ray's internals.
+"""The console of a training run shows our progress and results, not Ray's internals
+(docs/design.md §9 The console).
 
 Ray Train echoes every line of every actor it runs (its controller, placement-group cleaner,
 dataset manager, the workers' DeepSpeed banners) on the driver. A person watching ``make demo``

@@ -24,6 +24,7 @@ Three start-up choices keep a worker from waiting forever or running foreign cod
 
 Per-group gradients
 -------------------
+(Summarised in docs/design.md §4.3 Distributed form under ZeRO.)
 Route delivered: **in place on the partition** (route 1), on every stage. Per micro-batch there
 is one forward and one ``engine.backward`` per gradient group (``retain_graph`` between them),
 each with the accumulation boundary set, so DeepSpeed reduces that group's gradient across

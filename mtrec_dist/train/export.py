@@ -1,4 +1,4 @@
-"""Write the self-describing run folder the evaluator reads (see README, "Run folder").
+"""Write the self-describing run folder the evaluator reads (docs/design.md §7 The run folder).
 
 ``export/model.safetensors`` holds the whole model (fp32); ``export/encoder/`` holds the news
 encoder and its tokenizer as transformers' ``save_pretrained`` folder, so users can load the

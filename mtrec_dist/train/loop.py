@@ -1,5 +1,5 @@
-"""The per-worker training loop that Ray Train runs on every worker (the README's architecture
-section describes the parts).
+"""The per-worker training loop that Ray Train runs on every worker (docs/design.md §4.3
+Distributed form under ZeRO, §5 Steps and epochs, §6 Checkpoints and resume).
 
 Reads top to bottom: set up (model, DeepSpeed engine, multi-task gradients, resume), then per
 micro-batch: one forward -> per-task losses -> gradient-group losses -> one backward per

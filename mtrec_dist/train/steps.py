@@ -1,4 +1,5 @@
-"""Step counting: how many optimizer steps an epoch holds, and what happens to the rest.
+"""Step counting: how many optimizer steps an epoch holds, and what happens to the rest
+(docs/design.md §5 Steps and epochs).
 
 One rule for every trainer (the distributed loop, the single-process reference, the tuner and
 the start-up summary): an epoch of ``B`` micro-batches per rank gives ``B // grad_accum``

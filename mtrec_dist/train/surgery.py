@@ -1,4 +1,4 @@
-"""Multi-task gradient surgery as pure functions of the Gram matrix.
+"""Multi-task gradient surgery as pure functions of the Gram matrix (docs/design.md §4.1).
 
 Every method here turns the T×T Gram matrix ``G[s, t] = g_s · g_t`` of the global task-group
 gradients into a *projection matrix* ``P`` [T, T]: the projected gradient of group i is
