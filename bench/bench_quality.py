@@ -42,6 +42,7 @@ from mtrec_dist.eval import quality  # noqa: E402
 from mtrec_dist.eval.metrics import METRICS  # noqa: E402
 from mtrec_dist.utils import Progress, atomic_write_json, atomic_write_text  # noqa: E402
 
+MINER = ["model.name=miner", "model.groups.main.disagreement=0.8", "trainer.surgery=none"]
 # row -> overrides of configs/demo.yaml-like defaults (model and surgery only).
 ROWS: dict[str, list[str]] = {
     "mtrec": ["model.name=mtrec", "trainer.surgery=mtrec"],
@@ -49,13 +50,10 @@ ROWS: dict[str, list[str]] = {
     "mtrec aux_only": ["model.name=mtrec", "trainer.surgery=aux_only"],
     "mtrec pcgrad": ["model.name=mtrec", "trainer.surgery=pcgrad"],
     "bert": ["model.name=bert", "trainer.surgery=none"],
-    "miner max": ["model.name=miner", "model.miner_aggregator=max", "trainer.surgery=none"],
-    "miner mean": ["model.name=miner", "model.miner_aggregator=mean", "trainer.surgery=none"],
-    "miner weighted": [
-        "model.name=miner",
-        "model.miner_aggregator=weighted",
-        "trainer.surgery=none",
-    ],
+    # MINER's objective (eq. 7): main + beta * disagreement, beta = 0.8, in one group.
+    "miner max": [*MINER, "model.miner_aggregator=max"],
+    "miner mean": [*MINER, "model.miner_aggregator=mean"],
+    "miner weighted": [*MINER, "model.miner_aggregator=weighted"],
     "unbert": ["model.name=unbert", "trainer.surgery=none"],
 }
 ORDERINGS = (["mtrec", "mtrec w/o GS", "bert"], ["miner weighted", "miner mean", "miner max"])
