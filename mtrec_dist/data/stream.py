@@ -24,8 +24,9 @@ Why it is shaped this way:
   resume with ``skip_samples=n`` replays each worker's stream, drops exactly the samples the
   first ``n`` of the merged stream took from it, and keeps the round structure with empty
   chunks, giving exactly the tail of the uninterrupted run (same samples, same negatives).
-* **No pickles.** Tar members are read with :mod:`tarfile` and decoded with
-  ``np.load(..., allow_pickle=False)``; nothing else is decoded.
+* **No pickles.** Tar members are read by the small reader below (:func:`_tar_members`: ustar,
+  pax and GNU headers) and decoded with ``np.load(..., allow_pickle=False)``; nothing else is
+  decoded.
 """
 
 from __future__ import annotations

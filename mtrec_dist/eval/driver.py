@@ -4,7 +4,7 @@ workers, with every intermediate result in the run folder so a restart redoes no
 
 1. **Index** the split (one pass over its shards, one shard per work unit): impression ids,
    candidate counts and the news rows the split needs (history ∪ candidates). Cached in
-   ``eval/<split>/index-<data key>.npz`` (it depends on the data only).
+   ``eval/<split>/index-<data key[:16]>-v<PART_FORMAT>.npz`` (it depends on the data only).
 2. **Encode** those news once (bi-encoders, :func:`~mtrec_dist.eval.engine.encode_news_vectors`)
    into ``eval/<split>/news_vectors-<model sha256[:16]>.npy`` (+ a ``.json`` sidecar); a cache
    hit encodes nothing. Cross-encoders (UNBERT) skip this step.

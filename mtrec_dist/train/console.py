@@ -8,8 +8,9 @@ on, and results. So:
 
 - workers do not echo to the driver (``ray.init(log_to_driver=False)``); Ray keeps everything in
   its own log folder, named once on the console;
-- rank 0 writes each line it means for a person (progress, dev metrics, our warnings) to
-  ``RUN_DIR/console.log`` through :class:`ConsoleLog`;
+- rank 0 writes each line it means for a person (the progress line and the dev metrics) to
+  ``RUN_DIR/console.log`` through :class:`ConsoleLog`; the driver's own checks and notes are
+  printed by the driver before workers start (what a worker prints stays in Ray's logs);
 - the driver follows that file while ``trainer.fit()`` runs (:func:`follow`) and prints it;
 - Ray's own Python loggers on the driver go to ``RUN_DIR/logs/ray_driver.log``
   (:func:`ray_driver_logs_to`), errors included there and in the exception ``fit()`` raises.

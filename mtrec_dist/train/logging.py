@@ -1,9 +1,11 @@
 """What rank 0 shows a person: TensorBoard scalars, a progress line with ETA, the cosine plot.
 
-TensorBoard tags: ``loss/<task>``, ``grad/norm_<group>``, ``grad/cos_before``,
-``grad/cos_after``, ``grad/conflict_rate`` (share of steps so far with cos < 0),
-``coef/<group>``, ``lr``, ``throughput/samples_per_s``, ``throughput/titles_per_s``,
-``dev/<metric>``. At the end ``cosine_trace.png`` plots cos(main, aux) before and after surgery
+TensorBoard tags (the keys of ``train/surgery.py`` and the engine's step statistics):
+``loss/<task>``, ``grad/norm/<group>``, ``grad/coef/<group>``, ``grad/cos_before``,
+``grad/cos_after``, ``grad/conflict_rate`` (share of steps so far with cos < 0), the
+combined-gradient norms and cosines, ``mem/peak_mb``, ``lr``, ``throughput/samples_per_s``,
+``throughput/titles_per_s`` and ``dev/<metric>``; every scalar also goes to
+``train_log.jsonl`` (dev metrics to ``dev_log.jsonl``). At the end ``cosine_trace.png`` plots cos(main, aux) before and after surgery
 per step, like Figure 5 of the MTRec paper (Appendix B).
 """
 
