@@ -4,7 +4,7 @@
                                   [--seeds 0 1 2] [--steps 150] [--data DIR]
 
 The CPU regime (measured cost: 5-7 minutes per 100-step run of the MTRec family with one thread
-on a loaded 2-core machine, so the default 9 rows x 3 seeds take about 2-3 hours; narrow it
+on a loaded 2-core machine, so the default 13 rows x 3 seeds take about 3 hours; narrow it
 with --rows / --seeds / --steps):
 
 * data: synthetic MIND ``small`` (seed 0: 20,000 train / 5,000 dev impressions, 8,000 news,
@@ -55,6 +55,11 @@ ROWS: dict[str, list[str]] = {
     "miner mean": [*MINER, "model.miner_aggregator=mean"],
     "miner weighted": [*MINER, "model.miner_aggregator=weighted"],
     "unbert": ["model.name=unbert", "trainer.surgery=none"],
+    # The classic baselines (word-piece embeddings; GloVe with data.word_vectors=PATH).
+    "nrms": ["model.name=nrms", "trainer.surgery=none"],
+    "naml": ["model.name=naml", "trainer.surgery=none"],
+    "lstur": ["model.name=lstur", "trainer.surgery=none"],
+    "npa": ["model.name=npa", "trainer.surgery=none"],
 }
 ORDERINGS = (["mtrec", "mtrec w/o GS", "bert"], ["miner weighted", "miner mean", "miner max"])
 
