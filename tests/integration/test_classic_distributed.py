@@ -38,15 +38,6 @@ SMALL = [
 ]
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _reference_weights(cfg) -> dict[str, torch.Tensor]:
     from mtrec_dist.data.prepared import load_manifest
     from mtrec_dist.data.stream import loader_for

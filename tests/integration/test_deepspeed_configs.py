@@ -20,15 +20,6 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs" / "deepspeed").glob("*.json"))
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_shipped_deepspeed_config_trains_two_steps(ray_session, tiny_data, tmp_path, path):
     from mtrec_dist.config import load_config

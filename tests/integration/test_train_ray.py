@@ -45,15 +45,6 @@ ARGS = [
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def zero2(tmp_path_factory) -> str:
     p = tmp_path_factory.mktemp("ds") / "zero2.json"
     p.write_text(json.dumps({"zero_optimization": {"stage": 2}}))

@@ -41,15 +41,6 @@ EXPECTED = {
 }
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _overrides(tiny_data: Path, run_dir: Path) -> list[str]:
     return [f"data.root={tiny_data}", f"run_dir={run_dir}", "trainer.timeout_s=60"]
 
