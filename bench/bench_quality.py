@@ -87,6 +87,7 @@ def run_one(a: argparse.Namespace, data: Path, row: str, seed: int) -> dict:
             f"model.encoder_layers={a.layers}",
             f"trainer.micro_batch={a.batch}",
             f"trainer.max_steps={a.steps}",
+            "trainer.epochs=1000",  # --steps decides the length, across epochs if needed
             f"trainer.lr={a.lr}",
             f"trainer.seed={seed}",
             "trainer.log_every=0",
@@ -163,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     png = quality.plot_curves(
         curves,
         out.with_suffix(".png"),
-        f"dev AUC lift fraction vs steps (first {a.eval_impressions} dev impressions, "
-        f"mean of {len(a.seeds)} seeds; MiniLM {a.layers} layers, batch {a.batch})",
+        f"dev AUC lift fraction vs steps (first {a.eval_impressions} dev impressions, mean of "
+        f"{len(a.seeds)} seeds)\nBERT models: {a.encoder} first {a.layers} layers; batch "
+        f"{a.batch}, lr {a.lr}",
     )
     md = quality.markdown_table(table)
     atomic_write_text(out.with_suffix(".md"), md)
