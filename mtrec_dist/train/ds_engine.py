@@ -67,6 +67,7 @@ import hashlib
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,23 +94,30 @@ def extensions_dir() -> Path:
     return Path.home() / ".cache" / "mtrec_dist" / "torch_extensions" / tag
 
 
-def wait_for_build_locks(folder: Path, deadline_s: float, poll_s: float = 0.2) -> None:
+def wait_for_build_locks(
+    folder: Path,
+    deadline_s: float,
+    poll_s: float = 0.2,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
     """Wait until no ``lock`` file of a torch-extension build is left under ``folder``.
 
     A lock older than the deadline is a build that died midway: raise ``TimeoutError`` naming
-    it (and the fix) instead of waiting on it forever as torch's ``FileBaton`` does."""
-    end = time.monotonic() + deadline_s
+    it (and the fix) instead of waiting on it forever as torch's ``FileBaton`` does. ``clock``
+    and ``sleep`` are the time source (a test passes a simulated one)."""
+    end = clock() + deadline_s
     while True:
         locks = sorted(folder.glob("*/lock")) if folder.is_dir() else []
         if not locks:
             return
-        if time.monotonic() >= end:
+        if clock() >= end:
             raise TimeoutError(
                 f"worker start-up waited {deadline_s:.0f} s on the torch-extension build lock(s) "
                 f"{', '.join(map(str, locks))}: a build killed midway leaves one; delete it "
                 "if no other process is building"
             )
-        time.sleep(poll_s)
+        sleep(poll_s)
 
 
 def _no_shm_build() -> None:

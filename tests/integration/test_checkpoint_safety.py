@@ -109,17 +109,23 @@ def test_a_truncated_optimizer_file_names_the_file(engine, tmp_path):
 
 
 def test_a_stale_lock_in_our_extensions_folder_fails_within_the_deadline(tmp_path):
-    import time
-
     from mtrec_dist.train.ds_engine import wait_for_build_locks
 
     lock = tmp_path / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir()
     lock.write_text("")
-    t0 = time.monotonic()
+    now = [100.0]  # a simulated clock: each sleep advances it by exactly the poll interval
+    sleeps: list[float] = []
+
+    def sleep(s: float) -> None:
+        sleeps.append(s)
+        now[0] += s
+
     with pytest.raises(TimeoutError) as e:
-        wait_for_build_locks(tmp_path, deadline_s=1.0, poll_s=0.05)
-    assert time.monotonic() - t0 < 3.0
+        wait_for_build_locks(
+            tmp_path, deadline_s=1.0, poll_s=0.25, clock=lambda: now[0], sleep=sleep
+        )
+    assert sleeps == [0.25] * 4 and now[0] == 101.0  # gave up at the deadline, not later
     assert str(e.value).startswith(
         f"worker start-up waited 1 s on the torch-extension build lock(s) {lock}: a build killed"
     )
