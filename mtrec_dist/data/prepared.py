@@ -97,14 +97,7 @@ def load_manifest(prepared_dir: str | Path) -> dict[str, Any]:
             f"{path}: no manifest.json; run `mtrec prepare` first (or set data.prepared to a "
             "prepared folder)"
         )
-    try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(
-            path, e.lineno, f"expected JSON ({e.msg}); re-run `mtrec prepare`"
-        ) from None
-    if not isinstance(m, dict):
-        raise DataError(path, None, "expected a JSON object")
+    m = _read_json(path, dict, "a JSON object")
     missing = [k for k in _REQUIRED if k not in m]
     if missing:
         raise DataError(path, None, f"expected keys {list(_REQUIRED)}, missing {missing}")
@@ -224,14 +217,19 @@ def vocab_path(prepared_dir: str | Path, name: str) -> Path:
 def read_vocab(prepared_dir: str | Path, name: str) -> list:
     """One vocabulary (index = id used in the news table); a broken file names itself."""
     path = vocab_path(prepared_dir, name)
+    return _read_json(path, list, "a JSON list")
+
+
+def _read_json(path: Path, kind: type, what: str) -> Any:
+    """A JSON file of the prepared folder; a broken or mistyped one is a DataError naming it."""
     try:
         v = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataError(
             path, e.lineno, f"expected JSON ({e.msg}); re-run `mtrec prepare`"
         ) from None
-    if not isinstance(v, list):
-        raise DataError(path, None, "expected a JSON list")
+    if not isinstance(v, kind):
+        raise DataError(path, None, f"expected {what}")
     return v
 
 
