@@ -384,8 +384,6 @@ def test_every_model_family_through_the_evaluator(data, name, extra):
 def test_evaluate_equals_score_of_the_prediction_file_with_ties(data, capsys):
     """`mtrec evaluate` on dev == `mtrec score` of `mtrec predict`'s dev file, on a model whose
     scores are all tied (every parameter zero: every news vector and score is 0)."""
-    from mtrec_dist import cli
-    from mtrec_dist.data import mind
 
     base, cfg, manifest = data
     run = base / "tied"
@@ -400,15 +398,8 @@ def test_evaluate_equals_score_of_the_prediction_file_with_ties(data, capsys):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     meta = {"step": 0, "tokenizer": manifest["tokenizer"], "model_sha256": sha256_file(weights)}
     (run / "export/meta.json").write_text(json.dumps(meta))
-    # the dev truth file, written from the raw behaviors.tsv (the organisers' side)
-    truth = base / "dev_truth.txt"
-    imps = list(mind.iter_behaviors(base / "raw/dev/behaviors.tsv"))
-    truth.write_text("".join(f"{i.impression_id} [{','.join(map(str, i.labels))}]\n" for i in imps))
-
-    def mtrec(*argv: str) -> str:
-        capsys.readouterr()
-        assert cli.main(list(argv)) == 0
-        return capsys.readouterr().out
+    truth, imps = _dev_truth(base, "dev_truth.txt")  # the organisers' side
+    mtrec = _cli(capsys)
 
     dev = json.loads(mtrec("evaluate", "--run", str(run), "--split", "dev", "--workers", "1"))
     mtrec("predict", "--run", str(run), "--split", "dev", "--out", str(base / "tied.zip"))
@@ -569,20 +560,12 @@ def test_ensemble_refuses_other_tokenizer_or_data_before_scoring(data, run1):
 def test_ensemble_evaluate_equals_score_of_its_prediction_file(data, run1, capsys):
     """Two real models (seeds 0 and 1): `mtrec evaluate --run A --run B` on dev ==
     `mtrec score` of `mtrec predict --run A --run B`'s dev file."""
-    from mtrec_dist import cli
-    from mtrec_dist.data import mind
 
     base, cfg, manifest = data
     run_a = run1[0]
     run_b = make_run(base, cfg, manifest, "ens_seed1", seed=1)
-    truth = base / "ens_dev_truth.txt"
-    imps = list(mind.iter_behaviors(base / "raw/dev/behaviors.tsv"))
-    truth.write_text("".join(f"{i.impression_id} [{','.join(map(str, i.labels))}]\n" for i in imps))
-
-    def mtrec(*argv: str) -> str:
-        capsys.readouterr()
-        assert cli.main(list(argv)) == 0
-        return capsys.readouterr().out
+    truth, imps = _dev_truth(base, "ens_dev_truth.txt")
+    mtrec = _cli(capsys)
 
     runs = ["--run", str(run_a), "--run", str(run_b)]
     dev = json.loads(mtrec("evaluate", *runs, "--split", "dev", "--workers", "1"))
@@ -601,3 +584,26 @@ def test_ensemble_evaluate_equals_score_of_its_prediction_file(data, run1, capsy
     assert {k: dev[k] for k in METRICS} == {k: ref[k] for k in METRICS}
     single = json.loads(mtrec("evaluate", "--run", str(run_a), "--split", "dev"))
     assert {k: single[k] for k in METRICS} == {k: run1[1][k] for k in METRICS}
+
+
+def _dev_truth(base: Path, name: str) -> tuple[Path, list]:
+    """The dev truth file (``ImpressionID [labels]``), written from the raw behaviors.tsv, and
+    the impressions it was written from."""
+    from mtrec_dist.data import mind
+
+    truth = base / name
+    imps = list(mind.iter_behaviors(base / "raw/dev/behaviors.tsv"))
+    truth.write_text("".join(f"{i.impression_id} [{','.join(map(str, i.labels))}]\n" for i in imps))
+    return truth, imps
+
+
+def _cli(capsys):
+    """``mtrec ARGS`` in this process: asserts exit 0, returns what it printed on stdout."""
+    from mtrec_dist import cli
+
+    def mtrec(*argv: str) -> str:
+        capsys.readouterr()
+        assert cli.main(list(argv)) == 0
+        return capsys.readouterr().out
+
+    return mtrec
