@@ -77,31 +77,21 @@ def train_curve(cfg: Config, eval_every: int, eval_impressions: int) -> list[dic
     ``eval_impressions`` impressions) at step 0, every ``eval_every`` steps and at the end."""
     import torch
 
+    from mtrec_dist.data.prepared import load_manifest
     from mtrec_dist.eval.evaluate import evaluate_model
     from mtrec_dist.train.local import train_local
     from mtrec_dist.train.steps import step_plan
 
+    n = step_plan(load_manifest(cfg.prepared_dir), 1, cfg.trainer).total_steps
     curve: list[dict] = []
 
-    def measure(step: int, model: torch.nn.Module) -> None:
-        model.eval()
-        with torch.no_grad():
-            m = evaluate_model(model, cfg.prepared_dir, "dev", eval_impressions)
-        curve.append({"step": step, **{k: float(m[k]) for k in METRICS}})
-
-    from mtrec_dist.data.prepared import load_manifest
-    from mtrec_dist.models.registry import build_model
-
-    t = cfg.trainer
-    manifest = load_manifest(cfg.prepared_dir)
-    n = step_plan(manifest, 1, t).total_steps
-
-    def on_step(step: int, model: torch.nn.Module) -> None:
+    def on_step(step: int, model: torch.nn.Module) -> None:  # step 0 = the untrained model
         if step % eval_every == 0 or step == n:
-            measure(step, model)
+            model.eval()
+            with torch.no_grad():
+                m = evaluate_model(model, cfg.prepared_dir, "dev", eval_impressions)
+            curve.append({"step": step, **{k: float(m[k]) for k in METRICS}})
 
-    torch.manual_seed(t.seed)  # the same initial model as train_local's
-    measure(0, build_model(cfg, manifest))
     result = train_local(cfg, progress=False, on_step=on_step)
     if curve[-1]["step"] != result["steps"]:
         raise RuntimeError(f"trained {result['steps']} of {n} steps; the last point is missing")

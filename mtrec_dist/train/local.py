@@ -89,8 +89,9 @@ def train_local(
     and export, with the surgery written out on flat vectors (:func:`reference_step`). A
     distributed run with one worker must end with the same weights and coefficients.
 
-    ``on_step(step, model)`` runs after every optimizer step (the quality benchmark measures
-    its learning curves there; the model is put back in train mode afterwards)."""
+    ``on_step(step, model)`` runs once before the first update (step 0) and after every
+    optimizer step (the quality benchmark measures its learning curves there; the model is put
+    back in train mode afterwards)."""
     from mtrec_dist.data.prepared import check_tokenizer, load_manifest
     from mtrec_dist.data.stream import loader_for
     from mtrec_dist.hub import load_tokenizer, tokenizer_fingerprint
@@ -121,6 +122,9 @@ def train_local(
     )
     bar = Progress("train", steps, unit="steps", every=0.0 if t.log_every else 30.0)
     step, samples, t0 = 0, 0, time.monotonic()
+    if on_step is not None:
+        on_step(0, model)
+        model.train()
     with open(run_dir / "train_log.jsonl", "a", encoding="utf-8") as log:
         for epoch in range(t.epochs):
             pending: list = []  # the leftover rule: never carried into the next epoch

@@ -132,3 +132,24 @@ def test_a_few_steps_on_planted_data_beat_chance(tiny_cfg):
     chance = math.log(5)
     assert np.mean(main[-10:]) < chance - 0.01
     assert np.mean(main[-10:]) < np.mean(main[:5])
+
+
+def test_train_curve_points_and_the_untrained_model(tiny_cfg):
+    """Points at step 0, every 2 steps and the last; step 0 is the seeded untrained model,
+    scored here by the evaluator on a model built independently."""
+    import torch
+
+    from mtrec_dist.data.prepared import load_manifest
+    from mtrec_dist.eval.evaluate import evaluate_model
+    from mtrec_dist.models.registry import build_model
+
+    cfg = tiny_cfg("trainer.max_steps=5", "trainer.log_every=0", "model.dropout=0")
+    curve = quality.train_curve(cfg, eval_every=2, eval_impressions=30)
+    assert [p["step"] for p in curve] == [0, 2, 4, 5]
+    torch.manual_seed(cfg.trainer.seed)
+    fresh = build_model(cfg, load_manifest(cfg.prepared_dir)).eval()
+    with torch.no_grad():
+        ref = evaluate_model(fresh, cfg.prepared_dir, "dev", 30)
+    assert curve[0]["auc"] == pytest.approx(ref["auc"], abs=1e-12)
+    assert curve[0]["mrr"] == pytest.approx(ref["mrr"], abs=1e-12)
+    assert curve[-1]["auc"] != curve[0]["auc"]  # the last point scores the trained model
