@@ -66,6 +66,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import functools
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -1391,7 +1392,7 @@ def content_logits(root: str | Path, split: str) -> Iterator[tuple[str, np.ndarr
     against both this ceiling and the full one. The world is rebuilt from ``synth.json``'s
     scale and seed (same seed -> same world, see "Determinism" above).
     """
-    info = _json_load(Path(root) / "synth.json")
+    info = json.loads((Path(root) / "synth.json").read_text(encoding="utf-8"))
     w = _build_world(SCALES[info["scale"]], np.random.SeedSequence(int(info["seed"])), False)
     users = {u: i for i, u in enumerate(w.user_id)}
     news = {n: i for i, n in enumerate(w.news_id.tolist())}
@@ -1399,9 +1400,3 @@ def content_logits(root: str | Path, split: str) -> Iterator[tuple[str, np.ndarr
         n = np.array([news[c] for c in imp.candidates], dtype=np.int64)
         u = np.full(len(n), users[imp.user_id], dtype=np.int64)
         yield imp.impression_id, _logits(w, u, n) - POP * np.minimum(w.logpop[n], POP_CAP)
-
-
-def _json_load(path: Path) -> dict:
-    import json
-
-    return json.loads(path.read_text(encoding="utf-8"))
