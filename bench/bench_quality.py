@@ -28,6 +28,7 @@ Writes the JSON (``--out``), a Markdown table and a learning-curve PNG beside it
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -77,7 +78,14 @@ def ensure_data(data: Path) -> Path:
 
 
 def run_one(a: argparse.Namespace, data: Path, row: str, seed: int) -> dict:
+    """One row x seed; its result is kept in the run folder, so an interrupted benchmark
+    resumes where it stopped (a result made under another regime is not reused)."""
     run_dir = Path(a.work) / "runs" / f"{row.replace(' ', '_')}_s{seed}"
+    done = run_dir / "quality_run.json"
+    if done.is_file():
+        kept = json.loads(done.read_text())
+        if kept.get("regime") == _regime(a):
+            return kept
     cfg = load_config(
         ROOT / "configs" / "demo.yaml",
         [
@@ -100,15 +108,23 @@ def run_one(a: argparse.Namespace, data: Path, row: str, seed: int) -> dict:
     from mtrec_dist.eval.run_folder import load_run
 
     model = load_run(run_dir)[0]
-    final = evaluate_model(model, cfg.prepared_dir, "dev", 0)
-    return {
+    final = evaluate_model(model, cfg.prepared_dir, "dev", a.final_impressions)
+    result = {
         "row": row,
         "seed": seed,
         "curve": curve,
         "final": {k: float(final[k]) for k in METRICS},
         "seconds": time.monotonic() - t0,
         "cpu_seconds": time.process_time() - c0,
+        "regime": _regime(a),
     }
+    atomic_write_json(done, result)
+    return result
+
+
+def _regime(a: argparse.Namespace) -> dict:
+    """What a run's result depends on (not where it is written)."""
+    return {k: v for k, v in vars(a).items() if k not in ("out", "rows", "seeds", "work")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--eval-impressions", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--final-impressions", type=int, default=0, help="dev impressions of the table (0 = all)"
+    )
     a = ap.parse_args(argv)
     import torch
 
@@ -136,11 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--rows: unknown {unknown}; allowed: {', '.join(ROWS)}")
     data = ensure_data(Path(a.data or Path(a.work) / "data"))
     ceil_curve = quality.ceilings(data, "dev", a.eval_impressions)
-    ceil_all = quality.ceilings(data, "dev", 0)
+    ceil_all = quality.ceilings(data, "dev", a.final_impressions)
     runs: list[dict] = []
     bar = Progress("quality runs", len(rows) * len(a.seeds), unit="runs", every=0.0)
-    for row in rows:
-        for seed in a.seeds:
+    for seed in a.seeds:  # every row once before any row twice: a partial run covers all rows
+        for row in rows:
             r = run_one(a, data, row, seed)
             runs.append(r)
             bar.update(1, extra=f"{row} seed {seed}: dev AUC {r['final']['auc']:.4f}")
@@ -174,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         out,
         {
             "benchmark": "quality",
-            "regime": {k: v for k, v in vars(a).items() if k not in ("out",)},
+            "regime": _regime(a),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-            "ceiling": {"all_dev": ceil_all, "curve_impressions": ceil_curve},
+            "ceiling": {"table_impressions": ceil_all, "curve_impressions": ceil_curve},
             "table": table,
             "orderings": orderings,
             "runs": runs,
