@@ -98,6 +98,9 @@ def main() -> None:
         [MIND_LARGE[s] * cpu_imp.get(s, mean_cpu_imp) for s in ("train", "dev", "test")], workers
     )
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    shard_bytes = {
+        s: sum((out / sh["path"]).stat().st_size for sh in e["shards"]) for s, e in splits.items()
+    }
     result = {
         "data": str(data),
         "generated_scale": args.scale if gen_s is not None else None,
@@ -117,6 +120,13 @@ def main() -> None:
         "cpu_us_per_impression": {s: round(v * 1e6, 1) for s, v in cpu_imp.items()},
         "news_cpu_s": m["news"]["cpu_seconds"],
         "bytes_per_impression": round(size / max(n_imp, 1)),
+        "bytes_per_impression_how": "every file of the prepared folder (news table, vocabularies, "
+        "shards, manifest) / impressions of all splits",
+        "shard_bytes": shard_bytes,
+        "shard_bytes_per_impression": {
+            s: round(b / max(splits[s]["impressions"], 1), 1) for s, b in shard_bytes.items()
+        },
+        "shard_bytes_per_impression_all": round(sum(shard_bytes.values()) / max(n_imp, 1), 1),
         "impressions_per_s_overall": round(n_imp / wall),
         "bytes_written": size,
         "mind_large_estimate": {

@@ -11,12 +11,10 @@ expected) and the same answer to each question:
   every split; there is no guess from the split's name);
 * a shard is described by its manifest entry: path, sha256, impressions, clicks.
 
-The folder layout is in ``mtrec_dist.data.batch``. The shard sample contract lives here too, so
-that the writer and the reader share it: one tar sample per impression, its key the impression
-id exactly as the source file spells it (``003`` stays ``003``), with members ``hist.npy``
-(int32 news rows, most recent last), ``cand.npy`` (int32 news rows; 0 = a candidate missing
-from the news table), ``user.npy`` (int32 [1]: the impression's user index) and, in a labeled
-split, ``label.npy`` (uint8 0/1 per candidate).
+The folder layout is in ``mtrec_dist.data.batch``; the shard file (impressions packed in
+groups, one tar member per group) is written and read by ``mtrec_dist.data.shardfile``.
+``format_version`` 2 is that layout; a folder of an older version (one tar sample of ``.npy``
+members per impression) is refused with a DataError that says to re-run ``mtrec prepare``.
 
 Users (LSTUR's and NPA's user-ID embeddings): ``vocab/users.json`` lists the user ids of the
 TRAIN split's behaviors, index 0 = ``"<unk>"`` (the unknown user), then every distinct train
@@ -25,12 +23,9 @@ train is stored as 0 (counted in the split's ``stats.unknown_user``); without a 
 every user is 0. The manifest records the vocabulary size (incl. 0) as ``news.vocab.users``,
 which is what the user-ID models size their embedding tables from.
 
-Older prepared folders (written before users existed) have no ``news.vocab.users`` and no
-``user.npy`` members. Readers accept them and read every impression as user 0, so models that
-do not use users keep working on them; a model that needs users (LSTUR, NPA: see
-:func:`require_users`) refuses such a folder at build time with a DataError naming the manifest
-and saying to re-run ``mtrec prepare``. Once the manifest declares users, a sample without
-``user.npy`` (or with an index outside the vocabulary) is a DataError naming the shard.
+A manifest without ``news.vocab.users`` (hand-made folders) reads every impression as user 0;
+a model that needs users (LSTUR, NPA: see :func:`require_users`) refuses it at build time with a
+DataError naming the manifest and saying to re-run ``mtrec prepare``.
 """
 
 from __future__ import annotations
@@ -44,25 +39,11 @@ from typing import Any
 from mtrec_dist.config import ConfigError
 from mtrec_dist.data.tables import DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: impressions packed in groups (data/shardfile.py); 1: a tar sample each
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
 VOCABS = ("category", "subcategory", "entities")  # news vocabularies (the vocab fingerprint)
 USER_VOCAB = "users"  # vocab/users.json: "<unk>" then the train split's user ids, sorted
-
-# Shard sample members (the writer in shards.py and the reader in stream.py use these names).
-HIST = "hist.npy"
-CAND = "cand.npy"
-LABEL = "label.npy"
-USER = "user.npy"
-SHARD_MEMBERS = (HIST, CAND, LABEL, USER)
-
-
-def required_members(labeled: bool, has_users: bool) -> tuple[str, ...]:
-    """The members every sample of a shard must hold (LABEL iff labeled, USER iff the manifest
-    declares users)."""
-    return (HIST, CAND) + ((LABEL,) if labeled else ()) + ((USER,) if has_users else ())
-
 
 _REQUIRED = ("format_version", "tokenizer", "title_len", "history_len", "news", "splits")
 _SHARD_KEYS = ("path", "sha256", "impressions", "clicks")
@@ -74,15 +55,16 @@ def shard_pattern(split: str) -> str:
 
 
 def check_impression_id(key: str) -> str | None:
-    """Why ``key`` cannot be a shard sample key (None if it can).
+    """Why ``key`` cannot be an impression id of a shard (None if it can).
 
-    webdataset splits a member name at its first ``.`` into key and member, and ``/`` would
-    make a folder inside the tar, so neither may occur in an id.
+    A group stores its ids newline-joined, so an id holds no newline; ``.`` and ``/`` stay
+    refused so that an id remains a valid webdataset sample key (webdataset splits a member
+    name at its first ``.``; ``/`` makes a folder), e.g. for a per-impression export.
     """
     if not key:
         return "is empty"
-    if "." in key or "/" in key:
-        return "contains '.' or '/'"
+    if "." in key or "/" in key or "\n" in key:
+        return "contains '.', '/' or a newline"
     return None
 
 
@@ -105,8 +87,9 @@ def load_manifest(prepared_dir: str | Path) -> dict[str, Any]:
         raise DataError(
             path,
             None,
-            f"format_version {m['format_version']!r}: expected {FORMAT_VERSION}; "
-            "re-run `mtrec prepare`",
+            f"format_version {m['format_version']!r}: expected {FORMAT_VERSION} (shards of "
+            "impression groups); this folder was prepared by an older version: re-run "
+            "`mtrec prepare`",
         )
     if not isinstance(m["tokenizer"], dict) or "vocab_hash" not in m["tokenizer"]:
         raise DataError(path, None, "tokenizer: expected a vocab_hash")

@@ -3,12 +3,13 @@
 Why a prepare step: readers parse text/parquet once; training workers then only memory-map
 integer arrays and stream integer-only shards (never pickles), so N workers on M machines do
 no parsing and no tokenization. The folder layout is documented in ``mtrec_dist.data.batch``;
-the manifest, the shard sample members and the reader of both are in
-``mtrec_dist.data.prepared`` (format_version 1).
+the manifest and its reader are in ``mtrec_dist.data.prepared`` (format_version 2); the shard
+file (impressions packed in groups, one tar member each) is written and read by
+``mtrec_dist.data.shardfile``.
 
 Refused here, with the file and line: a repeated impression id anywhere in a split (ids are
-strings, carried unchanged into the shard keys), an id that cannot be a shard key, a split
-mixing labeled and unlabeled impressions, a split without impressions.
+strings, carried unchanged into the shards), an id a shard cannot hold, a split mixing labeled
+and unlabeled impressions, a split without impressions.
 
 Crash safety: everything is written into a temporary sibling folder which is renamed into
 place only after manifest.json (written last) is complete, so a folder that has a manifest is
@@ -16,7 +17,7 @@ always finished, and an existing prepared folder is replaced only by a complete 
 
 Users: a first pass over the train split's behaviors builds the user vocabulary (train users
 1..n in sorted id order, 0 = unknown; see ``mtrec_dist.data.prepared``) before any shard is
-written, so every split's shards store the same index for a user (``user.npy``).
+written, so every split's shards store the same index for a user.
 
 Memory: the news table (about 161k rows for MIND-large) is held in memory; impressions are
 streamed from the reader straight into shards, one at a time.
@@ -27,7 +28,6 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import datetime as dt
-import io
 import json
 import multiprocessing as mp
 import os
@@ -43,22 +43,18 @@ import numpy as np
 from mtrec_dist.config import Config, ConfigError
 from mtrec_dist.data.batch import PAD_NEWS_ID
 from mtrec_dist.data.prepared import (
-    CAND,
     FORMAT_VERSION,
-    HIST,
-    LABEL,
     MANIFEST,
     SHARD_DIR,
-    USER,
     USER_VOCAB,
     check_impression_id,
-    shard_pattern,
     vocab_path,
 )
+from mtrec_dist.data.shardfile import ShardWriter
 from mtrec_dist.data.tables import DataError, Entity, Impression, News, ReadStats
 from mtrec_dist.data.tokenize import title_entity_order, tokenize_titles
 from mtrec_dist.data.vectors import write_entity_vectors
-from mtrec_dist.utils import Progress, atomic_write_json, peak_rss_mb, sha256_file
+from mtrec_dist.utils import Progress, atomic_write_json, peak_rss_mb
 
 OPTIONAL_SPLITS = ("test",)
 SPLIT_STATS = (
@@ -270,38 +266,21 @@ def build_news_table(
 # --------------------------------------------------------------------------------------------
 # Shards
 
-_NPY_HEADERS: dict[tuple[str, int], bytes] = {}
-
-
-def npy_bytes(a: np.ndarray) -> bytes:
-    """``np.save`` bytes of a 1-D array; the header is cached per (dtype, length).
-
-    About 10x faster than ``np.save`` into a BytesIO, which matters at 15M arrays (MIND-large).
-    """
-    key = (a.dtype.str, a.shape[0])
-    h = _NPY_HEADERS.get(key)
-    if h is None:
-        buf = io.BytesIO()
-        np.save(buf, np.zeros(a.shape, dtype=a.dtype), allow_pickle=False)
-        raw = buf.getvalue()
-        h = _NPY_HEADERS[key] = raw[: len(raw) - a.nbytes]
-    return h + a.tobytes()
-
 
 def user_vocab(user_ids: Iterator[str]) -> list[str]:
     """``["<unk>"]`` then the distinct user ids in sorted order: train users get 1..n."""
     return ["<unk>"] + sorted(set(user_ids))
 
 
-def _shard_sample(
+def _shard_rows(
     imp: Impression,
-    key: str,
     row_of: dict[str, int],
     history_len: int,
     st: dict[str, int],
     user_of: dict[str, int],
-) -> tuple[dict, int]:
-    """The tar sample of one impression (members named in ``prepared``) and its clicks."""
+) -> tuple[list[int], list[int], list[int] | None, int]:
+    """(history rows, candidate rows, labels or None, user index) of one impression, counted
+    into the split's stats."""
     get = row_of.get
     rows = [get(h) for h in imp.history]
     hist = [r for r in rows if r is not None]
@@ -313,25 +292,17 @@ def _shard_sample(
         st["empty_history"] += 1
     cand = [get(c, 0) for c in imp.candidates]
     st["candidates_missing_news"] += sum(1 for c in imp.candidates if c not in row_of)
-    sample = {
-        "__key__": key,
-        HIST: npy_bytes(np.array(hist, dtype="<i4")),
-        CAND: npy_bytes(np.array(cand, dtype="<i4")),
-    }
     user = user_of.get(str(imp.user_id), 0)
     if user == 0:
         st["unknown_user"] += 1
-    sample[USER] = npy_bytes(np.array([user], dtype="<i4"))
-    clicks = 0
+    labels = None
     if imp.labels is not None:
-        lab = np.array(imp.labels, dtype=np.uint8)
-        if lab.shape[0] != len(cand):
+        labels = [int(x) for x in imp.labels]
+        if len(labels) != len(cand):
             raise ValueError("expected one label per candidate")
-        clicks = int(lab.sum())
-        if clicks == 0:
+        if not any(labels):
             st["impressions_without_click"] += 1
-        sample[LABEL] = npy_bytes(lab)
-    return sample, clicks
+    return hist, cand, labels, user
 
 
 class _IdCheck:
@@ -386,56 +357,27 @@ def write_split(
     Returns the split's manifest entry (shard paths are relative to ``out_dir``).
     """
     user_of = user_of or {}
-    import webdataset as wds
-
-    (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     st = dict.fromkeys(SPLIT_STATS, 0)
-    shards: list[dict] = []
-    cur = {"impressions": 0, "clicks": 0}
     n_imp = n_cand = n_click = 0
     check = _IdCheck(source or split)
-
-    def on_close(fname: str) -> None:
-        p = Path(fname)
-        shards.append(
-            {
-                "path": f"{SHARD_DIR}/{p.name}",
-                "sha256": sha256_file(p),
-                "impressions": cur["impressions"],
-                "clicks": cur["clicks"],
-            }
-        )
-        cur["impressions"] = cur["clicks"] = 0
-
     cpu0 = time.process_time()
     prog = Progress(f"prepare {split}", total, unit="impressions")
     prog.enabled = prog.enabled and progress
-    writer = wds.ShardWriter(
-        str(out_dir / shard_pattern(split)),
-        maxcount=impressions_per_shard,
-        maxsize=float("inf"),
-        post=on_close,
-        verbose=0,
-        encoder=False,
-        mtime=0,  # deterministic tar bytes: same input -> same sha256
-    )
+    writer = ShardWriter(out_dir, split, impressions_per_shard)
     try:
         for imp in impressions:
             key = check(imp, n_imp)
             try:
-                sample, clicks = _shard_sample(imp, key, row_of, history_len, st, user_of)
+                hist, cand, labels, user = _shard_rows(imp, row_of, history_len, st, user_of)
             except ValueError as e:
                 raise DataError(check.source, imp.line, f"impression {key}: {e}") from None
-            writer.write(sample)
-            # After write(): a shard switch inside write() already closed the previous shard.
-            cur["impressions"] += 1
-            cur["clicks"] += clicks
+            writer.write(key, hist, cand, labels, user)
             n_imp += 1
-            n_cand += len(imp.candidates)
-            n_click += clicks
+            n_cand += len(cand)
+            n_click += sum(labels) if labels else 0
             prog.update()
     finally:
-        writer.close()
+        shards = writer.close()
     if n_imp == 0:
         raise DataError(check.source, None, f"split {split!r} has no impressions")
     seconds = prog.close(f"-> {len(shards)} shards")
@@ -445,6 +387,7 @@ def write_split(
         "candidates": n_cand,
         "clicks": n_click,
         "impressions_per_shard": impressions_per_shard,
+        "impressions_per_group": writer.group_size,
         "shards": shards,
         "stats": st,
         "seconds": round(seconds, 2),  # wall time of this split (informational)

@@ -24,20 +24,18 @@ Why it is shaped this way:
   resume with ``skip_samples=n`` replays each worker's stream, drops exactly the samples the
   first ``n`` of the merged stream took from it, and keeps the round structure with empty
   chunks, giving exactly the tail of the uninterrupted run (same samples, same negatives).
-* **No pickles.** Tar members are read by the small reader below (:func:`_tar_members`: ustar,
-  pax and GNU headers) and decoded with ``np.load(..., allow_pickle=False)``; nothing else is
-  decoded.
+* **No pickles.** A shard's tar members are groups of impressions in a raw little-endian
+  layout (``mtrec_dist.data.shardfile``), read with the standard library's ``tarfile`` and
+  decoded with ``np.frombuffer``; nothing is unpickled.
 """
 
 from __future__ import annotations
 
-import io
 import math
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,24 +43,17 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mtrec_dist.data.batch import Batch, NewsTable, Sample, collate
 from mtrec_dist.data.prepared import (
-    CAND,
-    HIST,
-    LABEL,
     MANIFEST,
-    SHARD_MEMBERS,
-    USER,
     Shard,
-    check_impression_id,
     is_labeled,
     load_manifest,
     num_users,
     require_labeled,
-    required_members,
     shards,
     split_info,
 )
+from mtrec_dist.data.shardfile import read_impressions
 from mtrec_dist.data.tables import DataError
-from mtrec_dist.utils import sha256_file
 
 CHUNK_SIZE = 256  # samples per worker -> trainer message
 
@@ -129,262 +120,12 @@ def batches_per_epoch(
 
 # --------------------------------------------------------------------------- shard reading
 #
-# A shard is checked against its manifest entry while it is read, in one pass: every tar header
-# checksum, every sample's members, ids and labels (range-checked against the news table), the
-# tar end-of-archive marker (a file cut anywhere, even between samples, is "truncated"), then
-# the impression count and the sha256 of the whole file (a second read of the file, from the
-# page cache: about 5% of the parse, see bench/bench_shard_check.py). Count and hash are known
-# only at the end of the shard: a consumer sees
-# every sample of an altered shard before the error, and the error stops it before it writes
-# any result (predict reads every shard to the end in its index step, before scoring).
-
-
-_NPY_MAGIC = b"\x93NUMPY"
-_NPY_HEADER = re.compile(
-    r"\{'descr': '([<>|=][a-z]\d+)', 'fortran_order': (?:False|True), 'shape': \((\d*),?\), \}"
-)
-_npy_cache: dict[bytes, tuple[np.dtype, int]] = {}
-_BLOCK = 1 << 20
-
-
-def _at(i: int, key: str) -> str:
-    """How errors name a sample: its position in the shard and its key (impression id)."""
-    return f"sample #{i} (key {key!r})"
-
-
-def _npy(data: bytes, path: Path, i: int, key: str, member: str) -> np.ndarray:
-    """Decode one .npy payload without pickles.
-
-    Fast path for the 1-D plain-integer arrays of the shards: the header (a few distinct ones
-    per shard) is parsed once and cached, the payload read with ``np.frombuffer``. Anything
-    else goes through ``np.load(allow_pickle=False)``, which refuses object arrays.
-    """
-    if data[:6] == _NPY_MAGIC and data[6:7] == b"\x01":
-        hlen = 10 + int.from_bytes(data[8:10], "little")
-        header = data[10:hlen]
-        hit = _npy_cache.get(header)
-        if hit is None:
-            m = _NPY_HEADER.match(header.decode("latin1").rstrip())
-            if m is not None:
-                hit = (np.dtype(m.group(1)), int(m.group(2) or 1))
-                if len(_npy_cache) < 4096:
-                    _npy_cache[header] = hit
-        if hit is not None:
-            dtype, n = hit
-            if len(data) - hlen == n * dtype.itemsize:
-                return np.frombuffer(data, dtype=dtype, count=n, offset=hlen)
-    try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as e:  # object arrays (pickles), truncated or corrupt headers, not npy
-        raise DataError(
-            path, None, f"{_at(i, key)}: {member} is not a plain .npy array ({e})"
-        ) from e
-
-
-def _octal(field: bytes, path: Path, where: str) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256
-        return int.from_bytes(field[1:], "big")
-    try:
-        return int(field.rstrip(b"\0 ").lstrip(b" ") or b"0", 8)
-    except ValueError:
-        raise DataError(path, None, f"{where}: corrupt tar header field {field!r}") from None
-
-
-def _pax(data: bytes) -> dict[str, str]:
-    out, i = {}, 0
-    while i < len(data):
-        sp = data.index(b" ", i)
-        n = int(data[i:sp])
-        k, _, v = data[sp + 1 : i + n - 1].partition(b"=")
-        out[k.decode("utf-8")] = v.decode("utf-8")
-        i += n
-    return out
-
-
-def _member_name(hdr: bytes, pax: dict[str, str], longname: str | None) -> str:
-    if "path" in pax:
-        return pax["path"]
-    if longname is not None:
-        return longname
-    name = hdr[:100].split(b"\0", 1)[0].decode("utf-8")
-    if hdr[257:262] == b"ustar" and hdr[345] != 0:
-        name = hdr[345:500].split(b"\0", 1)[0].decode("utf-8") + "/" + name
-    return name
-
-
-def _tar_members(path: Path, f: BinaryIO) -> Iterator[tuple[str, bytes]]:
-    """(member name, payload) of the regular files of an uncompressed tar, in order.
-
-    A minimal ustar/pax/GNU reader: ``tarfile`` spends ~4x longer per member on the pax
-    headers webdataset writes, and a shard holds 3 members per impression. Header checksums
-    are verified; anything not a regular file is skipped unread. The archive must end with
-    the end-of-archive block: a file that stops anywhere before it is "truncated".
-    """
-    pax: dict[str, str] = {}
-    longname: str | None = None
-    last = "the start of the file"
-    while True:
-        where = f"after {last}"
-        hdr = f.read(512)
-        if len(hdr) < 512:
-            raise DataError(
-                path,
-                None,
-                f"truncated: the file ends {where} without the tar end-of-archive marker; "
-                "re-run `mtrec prepare`",
-            )
-        if hdr.count(0) == 512:  # end-of-archive block
-            return
-        chk = _octal(hdr[148:156], path, where)
-        if chk != sum(hdr[:148]) + 256 + sum(hdr[156:]):
-            raise DataError(
-                path, None, f"{where}: tar header checksum mismatch; re-run `mtrec prepare`"
-            )
-        size = int(pax["size"]) if "size" in pax else _octal(hdr[124:136], path, where)
-        kind = hdr[156:157]
-        data = f.read(size)
-        pad = (-size) % 512
-        if len(data) < size or len(f.read(pad)) < pad:
-            raise DataError(
-                path, None, f"truncated: the file ends {where} inside a tar member; "
-                "re-run `mtrec prepare`",
-            )  # fmt: skip
-        if kind == b"x":
-            pax = _pax(data)
-            continue
-        if kind == b"L":
-            longname = data.rstrip(b"\0").decode("utf-8")
-            continue
-        if kind in (b"0", b"\0", b"7"):
-            name = _member_name(hdr, pax, longname)
-            last = f"member {name!r}"
-            yield name, data
-        pax, longname = {}, None
-
-
-def iter_shard(
-    path: str | Path, expect: Shard | None = None
-) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
-    """Yield ``(key, {"hist.npy": .., "cand.npy": .., ["label.npy": ..], ["user.npy": ..]})``
-    in tar order.
-
-    Members other than the shard members are ignored, never decoded. With ``expect`` (the
-    shard's manifest entry), the impression count and the sha256 are checked once the file is
-    read to its end.
-    """
-    path = Path(path)
-    with open(path, "rb", buffering=_BLOCK) as f:
-        head = f.peek(512)[:512]
-        if len(head) == 512 and head[257:262] != b"ustar" and head.count(0) != 512:
-            raise DataError(path, None, "not an uncompressed tar shard; re-run `mtrec prepare`")
-        n, key, cur = 0, None, {}
-        for name, data in _tar_members(path, f):
-            k, _, ext = name.rsplit("/", 1)[-1].partition(".")
-            if k != key:
-                if key is not None:
-                    yield key, cur
-                    n += 1
-                key, cur = k, {}
-            if ext in SHARD_MEMBERS:
-                cur[ext] = _npy(data, path, n, k, ext)
-        if key is not None:
-            yield key, cur
-            n += 1
-        if expect is not None:
-            _check_whole(path, n, expect)
-
-
-def _check_whole(path: Path, n: int, expect: Shard) -> None:
-    if n != expect.impressions:
-        raise DataError(
-            path,
-            None,
-            f"holds {n} impressions but the manifest says {expect.impressions} (truncated or "
-            "altered); re-run `mtrec prepare`",
-        )
-    digest = sha256_file(path)  # a second read, from the page cache: ~5% of the parse
-    if digest != expect.sha256:
-        raise DataError(
-            path,
-            None,
-            f"sha256 {digest} differs from the manifest's {expect.sha256}: the shard was "
-            "altered after `mtrec prepare`; re-run it",
-        )
-
-
-def _ids(a: np.ndarray, lo: int, n_news: int, path: Path, where: str, member: str) -> np.ndarray:
-    """News rows of one member as int64, each in ``[lo, n_news)`` (the news table's rows)."""
-    if a.dtype.kind not in "iu":
-        raise DataError(path, None, f"{where}: {member} has dtype {a.dtype}, expected integers")
-    a = a.reshape(-1)
-    if (
-        a.dtype.itemsize == 4 and a.dtype.isnative
-    ):  # what prepare writes: one unsigned reduction checks both ends
-        bad = a.size and (a.view(np.uint32) - np.uint32(lo)).max() >= n_news - lo
-    else:
-        bad = a.size and (a.min() < lo or a.max() >= n_news)
-    a = a.astype(np.int64, copy=False)
-    if bad:
-        bad = int(a[(a < lo) | (a >= n_news)][0])
-        raise DataError(
-            path, None, f"{where}: {member} holds news row {bad}, expected {lo} <= row < {n_news} "
-            "(the news table's rows); re-run `mtrec prepare`",
-        )  # fmt: skip
-    return a
-
-
-def _impressions(
-    shard: Shard, labeled: bool, n_news: int, n_users: int | None = None
-) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray, int]]:
-    """(impression id, hist int64, cand int64, label uint8, user) per sample of one shard,
-    checked: history rows in [1, n_news) (prepare drops history news missing from the table),
-    candidate rows in [0, n_news) (0 = missing news), labels 0 or 1, one per candidate, the user
-    index in [0, n_users). ``n_users=None`` (a folder prepared before users were recorded):
-    ``user.npy`` is not required and every impression is user 0."""
-    path = shard.path
-    need = required_members(labeled, n_users is not None)
-    for i, (key, d) in enumerate(iter_shard(path, shard)):
-        where = _at(i, key)
-        why = check_impression_id(key)
-        if why is not None:
-            raise DataError(path, None, f"{where}: impression id {why}")
-        missing = [m for m in need if m not in d]
-        if missing:
-            hint = (
-                "; the manifest declares users (news.vocab.users) but this shard has none: "
-                "re-run `mtrec prepare`"
-                if missing == [USER]
-                else ""
-            )
-            raise DataError(path, None, f"{where}: missing {missing}{hint}")
-        hist = _ids(d[HIST], 1, n_news, path, where, HIST)
-        cand = _ids(d[CAND], 0, n_news, path, where, CAND)
-        user = 0
-        if n_users is not None:
-            u = d[USER]
-            if u.dtype.kind not in "iu" or u.size != 1 or not 0 <= int(u.reshape(-1)[0]) < n_users:
-                raise DataError(
-                    path, None, f"{where}: {USER} holds {u.tolist()} ({u.dtype}), expected one "
-                    f"user index in [0, {n_users}) (news.vocab.users); re-run `mtrec prepare`",
-                )  # fmt: skip
-            user = int(u.reshape(-1)[0])
-        if labeled:
-            label = d[LABEL].reshape(-1)
-            if label.shape != cand.shape:
-                raise DataError(
-                    path, None, f"{where}: {label.size} labels for {cand.size} candidates"
-                )
-            kind = label.dtype.kind
-            if kind not in "iub" or (
-                label.size and (label.max() > 1 or (kind == "i" and label.min() < 0))
-            ):
-                raise DataError(
-                    path, None, f"{where}: labels {label.tolist()}: expected 0 or 1 per candidate"
-                )
-            label = label.astype(np.uint8, copy=False)
-        else:
-            label = np.zeros(cand.shape, dtype=np.uint8)
-        yield key, hist, cand, label, user
+# Shards are read by ``mtrec_dist.data.shardfile`` (the standard library's tarfile, checked
+# against the manifest entry in the same pass: end-of-archive marker, every group, ids, rows,
+# labels and users in range, then count and sha256 at the end of the shard). Count and hash
+# are known only at the end: a consumer sees every impression of an altered shard before the
+# error, and the error stops it before it writes any result (predict reads every shard to the
+# end in its index step, before scoring).
 
 
 def eval_impressions(
@@ -402,7 +143,7 @@ def eval_impressions(
     labeled = is_labeled(manifest, split, prepared_dir)
     n_news, n_users = int(manifest["news"]["count"]), num_users(manifest)
     for i in range(len(found)) if shard_indices is None else shard_indices:
-        for imp, hist, cand, label, user in _impressions(found[i], labeled, n_news, n_users):
+        for imp, hist, cand, label, user in read_impressions(found[i], labeled, n_news, n_users):
             yield Sample(imp, hist, cand, label.astype(np.float32), user=user)
 
 
@@ -481,7 +222,9 @@ def _clicks(spec: _WorkerSpec) -> Iterator[_Row]:
     pad = np.zeros(k, dtype=np.int64)
     for shard in spec.shards:
         n = 0
-        for imp, hist, cand, label, user in _impressions(shard, True, spec.n_news, spec.n_users):
+        for imp, hist, cand, label, user in read_impressions(
+            shard, True, spec.n_news, spec.n_users
+        ):
             pos = np.flatnonzero(label == 1)
             if pos.size == 0:
                 continue

@@ -48,10 +48,14 @@ def test_truncated_test_shard_stops_predict_naming_it(run, tmp_path):
     run_dir, cfg = run
     shard = cfg.prepared_dir / "shards/test-000000.tar"
     with tarfile.open(shard) as tf:
-        third = [m for m in tf.getmembers() if m.name.startswith(f"{TEST_IDS[2]}.")][0]
-    shard.write_bytes(shard.read_bytes()[: third.offset])  # cut at a sample boundary
+        (group,) = tf.getmembers()  # the 3 impressions are one group (one tar member)
+    end = group.offset_data + -(-group.size // 512) * 512
+    shard.write_bytes(shard.read_bytes()[:end])  # cut after the member: no end-of-archive marker
     out = tmp_path / "p.zip"
     with pytest.raises(DataError) as e:
         P.predict(run_dir, "test", out=out, num_workers=1)
-    assert str(e.value).startswith(f"{shard}: truncated: the file ends after member '3.")
+    assert str(e.value).startswith(
+        f"{shard}: truncated: the file ends after member '000000.imps.bin' without the tar "
+        "end-of-archive marker"
+    )
     assert not out.exists()

@@ -23,7 +23,6 @@ Dataset (history_len=2, impressions_per_shard=3, max_entities=2)::
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 import tarfile
 from pathlib import Path
@@ -36,6 +35,7 @@ from mtrec_dist.config import load_config
 from mtrec_dist.data import mind
 from mtrec_dist.data.batch import NER_IGNORE, NewsTable
 from mtrec_dist.data.prepared import check_tokenizer, load_manifest
+from mtrec_dist.data.shardfile import GROUP_MEMBER, GROUP_SIZE, decode_group
 from mtrec_dist.data.shards import prepare
 from mtrec_dist.data.tables import DataError, Entity, Impression, News
 from mtrec_dist.hub import load_tokenizer, tokenizer_fingerprint
@@ -121,14 +121,18 @@ def prepared(tmp_path_factory):
 
 
 def read_shard(path: Path) -> list[dict]:
-    ds = wds.WebDataset(str(path), shardshuffle=False)
+    """Per impression of a shard, read with webdataset's own reader: key (the impression id),
+    hist, cand, label (labeled splits), user."""
     out = []
-    for s in ds:
-        d = {"key": s["__key__"]}
-        for k in ("hist", "cand", "label"):
-            if f"{k}.npy" in s:
-                d[k] = np.load(io.BytesIO(s[f"{k}.npy"]), allow_pickle=False)
-        out.append(d)
+    for s in wds.WebDataset(str(path), shardshuffle=False):
+        g = decode_group(s[GROUP_MEMBER])
+        h, c = np.cumsum(g.hist_len), np.cumsum(g.cand_len)
+        for i, key in enumerate(g.ids):
+            d = {"key": key, "hist": g.hist[h[i] - g.hist_len[i] : h[i]],
+                 "cand": g.cand[c[i] - g.cand_len[i] : c[i]], "user": int(g.user[i])}  # fmt: skip
+            if g.label is not None:
+                d["label"] = g.label[c[i] - g.cand_len[i] : c[i]]
+            out.append(d)
     return out
 
 
@@ -137,7 +141,7 @@ def test_manifest_counts(prepared):
     out = cfg.prepared_dir
     assert out == root / "prepared"
     assert m == json.loads((out / "manifest.json").read_text())
-    assert m["format_version"] == 1
+    assert m["format_version"] == 2
     assert m["source"] == {"root": str(root), "format": "mind"}
     assert (m["title_len"], m["history_len"], m["max_entities"]) == (10, 2, 2)
     assert m["news"]["count"] == 6 and m["news"]["has_sentiment"] is False
@@ -154,7 +158,7 @@ def test_manifest_counts(prepared):
     assert list(sp) == ["train", "dev", "test"]
     tr = sp["train"]
     assert (tr["labeled"], tr["impressions"], tr["candidates"], tr["clicks"]) == (True, 4, 9, 4)
-    assert tr["impressions_per_shard"] == 3
+    assert (tr["impressions_per_shard"], tr["impressions_per_group"]) == (3, GROUP_SIZE)
     assert tr["stats"] == {
         "empty_history": 1,
         "history_missing_news": 1,
@@ -252,10 +256,11 @@ def test_shard_files_hashes_and_members(prepared):
             assert sha256_file(p) == sh["sha256"]
             with tarfile.open(p) as tf:
                 names = tf.getnames()
-            exts = {n.split(".", 1)[1] for n in names}
-            assert exts == ({"hist.npy", "cand.npy", "label.npy", "user.npy"} if e["labeled"]
-                            else {"hist.npy", "cand.npy", "user.npy"}), (split, names)  # fmt: skip
-            assert not any(n.endswith((".pyd", ".pkl", ".pickle", ".pth")) for n in names)
+                groups = [decode_group(tf.extractfile(n).read()) for n in names]
+            # fewer impressions than a group: one member per shard, labels iff labeled
+            assert names == [f"000000.{GROUP_MEMBER}"], (split, names)
+            assert [len(g) for g in groups] == [sh["impressions"]]
+            assert all((g.label is not None) == e["labeled"] for g in groups)
     assert sorted(listed) == sorted((out / "shards").iterdir())
     assert not list(out.parent.glob(".prepared.*"))  # no temporary folder left behind
 
@@ -378,11 +383,7 @@ def test_user_vocabulary_and_shard_user_indices(with_users):
     for split, want in USER_INDEX.items():
         got = []
         for sh in m["splits"][split]["shards"]:
-            ds = wds.WebDataset(str(out / sh["path"]), shardshuffle=False)
-            for s in ds:
-                u = np.load(io.BytesIO(s["user.npy"]), allow_pickle=False)
-                assert u.dtype == np.int32 and u.shape == (1,)
-                got.append(int(u[0]))
+            got += [s["user"] for s in read_shard(out / sh["path"])]
         assert got == want, split
         assert m["splits"][split]["stats"]["unknown_user"] == want.count(0)
 
@@ -415,8 +416,8 @@ def test_user_indices_reach_samples_and_batches(with_users):
 
 
 def test_user_models_refuse_a_folder_without_users(with_users, tmp_path):
-    """A folder prepared before users (no news.vocab.users, no user.npy) reads as user 0, and
-    LSTUR/NPA refuse it; a manifest that declares users needs user.npy in every sample."""
+    """A manifest without users (no news.vocab.users) reads as user 0, and LSTUR/NPA refuse
+    it; a manifest that declares users range-checks every stored user index."""
     import shutil
 
     from mtrec_dist.data.stream import eval_impressions
@@ -436,21 +437,29 @@ def test_user_models_refuse_a_folder_without_users(with_users, tmp_path):
             validate_model_config(c, m)
     validate_model_config(make_cfg(tmp_path, f"data.prepared={old}", "model.name=nrms"), m)
 
-    # Users declared, shard without user.npy: a DataError naming the shard.
+    # Users declared: a stored index outside the vocabulary is a DataError naming the shard and
+    # the impression (every impression of the shard written below is user 0, then 3).
+    from mtrec_dist.data.shardfile import ShardWriter
     from tests.unit.test_stream import N_NEWS, build_prepared, make_impressions
 
     root = tmp_path / "declared"
     rng = np.random.default_rng(0)
-    build_prepared(root, {"dev": [make_impressions(rng, 3, N_NEWS)]}, n_news=N_NEWS,
-                   unlabeled=())  # fmt: skip
+    imps = make_impressions(rng, 3, N_NEWS)
+    build_prepared(root, {"dev": [imps]}, n_news=N_NEWS, unlabeled=())
     m = json.loads((root / "manifest.json").read_text())
     m["news"].setdefault("vocab", {})["users"] = 3
+    with ShardWriter(root, "dev", 3) as w:
+        for k, (iid, hist, cand, label) in enumerate(imps):
+            w.write(iid, hist.tolist(), cand.tolist(), label.tolist(), 3 * (k == 2))
+    m["splits"]["dev"]["shards"] = w.entries
     (root / "manifest.json").write_text(json.dumps(m))
     shard = root / m["splits"]["dev"]["shards"][0]["path"]
     with pytest.raises(DataError) as e:
         list(eval_impressions(root, "dev"))
-    assert str(e.value).startswith(f"{shard}: sample #0")
-    assert "missing ['user.npy']" in str(e.value) and "re-run `mtrec prepare`" in str(e.value)
+    assert str(e.value) == (
+        f"{shard}: impression #2 (id {imps[2][0]!r}): user 3, expected a user index in [0, 3) "
+        "(news.vocab.users); re-run `mtrec prepare`"
+    )
 
 
 def test_evaluator_paths_carry_users(with_users, monkeypatch):

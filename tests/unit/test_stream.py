@@ -1,7 +1,7 @@
 """Streaming prepared shards: exact coverage, balance, determinism, resume, de-duplication.
 
 The prepared folders are written here directly per the prepared-folder contract (news/*.npy,
-news_ids.txt, tar shards of hist.npy/cand.npy/label.npy written by webdataset, manifest.json),
+news_ids.txt, tar shards of impression groups written by the shard writer, manifest.json),
 so these tests do not depend on ``mtrec prepare``; every expectation is computed from the
 fixture's own ground truth.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import struct
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -21,16 +22,22 @@ import torch
 import webdataset as wds
 
 from mtrec_dist.data.batch import NewsTable, collate
+from mtrec_dist.data.prepared import FORMAT_VERSION
+from mtrec_dist.data.shardfile import (
+    GROUP_MEMBER,
+    ShardWriter,
+    decode_group,
+    encode_group,
+    iter_shard,
+)
 from mtrec_dist.data.stream import (
     _merged_skips,
     batches_per_epoch,
     epoch_plan,
     eval_impressions,
-    iter_shard,
     train_loader,
 )
 from mtrec_dist.data.tables import DataError
-from mtrec_dist.utils import sha256_file
 
 Imp = tuple[str, np.ndarray, np.ndarray, np.ndarray]  # id, hist, cand, label
 
@@ -73,8 +80,10 @@ def build_prepared(
     history_len: int = 6,
     unlabeled: tuple[str, ...] = ("test",),
     seed: int = 0,
+    group_size: int = 4,
 ) -> dict:
-    """Write a prepared folder holding ``splits`` (split -> shards -> impressions)."""
+    """Write a prepared folder holding ``splits`` (split -> shards -> impressions), packed
+    ``group_size`` impressions per tar member (small: shards of several groups)."""
     rng = np.random.default_rng(seed)
     news = root / "news"
     news.mkdir(parents=True)
@@ -93,23 +102,15 @@ def build_prepared(
     (news / "news_ids.txt").write_text(
         "\n".join(["<pad>"] + [f"N{i}" for i in range(1, n_news)]) + "\n", encoding="utf-8"
     )
-    (root / "shards").mkdir()
     msplits = {}
     for split, shards in splits.items():
         labeled = split not in unlabeled
         entries = []
         for s, imps in enumerate(shards):
-            rel = f"shards/{split}-{s:06d}.tar"
-            pattern = str(root / f"shards/{split}-%06d.tar")
-            with wds.ShardWriter(pattern, maxcount=len(imps) + 1, start_shard=s, verbose=0) as w:
-                for iid, hist, cand, label in imps:
-                    sample = {"__key__": iid, "hist.npy": hist, "cand.npy": cand}
-                    if labeled:
-                        sample["label.npy"] = label
-                    w.write(sample)
-            clicks = sum(int(x[3].sum()) for x in imps) if labeled else 0
-            sha = sha256_file(root / rel)
-            entries.append({"path": rel, "sha256": sha, "impressions": len(imps), "clicks": clicks})
+            w = ShardWriter(root, split, len(imps), group_size=group_size, start_shard=s)
+            for iid, hist, cand, label in imps:
+                w.write(iid, hist.tolist(), cand.tolist(), label.tolist() if labeled else None, 0)
+            entries += w.close()
         msplits[split] = {
             "labeled": labeled,
             "impressions": sum(e["impressions"] for e in entries),
@@ -117,7 +118,7 @@ def build_prepared(
             "shards": entries,
         }
     manifest = {
-        "format_version": 1,
+        "format_version": FORMAT_VERSION,
         "tokenizer": {"vocab_hash": "test"},
         "title_len": title_len,
         "history_len": history_len,
@@ -381,22 +382,16 @@ def test_errors(prepared, tmp_path):
     (tmp_path / "a/shards/train-000001.tar").unlink()
     with pytest.raises(FileNotFoundError, match=r"train-000001\.tar.*mtrec prepare"):
         train_loader(tmp_path / "a", rank=0, world_size=1, batch_size=4, epoch=0, seed=0)
-    # an object (pickled) array is refused, not unpickled
+    # a member that is not an impression group (here a pickled .npy) is refused, not unpickled
     build_prepared(tmp_path / "b", {"train": shards[:1]}, n_news=N_NEWS)
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([{"x": 1}], dtype=object), allow_pickle=True)
     with wds.TarWriter(str(tmp_path / "b/shards/train-000000.tar")) as w:
-        bad = io.BytesIO()
-        np.save(bad, np.array([{"x": 1}], dtype=object), allow_pickle=True)
-        ok = np.array([1], dtype=np.int32)
-        w.write({"__key__": "1", "hist.npy": bad.getvalue(), "cand.npy": ok, "label.npy": ok})
+        w.write({"__key__": "000000", "imps.bin": pickled.getvalue()})
     with pytest.raises(
-        DataError, match=r"train-000000.tar: sample #0 \(key '1'\): hist.npy is not a plain .npy"
-    ):
-        list(eval_impressions(tmp_path / "b", "train"))
-    with wds.TarWriter(str(tmp_path / "b/shards/train-000000.tar")) as w:
-        w.write({"__key__": "1", "hist.npy": ok, "cand.npy": b"", "label.npy": ok})
-    with pytest.raises(
-        DataError, match=r"train-000000.tar: sample #0 \(key '1'\): cand.npy is not a plain .npy"
-    ):
+        DataError, match=r"train-000000.tar: member '000000.imps.bin' \(impressions from #0\): "
+        r"not an impression group \(header b'\\x93NUM' version \d+: expected b'MTRG'",
+    ):  # fmt: skip
         list(eval_impressions(tmp_path / "b", "train"))
     # the manifest's click count is checked against the shard
     m = json.loads((tmp_path / "a/manifest.json").read_text())
@@ -417,48 +412,104 @@ def test_collate_empty_padding_batch(prepared):
     assert b.hist_idx.shape == (3, 5) and not b.sample_mask.any() and b.news_rows.tolist() == [0]
 
 
-def _tarfile_oracle(path):
-    """Reference reader: the standard library's tarfile + np.load(allow_pickle=False)."""
-    out = []
-    with tarfile.open(path) as tf:
-        for m in tf.getmembers():
-            k, _, ext = m.name.rsplit("/", 1)[-1].partition(".")
-            if not out or out[-1][0] != k:
-                out.append((k, {}))
-            out[-1][1][ext] = np.load(io.BytesIO(tf.extractfile(m).read()), allow_pickle=False)
-    return out
+def _group_fields(g) -> list[tuple]:
+    """Per impression of a decoded group: (id, hist, cand, label or None, user) as lists."""
+    h, c = np.cumsum(g.hist_len).tolist(), np.cumsum(g.cand_len).tolist()
+    return [
+        (g.ids[i], g.hist[h[i] - g.hist_len[i] : h[i]].tolist(),
+         g.cand[c[i] - g.cand_len[i] : c[i]].tolist(),
+         None if g.label is None else g.label[c[i] - g.cand_len[i] : c[i]].tolist(),
+         int(g.user[i]))
+        for i in range(len(g))
+    ]  # fmt: skip
 
 
-def test_tar_reader_matches_tarfile(prepared, tmp_path):
+def test_standard_readers_give_what_the_loader_yields(prepared):
+    """webdataset's own reader and plain tarfile read every shard; decoded, their groups are
+    exactly the impressions eval_impressions (the project's reader) yields, in order."""
     root, manifest, _, _ = prepared
-    paths = [root / sh["path"] for sp in manifest["splits"].values() for sh in sp["shards"]]
-    # plus long names (pax "path" records and GNU longname), 2-D and float arrays
-    arrays = {"hist.npy": np.arange(6, dtype=np.int64).reshape(2, 3),
-              "cand.npy": np.array([1.5, 2.5], dtype=np.float32), "label.npy": np.ones(2, np.uint8)}  # fmt: skip
-    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
-        p = tmp_path / f"long{fmt}.tar"
-        with tarfile.open(p, "w", format=fmt) as tf:
-            for key in ("7", "1" * 120):
-                for ext, a in arrays.items():
-                    buf = io.BytesIO()
-                    np.save(buf, a)
-                    info = tarfile.TarInfo(f"{'d' * 90}/{'e' * 30}/{key}.{ext}")
-                    info.size = len(buf.getvalue())
-                    tf.addfile(info, io.BytesIO(buf.getvalue()))
-        paths.append(p)
-    for p in paths:
-        got, exp = list(iter_shard(p)), _tarfile_oracle(p)
-        assert [k for k, _ in got] == [k for k, _ in exp]
-        for (_, a), (_, b) in zip(got, exp):
-            assert a.keys() == b.keys()
-            for m in a:
-                assert a[m].dtype == b[m].dtype and np.array_equal(a[m].reshape(b[m].shape), b[m])
-    # a flipped byte in a header is caught by the checksum
+    for split, info in manifest["splits"].items():
+        shard_paths = [root / sh["path"] for sh in info["shards"]]
+        via_wds, via_tarfile = [], []
+        for p in shard_paths:
+            ds = wds.WebDataset(str(p), shardshuffle=False)
+            samples = list(ds)
+            assert [set(x) - {"__key__", "__url__", "__local_path__"} for x in samples] == [
+                {GROUP_MEMBER}
+            ] * len(samples)
+            for x in samples:
+                via_wds += _group_fields(decode_group(x[GROUP_MEMBER]))
+            with tarfile.open(p) as tf:
+                names = tf.getnames()
+                assert names == [f"{g:06d}.{GROUP_MEMBER}" for g in range(len(names))]
+                for m in tf.getmembers():
+                    via_tarfile += _group_fields(decode_group(tf.extractfile(m).read()))
+        assert via_wds == via_tarfile
+        ours = list(eval_impressions(root, split))
+        labeled = info["labeled"]
+        want = [
+            (s.impression_id, s.hist.tolist(), s.cand.tolist(),
+             s.labels.astype(np.uint8).tolist() if labeled else None, s.user)
+            for s in ours
+        ]  # fmt: skip
+        assert via_wds == want
+        assert len(want) == info["impressions"] and len(shard_paths) > 0
+    # groups of 4: a shard of 12 impressions holds 3 members, one of 5 holds 2 (4 + 1)
+    with tarfile.open(root / manifest["splits"]["train"]["shards"][0]["path"]) as tf:
+        assert len(tf.getnames()) == math.ceil(SIZES[0] / 4)
+
+
+def test_group_layout_bytes():
+    """encode_group writes exactly the documented layout (built here by hand with struct)."""
+    ids = ["007", "x-1"]
+    hist, cand, label, user = [5, 6, 7], [1, 0, 3], [1, 0, 0], [2, 0]
+    got = encode_group(ids, [2, 1], [1, 2], user, hist, cand, label)
+    text = b"007\nx-1"
+    want = (
+        struct.pack("<4s7I", b"MTRG", 1, 2, 1, 3, 3, len(text), 0)
+        + struct.pack("<2i", 2, 1) + struct.pack("<2i", 1, 2) + struct.pack("<2i", 2, 0)
+        + struct.pack("<3i", *hist) + struct.pack("<3i", *cand) + bytes(label) + text
+    )  # fmt: skip
+    assert got == want
+    g = decode_group(got)
+    assert _group_fields(g) == [("007", [5, 6], [1], [1], 2), ("x-1", [7], [0, 3], [0, 0], 0)]
+    unlabeled = encode_group(ids, [2, 1], [1, 2], user, hist, cand, None)
+    assert len(unlabeled) == len(got) - 3 and decode_group(unlabeled).label is None
+    assert decode_group(encode_group([], [], [], [], [], [], None)).ids == []
+    for bad, why in (
+        (got[:-1], "89 bytes, expected 90 for 2 impressions, 3 history rows, 3 candidates"),
+        (b"MTRX" + got[4:], "expected b'MTRG' version 1"),
+        (got[:32] + struct.pack("<i", 3) + got[36:], "lengths do not add up"),
+        (got[:-3] + b"7\n1", "3 impression ids for 2 impressions"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            decode_group(bad)
+
+
+def test_damaged_tar_structure_is_named(prepared, tmp_path):
+    """tarfile alone takes a corrupt header or a cut between members for the end of the
+    archive; the reader requires the end-of-archive marker after the last member."""
+    root, manifest, _, _ = prepared
+    src = root / manifest["splits"]["train"]["shards"][0]["path"]
+    data = src.read_bytes()
+    with tarfile.open(src) as tf:
+        ms = tf.getmembers()
     bad = tmp_path / "bad.tar"
-    data = bytearray(paths[0].read_bytes())
-    for offset, match in ((512 * 2 + 10, "checksum"), (512 * 3 + 12, "not a plain .npy")):
-        flipped = bytearray(data)
-        flipped[offset] ^= 1  # in the 2nd block pair: pax header, ustar header, .npy payload
-        bad.write_bytes(bytes(flipped))
-        with pytest.raises(DataError, match=match):
-            list(iter_shard(bad))
+    flipped = bytearray(data)
+    flipped[ms[1].offset + 10] ^= 1  # the name field of the 2nd member's header
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(DataError, match=rf"^{bad}: after member '{ms[0].name}': tar header "
+                       r"checksum mismatch"):  # fmt: skip
+        list(iter_shard(bad))
+    bad.write_bytes(data[: ms[2].offset])  # cut between members
+    with pytest.raises(DataError, match=rf"^{bad}: truncated: the file ends after member "
+                       rf"'{ms[1].name}' without the tar end-of-archive marker"):  # fmt: skip
+        list(iter_shard(bad))
+    bad.write_bytes(data[: ms[1].offset_data + 5])  # cut inside a member
+    with pytest.raises(DataError, match=rf"^{bad}: truncated: the file ends inside member "
+                       rf"'{ms[1].name}'"):  # fmt: skip
+        list(iter_shard(bad))
+    bad.write_bytes(b"\x00" * 100)
+    with pytest.raises(DataError, match="not an uncompressed tar shard"):
+        list(iter_shard(bad))
+    assert sum(len(g) for g in iter_shard(src)) == SIZES[0]
