@@ -105,7 +105,7 @@ def test_owner_weighted_losses_sum_to_per_rank_losses():
                 torch.stack([tags[int(r)] for r in rows]),
                 c,
                 w[1],
-            ),  # noqa: E501
+            ),
             news_class_loss(lg, tg, c, valid[:, 2], w[2]),
         ]
 
