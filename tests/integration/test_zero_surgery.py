@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtrec_dist.models.outputs import group_losses
-from tests.surgery_reference import pcgrad_projected
+from tests.surgery_reference import projected
 
 WORLD = 2
 STEPS = 3
@@ -194,20 +194,6 @@ def distributed_results():
 # --- single-process reference --------------------------------------------------------------
 
 
-def _project(vecs: list[torch.Tensor], mode: str, step: int) -> list[torch.Tensor]:
-    """Explicit flat-vector surgery: the projected gradient of each group."""
-    if mode == "none":
-        return vecs
-    if mode == "mtrec":  # MTRec eq. 10 both ways between main and merged aux
-        gm, ga = vecs
-        d = gm @ ga
-        if d < 0:
-            return [gm - d / (ga @ ga) * ga, ga - d / (gm @ gm) * gm]
-        return [gm, ga]
-    assert mode == "pcgrad"  # Yu et al. 2020, Algorithm 1
-    return pcgrad_projected(vecs, 7, step)
-
-
 def reference(stage_gas: int, mode: str, scope: str, groups: dict) -> dict:
     model = build_model()
     named = [(n, p) for n, p in model.named_parameters()]
@@ -232,7 +218,7 @@ def reference(stage_gas: int, mode: str, scope: str, groups: dict) -> dict:
             for g in names
         ]
         norms.append([float(v.norm()) for v in flat])
-        proj = _project(flat, mode, step)
+        proj = projected(flat, mode, 7, step)
         coefs_seen.append(proj)
         combined = sum(proj)  # shared part after surgery, flat
         off = 0
