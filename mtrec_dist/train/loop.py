@@ -65,7 +65,7 @@ def train_worker(config: dict[str, Any]) -> None:
     for epoch in range(pos.epoch, t.epochs):
         skip = pos.batches_done if epoch == pos.epoch else 0
         loader = loader_for(cfg, rank=rank, world_size=world, epoch=epoch, skip_batches=skip)
-        micro, t0, titles, real, distinct = 0, time.monotonic(), 0, 0, 0
+        micro, t0, c0, titles, real, distinct = 0, time.monotonic(), time.process_time(), 0, 0, 0
         for batch in epoch_micro_batches(loader, plan, skip):
             if table is not None:  # collective: this rank's share of the global batch's titles
                 batch = exchange_batch(batch, table, engine.device)
@@ -79,6 +79,8 @@ def train_worker(config: dict[str, Any]) -> None:
                 continue
             stats = mtg.step(pos.step)  # surgery + optimizer step + lr schedule
             stats["mem/peak_mb"] = ds.peak_memory_mb(engine)
+            stats["time/cpu_s"] = time.process_time() - c0  # this process's CPU, all threads
+            stats["time/unix"] = time.time()  # when the step ended (start-up = first - launch)
             losses = out.losses
             if table is not None:  # titles encoded this step = W * S (real + pads) vs U_g
                 stats["titles/encoded"], stats["titles/global_distinct"] = titles * world, distinct
@@ -88,7 +90,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 secs = time.monotonic() - t0
                 lr = scheduler.get_last_lr()[0]
                 log.step(pos.step, losses, stats, lr, real * world, titles * world, secs)
-            titles, real, distinct, t0 = 0, 0, 0, time.monotonic()
+            titles, real, distinct, t0, c0 = 0, 0, 0, time.monotonic(), time.process_time()
             if t.checkpoint_every and pos.step % t.checkpoint_every == 0:
                 save(engine, cfg, pos, rank)
             if t.eval_every and pos.step % t.eval_every == 0:
