@@ -16,10 +16,7 @@ arrives on rank 1 and equals rank 0's own per-rank gradient of that title's vect
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
-import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +24,13 @@ import pytest
 import torch
 
 from mtrec_dist.models.outputs import group_losses
-from tests.surgery_reference import projected
+from tests.gloo_workers import ds_config, free_port, init_gloo_deepspeed
+from tests.surgery_reference import reference_step
 
 REPO = Path(__file__).resolve().parents[2]
 WORLD = 2
 STEPS = 3
+MICRO = 4  # samples per micro-batch per worker
 LR, BETAS, EPS, WD = 1e-2, (0.9, 0.999), 1e-3, 0.01  # eps large: updates stay smooth in g
 CLIP = 1.0
 SEED = 7  # PCGrad's visiting order
@@ -74,27 +73,6 @@ def build(cfg):
     return build_model(cfg, load_manifest(cfg.prepared_dir))
 
 
-def ds_config(stage: int) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": 4,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": 4 * WORLD,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": LR,
-                "betas": list(BETAS),
-                "eps": EPS,
-                "weight_decay": WD,
-                "torch_adam": True,
-            },
-        },
-        "zero_optimization": {"stage": stage},
-        "gradient_clipping": CLIP,
-        "steps_per_print": 10**9,
-    }
-
-
 # --- distributed side ----------------------------------------------------------------------
 
 
@@ -106,7 +84,9 @@ def _train(cfg, table, batches, stage: int, mode: str, groups: dict, dedup: str)
 
     model = build(cfg)
     engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=ds_config(stage)
+        model=model,
+        model_parameters=model.parameters(),
+        config=ds_config(stage, MICRO, 1, WORLD, (LR, BETAS, EPS, WD), CLIP),
     )
     mtg = MultiTaskGradients(
         engine, model, list(groups), mode, "shared", model.shared_parameter_names(), seed=SEED
@@ -179,23 +159,9 @@ def _owner_gradient(cfg, table, batches, rank: int) -> dict:
 
 
 def _worker(rank: int, port: int, out_dir: str, data_root: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        DS_ACCELERATOR="cpu",
-    )
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed renames
-    import deepspeed
-
+    init_gloo_deepspeed(rank, WORLD, port)
     from mtrec_dist.data.batch import NewsTable
 
-    # see test_zero_surgery: the shm all-reduce JIT build is not needed with gloo
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=60), verbose=False)
     cfg = make_cfg(data_root)
     table = NewsTable(cfg.prepared_dir)
     batches = rank_batches(cfg, rank)
@@ -209,18 +175,12 @@ def _worker(rank: int, port: int, out_dir: str, data_root: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def distributed_results(tiny_data):
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(_free_port(), d, str(tiny_data)), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(free_port(), d, str(tiny_data)), nprocs=WORLD, join=True)
         yield [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
 
 
@@ -254,22 +214,7 @@ def reference(cfg, mode: str, groups: dict) -> dict:
                     if gr is not None:
                         a.add_(gr / WORLD)
         losses.append(total)
-        flat = [
-            torch.cat([a.reshape(-1) for a, s in zip(acc[g], is_shared) if s]).double()
-            for g in names
-        ]
-        norms.append([float(v.norm()) for v in flat])
-        combined = sum(projected(flat, mode, SEED, step))
-        off = 0
-        for i, (p, s) in enumerate(zip(params, is_shared)):
-            if s:
-                p.grad = combined[off : off + p.numel()].view_as(p).float()
-                off += p.numel()
-            else:
-                p.grad = sum(acc[g][i] for g in names)  # task heads: plain sum
-        torch.nn.utils.clip_grad_norm_(params, CLIP)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        norms.append(reference_step(params, is_shared, acc, mode, SEED, step, CLIP, opt))
     return {
         "params": {n: p.detach().clone() for n, p in named},
         "losses": torch.stack(losses),
