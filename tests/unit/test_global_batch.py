@@ -137,3 +137,11 @@ def test_dedup_resolution():
         global_dedup(cfg, 4)
     bi = [n for n, c in MODELS.items() if getattr(c, "global_dedup", False)]
     assert bi == ["mtrec", "bert", "mtrec_amf", "bert_amf", "nrms_bert", "lstur_bert"]
+
+
+def test_dedup_key_is_validated():
+    from mtrec_dist.config import load_config
+
+    assert load_config(None, []).data.dedup == "auto"
+    with pytest.raises(ConfigError, match=r"data\.dedup='everywhere': allowed values are auto"):
+        load_config(None, ["data.dedup=everywhere"])
