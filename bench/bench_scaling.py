@@ -7,6 +7,9 @@ every run through ``run_training`` (Ray Train + DeepSpeed ZeRO-2, loader_workers
   (1 thread per worker), MTRec with surgery, micro batch ``--micro`` per worker;
 * ``models``: MTRec against BERT (the single-task baseline, no surgery) at 2 workers, default
   ``data.dedup`` (global);
+* ``parallel`` (``--parallel``): data-parallel efficiency, 1 worker x 2 threads against 2
+  workers x 1 thread at the same global batch (micro ``--micro`` / 2 each), samples/s ratio
+  (target >= 0.85); 2 threads per worker in the 1-worker run;
 * ``projection``: no training: the loader's per-rank batches at each ``--project WxM``
   (W ranks x micro batch M), counting the titles each mode encodes.
 
@@ -118,7 +121,9 @@ def id_stream(prepared: Path, world: int, micro: int, steps: int, history: int) 
     }
 
 
-def measure(a, prepared: Path, tmp: Path, tag: str, workers: int, extra: list[str]) -> dict:
+def measure(
+    a, prepared: Path, tmp: Path, tag: str, workers: int, extra: list[str], micro: int = 0
+) -> dict:
     from mtrec_dist.config import load_config
     from mtrec_dist.train.launch import run_training
 
@@ -130,6 +135,7 @@ def measure(a, prepared: Path, tmp: Path, tag: str, workers: int, extra: list[st
             f"run_dir={run_dir}",
             f"deepspeed={tmp / 'zero2.json'}",
             f"trainer.num_workers={workers}",
+            f"trainer.micro_batch={micro or a.micro}",
             *extra,
         ],
     )
@@ -138,14 +144,14 @@ def measure(a, prepared: Path, tmp: Path, tag: str, workers: int, extra: list[st
     run_training(cfg)
     wall = time.time() - t0
     recs = [json.loads(x) for x in (run_dir / "train_log.jsonl").read_text().splitlines()]
-    gb = a.micro * workers
+    gb = (micro or a.micro) * workers
     step_wall = [gb / r["throughput/samples_per_s"] for r in recs]
     tail = [r for r in recs if r["step"] > a.warmup]
     first_start = recs[0]["time/unix"] - step_wall[0]
     out = {
         "workers": workers,
         "overrides": extra,
-        "micro_batch": a.micro,
+        "micro_batch": micro or a.micro,
         "global_batch": gb,
         "steps": len(recs),
         "step_wall_s": round(
@@ -176,6 +182,7 @@ def main() -> None:
     ap.add_argument("--project", nargs="*", default=["8x128", "16x16"])
     ap.add_argument("--project-steps", type=int, default=8)
     ap.add_argument("--skip-training", action="store_true")
+    ap.add_argument("--parallel", action="store_true", help="also 1 worker x 2 threads")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "scaling.json"))
     a = ap.parse_args()
     prepared = Path(a.prepared).resolve()
@@ -231,6 +238,17 @@ def main() -> None:
                         "step_wall_mtrec_over_bert": round(
                             two["step_wall_s"] / bert["step_wall_s"], 3
                         ),
+                    }
+                if a.parallel:
+                    one = measure(a, prepared, tmp, "one", 1, ["trainer.cpus_per_worker=2"])
+                    two = measure(a, prepared, tmp, "two", 2, [], micro=a.micro // 2)
+                    out["parallel"] = {
+                        "one_worker_two_threads": one,
+                        "two_workers_same_global_batch": two,
+                        "ratio_samples_per_s": round(
+                            two["samples_per_s"] / one["samples_per_s"], 3
+                        ),
+                        "target_ratio": 0.85,
                     }
             finally:
                 ray.shutdown()
