@@ -128,8 +128,8 @@ class Batch:
 
     def news_valid(self) -> torch.Tensor:
         """[U, len(NEWS_TASKS)] bool: the news has a label for the task (category > 0, at least
-        one tagged token, a sentiment >= 0); the one definition the losses and the cross-rank
-        normalisers share."""
+        one tagged token, a sentiment >= 0), as the task losses in ``models/heads.py`` read
+        them; the cross-rank normalisers (``global_batch.exchange_batch``) count with it."""
         tagged = (self.ner != -100).any(1)  # [U]
         return torch.stack([self.category > 0, tagged, self.sentiment >= 0], dim=1)
 
