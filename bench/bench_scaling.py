@@ -196,6 +196,11 @@ def main() -> None:
         "projection": {},
         "dedup": {},
     }
+
+    def save() -> None:  # after every section: a run cut short keeps what it measured
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+
     for spec in a.project:
         w, m = (int(x) for x in spec.split("x"))
         print(f"[bench_scaling] id stream {w} x {m}", file=sys.stderr)
@@ -218,12 +223,14 @@ def main() -> None:
                         row[mode] = measure(
                             a, prepared, tmp, f"{mode}{w}", w, [f"data.dedup={mode}"]
                         )
+                        save()
                     row["step_cpu_rank_over_global"] = round(
                         row["rank"]["step_cpu_s"] / row["global"]["step_cpu_s"], 3
                     )
                     row["step_wall_rank_over_global"] = round(
                         row["rank"]["step_wall_s"] / row["global"]["step_wall_s"], 3
                     )
+                    save()
                 two = out["dedup"].get(f"2x{a.micro}", {}).get("global")
                 if two is not None:
                     bert = measure(
@@ -252,8 +259,7 @@ def main() -> None:
                     }
             finally:
                 ray.shutdown()
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+    save()
     print(json.dumps(out, indent=1)[:6000])
 
 
