@@ -22,6 +22,8 @@ import yaml
 SURGERY_METHODS = ("none", "mtrec", "pcgrad", "aux_only")
 # The methods defined for exactly two gradient groups (main, aux); pcgrad takes any number.
 TWO_GROUP_SURGERY = ("mtrec", "aux_only")
+# data.dedup: where a title shared by several samples is encoded only once.
+DEDUP_MODES = ("auto", "global", "rank")
 
 
 class ConfigError(ValueError):
@@ -53,6 +55,11 @@ class DataConfig:
     shuffle_buffer: int = 2048
     # DataLoader worker processes per training process (0 = read in the training process).
     loader_workers: int = 2
+    # Title de-duplication in training: rank = each rank encodes its micro-batch's distinct
+    # titles once; global = each distinct title of the GLOBAL micro-batch (all ranks) is
+    # encoded once, by one rank, and the vectors are exchanged (bi-encoders of the MTRec
+    # family only); auto = global when trainer.num_workers > 1 and the model supports it.
+    dedup: str = "auto"
     # Tokenizer batch size when preparing titles.
     tokenize_batch: int = 4096
     # GloVe-format text file (word v1 ... v_d per line) for the classic models' word embeddings
@@ -407,6 +414,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 _CHOICES = {
     "data.format": ("mind", "ebnerd"),
+    "data.dedup": DEDUP_MODES,
     "trainer.surgery": SURGERY_METHODS,
     "trainer.surgery_scope": ("shared", "all"),
     "model.miner_aggregator": ("max", "mean", "weighted"),

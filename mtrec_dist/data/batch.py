@@ -33,6 +33,8 @@ import torch
 NER_TAGS = ("O", "B", "I")
 NER_IGNORE = 255  # in ner.npy: special tokens and padding; becomes -100 in a batch
 PAD_NEWS_ID = "<pad>"
+# Per-news auxiliary tasks, in the column order of ``Batch.aux_weight`` and ``news_valid``.
+NEWS_TASKS = ("category", "ner", "sentiment")
 
 
 class NewsTable:
@@ -100,6 +102,14 @@ class Batch:
     # [B] long user index (LSTUR / NPA user-ID embeddings), 0 = unknown user; empty ([0]) when
     # the batch was built without users (then every sample is the unknown user).
     user_idx: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    # Cross-rank de-duplication (data.dedup=global, ``mtrec_dist.data.global_batch``): the
+    # per-news fields above hold only the S titles THIS rank encodes (its share of the global
+    # batch's sorted unique rows, padded with row 0), hist_idx / cand_idx index the global
+    # unique rows, and ``global_unique`` is their number (0 = an ordinary per-rank batch).
+    global_unique: int = 0
+    # [S, len(NEWS_TASKS)] float, global batches only: the owner's explicit per-news loss
+    # weights, already normalised by every rank's own occurrence total (empty ([0]) otherwise).
+    aux_weight: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
 
     def to(self, device: torch.device | str) -> Batch:
         """The tensors moved to ``device`` (the impression ids are strings and stay)."""
@@ -113,7 +123,21 @@ class Batch:
 
     @property
     def num_titles(self) -> int:
+        """Titles this rank's encoder runs on (a global batch's share includes its pad rows)."""
         return int(self.news_rows.numel())
+
+    def news_valid(self) -> torch.Tensor:
+        """[U, len(NEWS_TASKS)] bool: the news has a label for the task (category > 0, at least
+        one tagged token, a sentiment >= 0), as the task losses in ``models/heads.py`` read
+        them; the cross-rank normalisers (``global_batch.exchange_batch``) count with it."""
+        tagged = (self.ner != -100).any(1)  # [U]
+        return torch.stack([self.category > 0, tagged, self.sentiment >= 0], dim=1)
+
+    def owner_weight(self, task: str) -> torch.Tensor | None:
+        """[S] explicit loss weights of ``task`` on a global batch; None on a per-rank batch."""
+        if not self.global_unique:
+            return None
+        return self.aux_weight[:, NEWS_TASKS.index(task)]
 
 
 def _pad_stack(arrays: list[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -125,6 +149,28 @@ def _pad_stack(arrays: list[np.ndarray], width: int) -> tuple[np.ndarray, np.nda
         out[i, :n] = a[:n]
         mask[i, :n] = True
     return out, mask
+
+
+def news_fields(table: NewsTable, news_rows: np.ndarray) -> dict[str, torch.Tensor]:
+    """The per-news fields of a :class:`Batch` for ``news_rows`` [U], tokens trimmed to the
+    longest title among them; shared by ``collate`` and the cross-rank global batch."""
+    tokens = np.asarray(table.tokens[news_rows], dtype=np.int64)  # [U, L_max]
+    attn = tokens != 0
+    L = max(int(attn.sum(1).max()), 1) if tokens.size else 1
+    tokens, attn = tokens[:, :L], attn[:, :L]
+    ner = np.asarray(table.ner[news_rows][:, :L], dtype=np.int64)
+    ner[ner == NER_IGNORE] = -100
+    t = torch.from_numpy
+    return {
+        "news_rows": t(news_rows.astype(np.int64)),
+        "tokens": t(tokens),
+        "attention_mask": t(attn.astype(np.int64)),
+        "ner": t(ner),
+        "category": t(np.asarray(table.category[news_rows], dtype=np.int64)),
+        "subcategory": t(np.asarray(table.subcategory[news_rows], dtype=np.int64)),
+        "sentiment": t(np.asarray(table.sentiment[news_rows], dtype=np.int64)),
+        "entities": t(np.asarray(table.entities[news_rows], dtype=np.int64)),
+    }
 
 
 def collate(
@@ -162,23 +208,9 @@ def collate(
     cand_idx = inverse[hist.size :].reshape(B, C)
     hist_count = np.bincount(hist_idx[hist_mask], minlength=news_rows.size).astype(np.float32)
 
-    tokens = np.asarray(table.tokens[news_rows], dtype=np.int64)  # [U, L_max]
-    attn = tokens != 0
-    L = max(int(attn.sum(1).max()), 1) if tokens.size else 1
-    tokens, attn = tokens[:, :L], attn[:, :L]
-    ner = np.asarray(table.ner[news_rows][:, :L], dtype=np.int64)
-    ner[ner == NER_IGNORE] = -100
-
     t = torch.from_numpy
     return Batch(
-        news_rows=t(news_rows.astype(np.int64)),
-        tokens=t(tokens),
-        attention_mask=t(attn.astype(np.int64)),
-        ner=t(ner),
-        category=t(np.asarray(table.category[news_rows], dtype=np.int64)),
-        subcategory=t(np.asarray(table.subcategory[news_rows], dtype=np.int64)),
-        sentiment=t(np.asarray(table.sentiment[news_rows], dtype=np.int64)),
-        entities=t(np.asarray(table.entities[news_rows], dtype=np.int64)),
+        **news_fields(table, news_rows),
         hist_idx=t(hist_idx.astype(np.int64)),
         hist_mask=t(hist_mask & sample_mask[:, None]),
         cand_idx=t(cand_idx.astype(np.int64)),

@@ -6,6 +6,10 @@ the weighted mean then equals the mean over history occurrences of the non-de-du
 batch (docs/design.md §2.5 De-duplicated batch and occurrence weighting). A micro-batch with
 nothing to learn from gives a zero loss that stays connected to the graph, so every rank runs
 the same backward.
+
+Under cross-rank de-duplication (``mtrec_dist.data.global_batch``) each title's loss is
+computed once, on the rank that encoded it, with an explicit ``owner_weight`` that already
+holds every rank's normaliser: the loss is then ``sum_u w(u) l(u)`` with no further division.
 """
 
 from __future__ import annotations
@@ -51,24 +55,48 @@ def weighted_mean(per_news: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
     return (weights * per_news).sum() / weights.sum().clamp_min(1.0)
 
 
+def occurrence_loss(
+    per_news: torch.Tensor,
+    hist_count: torch.Tensor,
+    valid: torch.Tensor,
+    owner_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The per-news loss [U] reduced over history occurrences of valid news: the per-rank
+    ``weighted_mean`` with weights ``hist_count * valid``, or, on a global batch, the plain
+    weighted sum with the owner's precomputed ``owner_weight`` [U]."""
+    if owner_weight is not None:
+        return (owner_weight.to(per_news.dtype) * per_news).sum()
+    return weighted_mean(per_news, hist_count * valid.to(hist_count.dtype))
+
+
 def news_class_loss(
-    logits: torch.Tensor, target: torch.Tensor, hist_count: torch.Tensor, valid: torch.Tensor
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    hist_count: torch.Tensor,
+    valid: torch.Tensor,
+    owner_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eq. 6 over history occurrences: sum_u c_u [valid_u] CE_u / sum_u c_u [valid_u].
 
-    logits [U, K], target [U] (any value where not valid), hist_count [U], valid [U] bool.
+    logits [U, K], target [U] (any value where not valid), hist_count [U], valid [U] bool;
+    ``owner_weight`` [U]: see :func:`occurrence_loss`.
     """
     safe = torch.where(valid, target, torch.zeros_like(target))  # [U]
     ce = F.cross_entropy(logits, safe, reduction="none")  # [U]
-    w = hist_count * valid.to(hist_count.dtype)  # [U]
-    return weighted_mean(ce, w)
+    return occurrence_loss(ce, hist_count, valid, owner_weight)
 
 
-def ner_loss(logits: torch.Tensor, tags: torch.Tensor, hist_count: torch.Tensor) -> torch.Tensor:
+def ner_loss(
+    logits: torch.Tensor,
+    tags: torch.Tensor,
+    hist_count: torch.Tensor,
+    owner_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Eq. 8: per title the SUM over its tagged tokens (tags != -100) of the token CE,
     averaged over history occurrences of titles with at least one tagged token.
 
-    logits [U, L, T], tags [U, L] (-100 = padding / special token), hist_count [U].
+    logits [U, L, T], tags [U, L] (-100 = padding / special token), hist_count [U];
+    ``owner_weight`` [U]: see :func:`occurrence_loss`.
     """
     U, L, T = logits.shape
     ce = F.cross_entropy(
@@ -76,8 +104,7 @@ def ner_loss(logits: torch.Tensor, tags: torch.Tensor, hist_count: torch.Tensor)
     ).reshape(U, L)  # [U, L], 0 at ignored tokens
     per_title = ce.sum(1)  # [U]
     tagged = (tags != -100).any(1)  # [U]
-    w = hist_count * tagged.to(hist_count.dtype)
-    return weighted_mean(per_title, w)
+    return occurrence_loss(per_title, hist_count, tagged, owner_weight)
 
 
 def nce_loss(

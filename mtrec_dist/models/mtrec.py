@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from mtrec_dist.config import ConfigError, ModelConfig
-from mtrec_dist.data.batch import Batch
+from mtrec_dist.data.batch import NEWS_TASKS, Batch
+from mtrec_dist.data.global_batch import gather_news_vectors
 from mtrec_dist.models.encoders import MultiFieldFusion, build_news_encoder, name_embeddings
 from mtrec_dist.models.heads import (
     SENTIMENT_CLASSES,
@@ -45,7 +46,7 @@ from mtrec_dist.models.heads import (
 from mtrec_dist.models.outputs import TaskOutputs
 from mtrec_dist.models.user import build_user_encoder
 
-AUX_TASKS = ("category", "ner", "sentiment")
+AUX_TASKS = NEWS_TASKS
 
 
 def enabled_aux_tasks(cfg: ModelConfig, meta: dict) -> list[str]:
@@ -61,6 +62,9 @@ class MTRec(nn.Module):
     """Bi-encoder news recommender with optional multi-task heads and multi-field fusion."""
 
     cross_encoder = False
+    # Bi-encoder: title vectors do not depend on the sample, so data.dedup=global can encode
+    # each title of the global batch once and exchange the vectors across ranks.
+    global_dedup = True
     multi_task = True  # False: single-task baseline, cfg.model.tasks ignored
     multi_field = False  # True: attentive multi-field fusion (eq. 4)
     user_kind = "attention"  # attention | nrms | gru (mtrec_dist.models.user)
@@ -148,19 +152,26 @@ class MTRec(nn.Module):
         return scores.masked_fill(~batch.cand_mask, float("-inf"))
 
     def forward(self, batch: Batch) -> TaskOutputs:
-        vecs, cls, hidden = self._encode(batch)
+        vecs, cls, hidden = self._encode(batch)  # this rank's titles (its share when global)
+        if batch.global_unique:  # every rank's owned vectors -> the global unique rows
+            vecs = gather_news_vectors(vecs, batch.global_unique)  # [U_g, D]
         scores = self.score_news_vectors(vecs, batch)  # [B, C]
         losses = {"main": nce_loss(scores, batch.cand_mask, batch.sample_mask)}
         count = batch.hist_count.to(cls.dtype)  # [U]
+        valid = batch.news_valid()  # [U, 3] in NEWS_TASKS order
         if "category" in self.heads:  # eq. 5-6
             logits = self.heads["category"](cls)  # [U, n_category]
-            losses["category"] = news_class_loss(logits, batch.category, count, batch.category > 0)
+            losses["category"] = news_class_loss(
+                logits, batch.category, count, valid[:, 0], batch.owner_weight("category")
+            )
         if "ner" in self.heads:  # eq. 7-8
-            losses["ner"] = ner_loss(self.heads["ner"](hidden), batch.ner, count)
+            tags = self.heads["ner"](hidden)
+            losses["ner"] = ner_loss(tags, batch.ner, count, batch.owner_weight("ner"))
         if "sentiment" in self.heads:  # EBNeRD poster: sentiment classification on [CLS]
             logits = self.heads["sentiment"](cls)  # [U, 3]
-            valid = batch.sentiment >= 0
-            losses["sentiment"] = news_class_loss(logits, batch.sentiment, count, valid)
+            losses["sentiment"] = news_class_loss(
+                logits, batch.sentiment, count, valid[:, 2], batch.owner_weight("sentiment")
+            )
         return TaskOutputs(losses=losses, scores=scores)
 
     def shared_parameter_names(self) -> set[str]:

@@ -89,9 +89,29 @@ def validate_model_config(cfg: Config, manifest: dict) -> None:
         require_users(manifest, cfg.prepared_dir, f"model.name={m.name}")
     if cfg.data.word_vectors and not Path(cfg.data.word_vectors).is_file():
         raise ConfigError(f"data.word_vectors={cfg.data.word_vectors!r}: no such file")
+    global_dedup(cfg, cfg.trainer.num_workers)  # data.dedup=global on a model without it
     from mtrec_dist.hub import resolve_encoder
 
     resolve_encoder(m.encoder)  # missing folder / not BERT-family -> error naming model.encoder
+
+
+def global_dedup(cfg: Config, world_size: int) -> bool:
+    """``data.dedup`` resolved: True when titles are encoded once per GLOBAL micro-batch and
+    exchanged across ranks (``mtrec_dist.data.global_batch``).
+
+    Only bi-encoders whose class sets ``global_dedup`` (the MTRec family) can: a cross-encoder
+    (UNBERT) encodes a title together with its sample. ``auto`` = global when ``world_size`` > 1
+    and the model supports it; ``global`` on any other model is a ConfigError.
+    """
+    supported = bool(getattr(MODELS[cfg.model.name], "global_dedup", False))
+    if cfg.data.dedup == "global" and not supported:
+        raise ConfigError(
+            f"data.dedup=global: model.name={cfg.model.name} cannot exchange title vectors "
+            "across ranks (only the MTRec family: "
+            f"{', '.join(n for n, c in MODELS.items() if getattr(c, 'global_dedup', False))}); "
+            "set data.dedup=rank or auto"
+        )
+    return supported and world_size > 1 and cfg.data.dedup in ("auto", "global")
 
 
 def build_model(cfg: Config, manifest: dict) -> nn.Module:

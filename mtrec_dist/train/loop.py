@@ -2,8 +2,8 @@
 Distributed form under ZeRO, §5 Steps and epochs, §6 Checkpoints and resume).
 
 Reads top to bottom: set up (model, DeepSpeed engine, multi-task gradients, resume), then per
-micro-batch: one forward -> per-task losses -> gradient-group losses -> one backward per
-group; at the accumulation boundary one fused surgery step; then log and checkpoint. Step
+micro-batch: (data.dedup=global) this rank's share of the global batch's titles -> one
+forward -> per-task losses -> gradient-group losses -> one backward per group; at the accumulation boundary one fused surgery step; then log and checkpoint. Step
 counting (and what happens to an epoch's leftover micro-batches) is ``train/steps.py``'s.
 """
 
@@ -23,9 +23,11 @@ def train_worker(config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker (``train_loop_per_worker``)."""
     import ray.train
 
+    from mtrec_dist.data.batch import NewsTable
+    from mtrec_dist.data.global_batch import exchange_batch
     from mtrec_dist.data.prepared import load_manifest
     from mtrec_dist.data.stream import loader_for
-    from mtrec_dist.models.registry import build_model
+    from mtrec_dist.models.registry import build_model, global_dedup
     from mtrec_dist.train import ds_engine as ds
     from mtrec_dist.train.checkpoint import export_final, restore, save
     from mtrec_dist.train.ds_engine import MultiTaskGradients
@@ -57,28 +59,38 @@ def train_worker(config: dict[str, Any]) -> None:
     )  # fmt: skip
     pos = restore(engine, _resume_folder(cfg.run_dir, rank)) or Position()
     log = RunLogger(cfg, rank, total, start_step=pos.step) if rank == 0 else None
+    table = NewsTable(cfg.prepared_dir) if global_dedup(cfg, world) else None
 
     # --- loop --------------------------------------------------------------------------
     for epoch in range(pos.epoch, t.epochs):
         skip = pos.batches_done if epoch == pos.epoch else 0
         loader = loader_for(cfg, rank=rank, world_size=world, epoch=epoch, skip_batches=skip)
-        micro, t0, titles, real = 0, time.monotonic(), 0, 0
+        micro, t0, c0, titles, real, distinct = 0, time.monotonic(), time.process_time(), 0, 0, 0
         for batch in epoch_micro_batches(loader, plan, skip):
+            if table is not None:  # collective: this rank's share of the global batch's titles
+                batch = exchange_batch(batch, table, engine.device)
             batch = batch.to(engine.device)
             out = engine(batch)
             mtg.backward(group_losses(out.losses, cfg.model.groups))
             titles, real = titles + batch.num_titles, real + int(batch.sample_mask.sum())
+            distinct += batch.global_unique
             micro += 1
             if micro % t.grad_accum:
                 continue
             stats = mtg.step(pos.step)  # surgery + optimizer step + lr schedule
             stats["mem/peak_mb"] = ds.peak_memory_mb(engine)
+            stats["time/cpu_s"] = time.process_time() - c0  # this process's CPU, all threads
+            stats["time/unix"] = time.time()  # when the step ended (start-up = first - launch)
+            losses = out.losses
+            if table is not None:  # titles encoded this step = W * S (real + pads) vs U_g
+                stats["titles/encoded"], stats["titles/global_distinct"] = titles * world, distinct
+                losses = _mean_over_ranks(losses)  # an aux loss is only this rank's owned share
             pos = Position(pos.step + 1, epoch, loader.batches_done, pos.samples + real * world)
             if log is not None:
                 secs = time.monotonic() - t0
                 lr = scheduler.get_last_lr()[0]
-                log.step(pos.step, out.losses, stats, lr, real * world, titles * world, secs)
-            titles, real, t0 = 0, 0, time.monotonic()
+                log.step(pos.step, losses, stats, lr, real * world, titles * world, secs)
+            titles, real, distinct, t0, c0 = 0, 0, 0, time.monotonic(), time.process_time()
             if t.checkpoint_every and pos.step % t.checkpoint_every == 0:
                 save(engine, cfg, pos, rank)
             if t.eval_every and pos.step % t.eval_every == 0:
@@ -93,6 +105,18 @@ def train_worker(config: dict[str, Any]) -> None:
     export_final(engine, model, cfg, manifest, pos, rank)
     if log is not None:
         log.close()
+
+
+def _mean_over_ranks(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The mean over ranks of each (detached) task loss: under data.dedup=global a per-news
+    loss on one rank covers only the titles it owns, so only the mean is comparable with
+    data.dedup=rank's logged value (collective: every rank calls it at every step)."""
+    import torch.distributed as dist
+
+    names = sorted(losses)
+    v = torch.stack([losses[k].detach().float() for k in names])
+    dist.all_reduce(v)
+    return dict(zip(names, v / dist.get_world_size()))
 
 
 def _resume_folder(run_dir: str, rank: int):

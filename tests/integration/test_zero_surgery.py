@@ -12,10 +12,7 @@ configurations run inside one spawn to pay DeepSpeed's start-up once.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
-import warnings
-from datetime import timedelta
 
 import pytest
 import torch
@@ -23,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtrec_dist.models.outputs import group_losses
-from tests.surgery_reference import pcgrad_projected
+from tests.gloo_workers import ds_config, free_port, init_gloo_deepspeed
+from tests.surgery_reference import reference_step
 
 WORLD = 2
 STEPS = 3
@@ -94,55 +92,23 @@ def micro_batch(step: int, rank: int, micro: int) -> tuple[torch.Tensor, ...]:
     return ids, y, cat, ner
 
 
-def ds_config(stage: int, gas: int) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": MICRO,
-        "gradient_accumulation_steps": gas,
-        "train_batch_size": MICRO * gas * WORLD,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": LR,
-                "betas": list(BETAS),
-                "eps": EPS,
-                "weight_decay": WD,
-                "torch_adam": True,
-            },
-        },
-        "zero_optimization": {"stage": stage},
-        "gradient_clipping": CLIP,
-        "steps_per_print": 10**9,
-    }
-
-
 # --- distributed side ----------------------------------------------------------------------
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        DS_ACCELERATOR="cpu",
-    )
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed renames
+    init_gloo_deepspeed(rank, WORLD, port)
     import deepspeed
 
     from mtrec_dist.train.ds_engine import MultiTaskGradients
 
-    # the shared-memory all-reduce kernel is a JIT C++ build (minutes on a cold CI cache) that
-    # only inference all-reduces use: gloo does all the work here
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=60), verbose=False)
     results = {}
     for name, stage, gas, mode, scope, gname in CONFIGS:
         groups = GROUPS2 if gname == "g2" else GROUPS3
         model = build_model()
         engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=model.parameters(), config=ds_config(stage, gas)
+            model=model,
+            model_parameters=model.parameters(),
+            config=ds_config(stage, MICRO, gas, WORLD, (LR, BETAS, EPS, WD), CLIP),
         )
         mtg = MultiTaskGradients(
             engine, model, list(groups), mode, scope, model.shared_parameter_names(), seed=7
@@ -176,36 +142,16 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def distributed_results():
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(_free_port(), d), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(free_port(), d), nprocs=WORLD, join=True)
         yield [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
 
 
 # --- single-process reference --------------------------------------------------------------
-
-
-def _project(vecs: list[torch.Tensor], mode: str, step: int) -> list[torch.Tensor]:
-    """Explicit flat-vector surgery: the projected gradient of each group."""
-    if mode == "none":
-        return vecs
-    if mode == "mtrec":  # MTRec eq. 10 both ways between main and merged aux
-        gm, ga = vecs
-        d = gm @ ga
-        if d < 0:
-            return [gm - d / (ga @ ga) * ga, ga - d / (gm @ gm) * gm]
-        return [gm, ga]
-    assert mode == "pcgrad"  # Yu et al. 2020, Algorithm 1
-    return pcgrad_projected(vecs, 7, step)
 
 
 def reference(stage_gas: int, mode: str, scope: str, groups: dict) -> dict:
@@ -216,7 +162,7 @@ def reference(stage_gas: int, mode: str, scope: str, groups: dict) -> dict:
     is_shared = [n in shared for n, _ in named]
     opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
     names = list(groups)
-    norms, coefs_seen = [], []
+    norms = []
     for step in range(STEPS):
         acc = {g: [torch.zeros_like(p) for p in params] for g in names}
         for r in range(WORLD):
@@ -227,25 +173,7 @@ def reference(stage_gas: int, mode: str, scope: str, groups: dict) -> dict:
                     for a, gr in zip(acc[g], grads):
                         if gr is not None:
                             a.add_(gr / (WORLD * stage_gas))  # mean over workers and micro-steps
-        flat = [
-            torch.cat([a.reshape(-1) for a, s in zip(acc[g], is_shared) if s]).double()
-            for g in names
-        ]
-        norms.append([float(v.norm()) for v in flat])
-        proj = _project(flat, mode, step)
-        coefs_seen.append(proj)
-        combined = sum(proj)  # shared part after surgery, flat
-        off = 0
-        for i, (p, s) in enumerate(zip(params, is_shared)):
-            if s:
-                n = p.numel()
-                p.grad = combined[off : off + n].view_as(p).float()
-                off += n
-            else:
-                p.grad = sum(acc[g][i] for g in names)  # task heads: plain sum
-        torch.nn.utils.clip_grad_norm_(params, CLIP)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        norms.append(reference_step(params, is_shared, acc, mode, 7, step, CLIP, opt))
     return {
         "params": {n: p.detach().clone() for n, p in named},
         "norms": torch.tensor(norms, dtype=torch.float64),

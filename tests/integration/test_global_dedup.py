@@ -1,0 +1,265 @@
+"""data.dedup=global == data.dedup=rank == 1 process, under DeepSpeed ZeRO 2 and 3 with surgery.
+
+Two gloo workers (torch.multiprocessing spawn) train the real MTRec model (tiny random BERT,
+dropout 0) on the real loader's per-rank batches of the tiny synthetic data for 3 optimizer
+steps through ``MultiTaskGradients``, once per-rank (each rank encodes its own titles) and once
+with the global exchange (each title of the global batch encoded once, by its owner, vectors
+all-gathered). One process computes the same steps explicitly: per rank the per-rank model
+loss, per-group gradients from ``torch.autograd.grad`` averaged over ranks, the surgery on
+flat vectors, ``torch.optim.AdamW`` with the DeepSpeed config's hyperparameters. Losses summed
+over ranks, the per-group global gradient norms and coefficients, and the parameters after 3
+steps must agree at fp32 noise. All configurations run inside one spawn (DeepSpeed's start-up
+is paid once). A direct check: the gradient of a title that only rank 0 uses, encoded by rank 1,
+arrives on rank 1 and equals rank 0's own per-rank gradient of that title's vector.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mtrec_dist.models.outputs import group_losses
+from tests.gloo_workers import ds_config, free_port, init_gloo_deepspeed
+from tests.surgery_reference import reference_step
+
+REPO = Path(__file__).resolve().parents[2]
+WORLD = 2
+STEPS = 3
+MICRO = 4  # samples per micro-batch per worker
+LR, BETAS, EPS, WD = 1e-2, (0.9, 0.999), 1e-3, 0.01  # eps large: updates stay smooth in g
+CLIP = 1.0
+SEED = 7  # PCGrad's visiting order
+GROUPS2 = {"main": {"main": 1.0}, "aux": {"category": 0.3, "ner": 0.3}}
+GROUPS3 = {"main": {"main": 1.0}, "category": {"category": 1.0}, "ner": {"ner": 1.0}}
+
+# (name, zero stage, surgery, groups, dedup)
+CASES = [(s, m, g) for s in (2, 3) for m, g in (("mtrec", "g2"), ("pcgrad", "g3"))]
+CONFIGS = [(f"{m}-z{s}-{d}", s, m, g, d) for s, m, g in CASES for d in ("rank", "global")]
+
+
+def make_cfg(data_root: str):
+    from mtrec_dist.config import load_config
+
+    return load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"data.root={data_root}",
+            "model.dropout=0.0",
+            "model.pooling=mean",
+            "trainer.micro_batch=4",
+        ],
+    )
+
+
+def rank_batches(cfg, rank: int) -> list:
+    """The real loader's first STEPS per-rank micro-batches of ``rank`` (of WORLD ranks)."""
+    from itertools import islice
+
+    from mtrec_dist.data.stream import loader_for
+
+    return list(islice(loader_for(cfg, rank=rank, world_size=WORLD, epoch=0), STEPS))
+
+
+def build(cfg):
+    from mtrec_dist.data.prepared import load_manifest
+    from mtrec_dist.models.registry import build_model
+
+    torch.manual_seed(1234)
+    return build_model(cfg, load_manifest(cfg.prepared_dir))
+
+
+# --- distributed side ----------------------------------------------------------------------
+
+
+def _train(cfg, table, batches, stage: int, mode: str, groups: dict, dedup: str) -> dict:
+    import deepspeed
+
+    from mtrec_dist.data.global_batch import exchange_batch
+    from mtrec_dist.train.ds_engine import MultiTaskGradients
+
+    model = build(cfg)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=model.parameters(),
+        config=ds_config(stage, MICRO, 1, WORLD, (LR, BETAS, EPS, WD), CLIP),
+    )
+    mtg = MultiTaskGradients(
+        engine, model, list(groups), mode, "shared", model.shared_parameter_names(), seed=SEED
+    )
+    losses, norms, coefs, titles = [], [], [], []
+    for step, batch in enumerate(batches):
+        if dedup == "global":
+            batch = exchange_batch(batch, table, engine.device)
+        titles.append([batch.num_titles, batch.global_unique])
+        out = engine(batch)
+        losses.append([float(out.losses[k].detach()) for k in ("main", "category", "ner")])
+        mtg.backward(group_losses(out.losses, groups))
+        st = mtg.step(step)
+        norms.append([st[f"grad/norm/{g}"] for g in groups])
+        coefs.append([st[f"grad/coef/{g}"] for g in groups])
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=stage == 3):
+        params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine.destroy()
+    return {
+        "params": params,
+        "losses": torch.tensor(losses, dtype=torch.float64),
+        "norms": torch.tensor(norms, dtype=torch.float64),
+        "coefs": torch.tensor(coefs, dtype=torch.float64),
+        "titles": torch.tensor(titles),
+    }
+
+
+def _owner_gradient(cfg, table, batches, rank: int) -> dict:
+    """A title only rank 0 uses and rank 1 owns: its vector's gradient on the owner (global)
+    and on rank 0's own per-rank path (main loss only, no DeepSpeed)."""
+    import torch.distributed as dist
+
+    from mtrec_dist.data.global_batch import exchange_batch, gather_news_vectors, plan_exchange
+    from mtrec_dist.models.heads import nce_loss
+
+    model = build(cfg)
+    for batch in batches:
+        rows = [None] * WORLD
+        dist.all_gather_object(rows, batch.news_rows.numpy())
+        plan = plan_exchange(rows, 1)
+        mine = set(plan.owned[: plan.owned_real].tolist())
+        used0 = set(rows[0][batch.hist_idx[batch.hist_mask]].tolist()) if rank == 0 else set()
+        found = [None]
+        if rank == 0:
+            only0 = sorted((used0 & mine) - set(rows[1].tolist()))
+            found = [only0[0] if only0 else None]
+        dist.broadcast_object_list(found, src=0)
+        if found[0] is not None:
+            break
+    assert found[0] is not None, "no title of rank 0 is owned by rank 1 in the first steps"
+    x = int(found[0])
+
+    def main_loss(vecs, b):
+        return nce_loss(model.score_news_vectors(vecs, b), b.cand_mask, b.sample_mask)
+
+    out = {"row": x}
+    if rank == 0:  # per-rank path: rank 0 encodes x itself
+        vecs = model.encode_news(batch)
+        vecs.retain_grad()
+        main_loss(vecs, batch).backward()
+        out["per_rank"] = vecs.grad[int(np.flatnonzero(batch.news_rows.numpy() == x)[0])].clone()
+        model.zero_grad()
+    g = exchange_batch(batch, table, "cpu")
+    owned = model.encode_news(g)
+    owned.retain_grad()
+    main_loss(gather_news_vectors(owned, g.global_unique), g).backward()
+    if rank == 1:
+        out["owner"] = owned.grad[int(np.flatnonzero(g.news_rows.numpy() == x)[0])].clone()
+    return out
+
+
+def _worker(rank: int, port: int, out_dir: str, data_root: str) -> None:
+    init_gloo_deepspeed(rank, WORLD, port)
+    from mtrec_dist.data.batch import NewsTable
+
+    cfg = make_cfg(data_root)
+    table = NewsTable(cfg.prepared_dir)
+    batches = rank_batches(cfg, rank)
+    results = {
+        name: _train(cfg, table, batches, stage, mode, GROUPS2 if g == "g2" else GROUPS3, dedup)
+        for name, stage, mode, g, dedup in CONFIGS
+    }
+    results["owner_gradient"] = _owner_gradient(cfg, table, batches, rank)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def distributed_results(tiny_data):
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_worker, args=(free_port(), d, str(tiny_data)), nprocs=WORLD, join=True)
+        yield [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
+
+
+# --- single-process reference --------------------------------------------------------------
+
+
+def reference(cfg, mode: str, groups: dict) -> dict:
+    """Per rank the per-rank model on its batch; per-group gradients averaged over ranks;
+    explicit surgery on the shared encoder's flat vectors; AdamW."""
+    model = build(cfg)
+    named = list(model.named_parameters())
+    params = [p for _, p in named]
+    shared = model.shared_parameter_names()
+    is_shared = [n in shared for n, _ in named]
+    opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+    batches = [rank_batches(cfg, r) for r in range(WORLD)]
+    names = list(groups)
+    losses, norms = [], []
+    for step in range(STEPS):
+        acc = {g: [torch.zeros_like(p) for p in params] for g in names}
+        total = torch.zeros(3, dtype=torch.float64)
+        for r in range(WORLD):
+            out = model(batches[r][step])
+            total += torch.tensor(
+                [float(out.losses[k].detach()) for k in ("main", "category", "ner")]
+            )
+            gl = group_losses(out.losses, groups)
+            for g in names:
+                grads = torch.autograd.grad(gl[g], params, retain_graph=True, allow_unused=True)
+                for a, gr in zip(acc[g], grads):
+                    if gr is not None:
+                        a.add_(gr / WORLD)
+        losses.append(total)
+        norms.append(reference_step(params, is_shared, acc, mode, SEED, step, CLIP, opt))
+    return {
+        "params": {n: p.detach().clone() for n, p in named},
+        "losses": torch.stack(losses),
+        "norms": torch.tensor(norms, dtype=torch.float64),
+    }
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("case", CASES, ids=[f"{m}-z{s}" for s, m, _ in CASES])
+def test_global_equals_rank_equals_one_process(distributed_results, tiny_data, case):
+    stage, mode, g = case
+    groups = GROUPS2 if g == "g2" else GROUPS3
+    ref = reference(make_cfg(str(tiny_data)), mode, groups)
+    per = {
+        d: [res[f"{mode}-z{stage}-{d}"] for res in distributed_results] for d in ("rank", "global")
+    }
+    for d, runs in per.items():
+        # losses: the sum over ranks (under global each aux loss is its owner's share)
+        torch.testing.assert_close(
+            sum(r["losses"] for r in runs), ref["losses"], rtol=1e-5, atol=1e-6
+        )
+        for rank, got in enumerate(runs):
+            # the global per-group gradient norms (the Gram diagonal) and surgery coefficients
+            torch.testing.assert_close(got["norms"], ref["norms"], rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(
+                got["coefs"], per["rank"][rank]["coefs"], rtol=1e-5, atol=1e-7
+            )
+            for n, p in ref["params"].items():
+                torch.testing.assert_close(
+                    got["params"][n], p, rtol=0, atol=1e-5, msg=f"{d} rank {rank}: {n}"
+                )
+    # the exchange did save work: each rank encoded S = ceil(U_g / 2) titles, and U_g is
+    # below the sum of the per-rank distinct counts (titles shared across ranks)
+    rank_titles = sum(r["titles"][:, 0] for r in per["rank"])
+    glob = per["global"][0]["titles"]
+    for r in per["global"]:
+        torch.testing.assert_close(r["titles"][:, 0], (glob[:, 1] + WORLD - 1) // WORLD)
+    assert bool((glob[:, 1] < rank_titles).all()), (glob, rank_titles)
+
+
+@pytest.mark.timeout(900)
+def test_gradient_reaches_the_owner(distributed_results):
+    """A title that only rank 0 uses, encoded by rank 1: rank 1's vector gradient is exactly
+    rank 0's own per-rank gradient of that title (the differentiable all-gather's backward)."""
+    r0, r1 = (res["owner_gradient"] for res in distributed_results)
+    assert r0["row"] == r1["row"]
+    assert float(r0["per_rank"].abs().max()) > 0
+    torch.testing.assert_close(r1["owner"], r0["per_rank"], rtol=1e-5, atol=1e-7)
