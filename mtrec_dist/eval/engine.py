@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -295,6 +296,11 @@ class Engine:
         from mtrec_dist.utils import peak_rss_mb
 
         return round(peak_rss_mb(), 1)
+
+    @staticmethod
+    def cpu_seconds() -> float:
+        """CPU seconds this worker process has used so far (user + system, every thread)."""
+        return time.process_time()
 
     @torch.no_grad()
     def score_samples(self, samples: list[Sample]) -> np.ndarray:

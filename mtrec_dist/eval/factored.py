@@ -15,9 +15,10 @@ sampled dot product per candidate (``torch.sparse.sampled_addmm``: only the entr
 ``U @ V^T`` at the (impression, candidate) pairs). No padded ``[B, H, D]`` or ``[B, C, D]``
 tensor is built, so no batching by length is needed.
 
-Every score is a function of its impression alone (each sparse row and each sampled dot
-product is computed on its own), so the scores do not depend on how impressions are grouped
-into chunks, parts or workers. They equal ``model.score_news_vectors`` up to float32 rounding
+Given the per-news logits (computed over the whole news table in fixed chunks, so the same on
+every worker), every score is a function of its impression alone (each softmax row, sparse row
+and sampled dot product is computed on its own), so the scores do not depend on how
+impressions are grouped into chunks, parts or workers. They equal ``model.score_news_vectors`` up to float32 rounding
 (other summation order); the evaluator's tests compare both.
 
 Which models: those whose ``score_news_vectors`` is MTRec's own and whose user encoder is

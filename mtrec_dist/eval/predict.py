@@ -40,11 +40,12 @@ def predict(
         return predict_ensemble(runs, split, out, num_workers, on_part)
     r = run_split(runs[0], split, num_workers, need_labels=False, on_part=on_part)
     idx = r.index
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     merge: dict[str, float] = {}
     path = write_ranks(iter_parts(r), out, idx, merge)
     stats = result(r, {"split": split, "impressions": int(idx["ids"].size), "out": str(path)})
     stats["seconds"]["merge"] = round(time.perf_counter() - t0, 3)
+    stats["cpu_seconds"]["merge"] = round(time.process_time() - c0, 3)  # this process only
     stats["merge_seconds"] = merge_stages(time.perf_counter() - t0, merge)
     atomic_write_json(r.out_dir / "prediction.json", stats)
     say(f"wrote {path} ({idx['ids'].size} impressions)")
