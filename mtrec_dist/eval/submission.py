@@ -126,7 +126,8 @@ def format_block(ids: np.ndarray, sizes: np.ndarray, ranks: np.ndarray) -> bytes
     which = last * (top + 1) + ranks  # row of `table` for each candidate
     tok = np.zeros(total + 1, dtype=np.int64)
     np.cumsum(tok_len[which], out=tok[1:])
-    line_len = id_len + 2 + (tok[cand_off[1:]] - tok[cand_off[:-1]]) + 1  # id, " [", tokens, \n
+    tokens_len = tok[cand_off[1:]] - tok[cand_off[:-1]]  # a line's ranks, ',' and ']'
+    line_len = id_len + 2 + tokens_len + (sizes == 0) + 1  # id, " [", tokens (or "]"), "\n"
     line_start = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(line_len, out=line_start[1:])
     buf = np.empty(int(line_start[-1]) + width, dtype=np.uint8)  # + room for the last padding
