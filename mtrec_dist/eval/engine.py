@@ -9,8 +9,10 @@ how many workers share the split, or which one does which unit):
    vectors; :func:`encode_news_vectors` gathers every chunk into one ``[N, D]`` array and checks
    that every needed row was encoded exactly once — the one encoding routine of the sharded
    driver and of the trainer's in-memory evaluation;
-3. **score** impressions against the vectors (``model.score_news_vectors``) in batches of
-   similar history length, or, for cross-encoders (``model.cross_encoder``, UNBERT), by
+3. **score** impressions against the vectors: MTRec-family models through the factored scorer
+   (:mod:`mtrec_dist.eval.factored`: per-news attention logits, sparse user vectors, sampled
+   dot products; no batches), every other bi-encoder through ``model.score_news_vectors`` in
+   batches of similar history length, or, for cross-encoders (``model.cross_encoder``, UNBERT), by
    ``model(batch).scores`` on (history, candidate chunk) samples. A *part* is a fixed range of
    the split's impressions (:func:`plan_parts`); a labeled part also carries the per-impression
    metrics of the ranks a submission would carry (:func:`ranked_impression_metrics`).
