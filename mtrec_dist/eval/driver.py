@@ -109,29 +109,40 @@ def run_split(
     pool = WorkerPool(n, run_dir, split, lambda: Engine(model, prepared, split))
     stats: dict[str, Any] = {"workers": n, "model_sha256": model_sha}
     seconds: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(name: str) -> Iterator[None]:
+        t0, c0 = time.perf_counter(), pool.cpu_seconds()
+        yield
+        seconds[name] = time.perf_counter() - t0
+        cpu[name] = pool.cpu_seconds() - c0
+
     try:
         with _torch_threads(1) if n == 1 else contextlib.nullcontext():
-            t0 = time.perf_counter()
-            index = _load_index(pool, len(info["shards"]), split, out_dir / f"index-{dkey[:16]}")
-            seconds["index"] = time.perf_counter() - t0
+            with stage("index"):
+                index = _load_index(
+                    pool, len(info["shards"]), split, out_dir / f"index-{dkey[:16]}"
+                )
             if not getattr(model, "cross_encoder", False):
-                t0 = time.perf_counter()
-                base = out_dir / f"news_vectors-{model_sha[:16]}"
-                meta = {"model_sha256": model_sha, "data_key": dkey}
-                table = NewsTable(prepared)
-                vec_path, enc = _encode_cached(pool, table, index["rows"], cfg, base, meta)
-                stats.update(enc)
-                pool.broadcast("set_vectors", str(vec_path))
-                seconds["encode"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            key = f"{model_sha}:{dkey}"
-            stats.update(_score_parts(pool, parts, out_dir, labeled, key, on_part))
-            seconds["score"] = time.perf_counter() - t0
+                with stage("encode"):
+                    base = out_dir / f"news_vectors-{model_sha[:16]}"
+                    meta = {"model_sha256": model_sha, "data_key": dkey}
+                    table = NewsTable(prepared)
+                    vec_path, enc = _encode_cached(pool, table, index["rows"], cfg, base, meta)
+                    stats.update(enc)
+                    pool.broadcast("set_vectors", str(vec_path))
+            with stage("score"):
+                key = f"{model_sha}:{dkey}"
+                stats.update(_score_parts(pool, parts, out_dir, labeled, key, on_part))
             # workers that did no work in this call (all cached) report nothing
             stats["worker_peak_rss_mb"] = pool.broadcast("peak_rss_mb") if pool.started else []
     finally:
         pool.close()
     stats["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    # CPU seconds of this process and every worker during each stage (a stage's wall seconds
+    # times the cores it kept busy); the index stage includes starting the workers
+    stats["cpu_seconds"] = {k: round(v, 3) for k, v in cpu.items()}
     return SplitRun(parts, out_dir, index, labeled, info, stats)
 
 

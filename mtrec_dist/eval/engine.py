@@ -9,8 +9,10 @@ how many workers share the split, or which one does which unit):
    vectors; :func:`encode_news_vectors` gathers every chunk into one ``[N, D]`` array and checks
    that every needed row was encoded exactly once — the one encoding routine of the sharded
    driver and of the trainer's in-memory evaluation;
-3. **score** impressions against the vectors (``model.score_news_vectors``) in batches of
-   similar history length, or, for cross-encoders (``model.cross_encoder``, UNBERT), by
+3. **score** impressions against the vectors: MTRec-family models through the factored scorer
+   (:mod:`mtrec_dist.eval.factored`: per-news attention logits, sparse user vectors, sampled
+   dot products; no batches), every other bi-encoder through ``model.score_news_vectors`` in
+   batches of similar history length, or, for cross-encoders (``model.cross_encoder``, UNBERT), by
    ``model(batch).scores`` on (history, candidate chunk) samples. A *part* is a fixed range of
    the split's impressions (:func:`plan_parts`); a labeled part also carries the per-impression
    metrics of the ranks a submission would carry (:func:`ranked_impression_metrics`).
@@ -23,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -34,13 +37,14 @@ import torch
 
 from mtrec_dist.data.batch import NER_IGNORE, Batch, NewsTable, Sample, collate
 from mtrec_dist.data.stream import eval_impressions
-from mtrec_dist.eval.metrics import ranked_impression_metrics
+from mtrec_dist.eval.factored import AttentionDotScorer, attention_dot_scorer
+from mtrec_dist.eval.metrics import offsets_of, ranked_impression_metrics
 from mtrec_dist.utils import Progress, atomic_open, atomic_write_bytes
 
 SCORE_BATCH = 512  # impressions per scoring forward pass (bi-encoder)
 CROSS_CHUNK = 32  # candidates per (history, candidates) sample for cross-encoders
 CROSS_BATCH = 8  # such samples per cross-encoder forward pass
-PART_FORMAT = "3"  # bump when a part's contents change (3: string ids, ranked metrics)
+PART_FORMAT = "4"  # bump when a part's contents change (3: string ids, ranked metrics; 4: factored MTRec scores)
 
 
 def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -210,20 +214,34 @@ def index_samples(samples: Iterable[Sample]) -> dict[str, np.ndarray]:
     }
 
 
-def labeled_part(samples: list[Sample], scores: np.ndarray) -> dict[str, np.ndarray]:
-    """Ids, sizes, scores, labels and the per-impression metrics (tie rule) of scored samples."""
-    sizes = np.array([len(s.cand) for s in samples], dtype=np.int64)
-    y = (
-        np.concatenate([s.labels for s in samples]).astype(np.uint8)
-        if samples
-        else np.zeros(0, np.uint8)
-    )
+def flat_impressions(samples: list[Sample]) -> dict[str, np.ndarray]:
+    """Impressions as flat arrays: ``ids``, ``sizes`` (candidates), ``cand`` and ``labels``
+    (``[sum sizes]``), ``hist_len`` and ``hist`` (``[sum hist_len]``), in sample order."""
+    n = len(samples)
+    z = np.zeros(0, dtype=np.int64)
     return {
         "ids": ids_array(s.impression_id for s in samples),
-        "sizes": sizes,
+        "sizes": np.fromiter((len(s.cand) for s in samples), dtype=np.int64, count=n),
+        "cand": np.concatenate([s.cand for s in samples]).astype(np.int64) if n else z,
+        "labels": np.concatenate([s.labels for s in samples]) if n else np.zeros(0, np.float32),
+        "hist_len": np.fromiter((len(s.hist) for s in samples), dtype=np.int64, count=n),
+        "hist": np.concatenate([s.hist for s in samples]).astype(np.int64) if n else z,
+    }
+
+
+def labeled_part(
+    samples: list[Sample], scores: np.ndarray, flat: dict[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """Ids, sizes, scores, labels and the per-impression metrics (tie rule) of scored samples
+    (``flat``: their :func:`flat_impressions`, when already built)."""
+    flat = flat_impressions(samples) if flat is None else flat
+    y = flat["labels"].astype(np.uint8)
+    return {
+        "ids": flat["ids"],
+        "sizes": flat["sizes"],
         "scores": scores,
         "labels": y,
-        "metrics": ranked_impression_metrics(y, scores, sizes),
+        "metrics": ranked_impression_metrics(y, scores, flat["sizes"]),
     }
 
 
@@ -243,6 +261,8 @@ class Engine:
         self.split = split
         self.table = NewsTable(self.prepared)
         self.vectors: np.ndarray | None = None
+        self.factored: AttentionDotScorer | None = None  # built on first use after set_vectors
+        self.factored_checked = False
         self.cross = bool(getattr(model, "cross_encoder", False))
         try:
             self.device = next(model.parameters()).device
@@ -262,6 +282,15 @@ class Engine:
 
     def set_vectors(self, path: str | Path | None, array: np.ndarray | None = None) -> None:
         self.vectors = array if array is not None else np.load(path, mmap_mode="r")
+        self.factored, self.factored_checked = None, False
+
+    def factored_scorer(self) -> AttentionDotScorer | None:
+        """The factored scorer of MTRec-family models (:mod:`mtrec_dist.eval.factored`), built
+        once per set of vectors; None for every other model."""
+        if not self.factored_checked and self.vectors is not None and not self.cross:
+            self.factored = attention_dot_scorer(self.model, self.vectors)
+            self.factored_checked = True
+        return self.factored
 
     @staticmethod
     def peak_rss_mb() -> float:
@@ -269,6 +298,11 @@ class Engine:
         from mtrec_dist.utils import peak_rss_mb
 
         return round(peak_rss_mb(), 1)
+
+    @staticmethod
+    def cpu_seconds() -> float:
+        """CPU seconds this worker process has used so far (user + system, every thread)."""
+        return time.process_time()
 
     @torch.no_grad()
     def score_samples(self, samples: list[Sample]) -> np.ndarray:
@@ -303,37 +337,45 @@ class Engine:
             out.append(scores[batch.cand_mask].float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
-    def score_many(self, samples: list[Sample]) -> np.ndarray:
-        """Flat scores of many impressions, batched by similar history/candidate counts.
+    def score_many(
+        self, samples: list[Sample], flat: dict[str, np.ndarray] | None = None
+    ) -> np.ndarray:
+        """Flat scores of many impressions (``flat``: their :func:`flat_impressions`).
 
-        Batches pad to their longest history and candidate list, so contiguous impressions
-        (history 0..50) waste about half the user encoder's work; sorting by length first
-        removes most of it. The order depends on the samples only, never on the workers.
+        MTRec-family models go through the factored scorer (no batches: every impression is
+        scored on its own by sparse products). Other models: batches of similar history and
+        candidate counts through ``model.score_news_vectors`` / ``model(batch)`` (batches pad to
+        their longest history and candidate list, so contiguous impressions, history 0..50,
+        would waste about half the user encoder's work). Either way the order depends on the
+        samples only, never on the workers.
         """
         if not samples:
             return np.zeros(0, dtype=np.float32)
-        sizes = np.array([len(s.cand) for s in samples], dtype=np.int64)
-        order = np.lexsort((sizes, np.array([len(s.hist) for s in samples])))
-        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        flat = flat_impressions(samples) if flat is None else flat
+        fast = self.factored_scorer()
+        if fast is not None:
+            return fast.scores(flat["hist"], flat["hist_len"], flat["cand"], flat["sizes"])
+        sizes = flat["sizes"]
+        order = np.lexsort((sizes, flat["hist_len"]))
+        offsets = offsets_of(sizes)
         out = np.empty(int(offsets[-1]), dtype=np.float32)
         for i in range(0, len(order), SCORE_BATCH):
             idx = order[i : i + SCORE_BATCH]
-            flat = self.score_samples([samples[j] for j in idx])
-            dst = np.concatenate([np.arange(offsets[j], offsets[j + 1]) for j in idx])
-            out[dst] = flat
+            flat_scores = self.score_samples([samples[j] for j in idx])
+            n = sizes[idx]  # the batch's candidates go back to their impressions' slots
+            out[np.repeat(offsets[idx] - np.cumsum(n) + n, n) + np.arange(int(n.sum()))] = (
+                flat_scores
+            )
         return out
 
     def score_part(self, spec: PartSpec, labeled: bool) -> dict[str, np.ndarray]:
         """Scores (and, when labeled, labels and per-impression metrics) of one part."""
         samples = list(iter_part(self.prepared, self.split, spec))
-        scores = self.score_many(samples)
+        flat = flat_impressions(samples)
+        scores = self.score_many(samples, flat)
         if labeled:
-            return labeled_part(samples, scores)
-        return {
-            "ids": ids_array(s.impression_id for s in samples),
-            "sizes": np.array([len(s.cand) for s in samples], dtype=np.int64),
-            "scores": scores,
-        }
+            return labeled_part(samples, scores, flat)
+        return {"ids": flat["ids"], "sizes": flat["sizes"], "scores": scores}
 
     def score_part_to(self, spec: PartSpec, labeled: bool, path: str, key: str) -> int:
         """Score a part and write it atomically to ``path``; returns its impression count."""

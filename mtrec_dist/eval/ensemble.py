@@ -201,15 +201,17 @@ def predict_ensemble(
 ) -> Path:
     """``prediction.zip`` of the runs' mean scores; the record goes next to it
     (``<out stem>.json``: runs, per-run workers/cache/timings)."""
-    from mtrec_dist.eval.predict import write_ranks
+    from mtrec_dist.eval.predict import merge_stages, write_ranks
 
     runs = [Path(r) for r in runs]
     done = ensemble_split(runs, split, num_workers, need_labels=False, on_part=on_part)
     idx = done[0].index
     t0 = time.perf_counter()
-    path = write_ranks(iter_mean_parts(runs, done), out, idx)
+    merge: dict[str, float] = {}
+    path = write_ranks(iter_mean_parts(runs, done), out, idx, merge)
     stats = {"split": split, "impressions": int(idx["ids"].size), "out": str(path)}
     stats["seconds"] = {"merge": round(time.perf_counter() - t0, 3)}
+    stats["merge_seconds"] = merge_stages(time.perf_counter() - t0, merge)
     atomic_write_json(path.with_name(path.stem + ".json"), _record(runs, done, stats))
     say(f"wrote {path} ({idx['ids'].size} impressions, mean of {len(runs)} runs)")
     return path

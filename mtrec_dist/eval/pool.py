@@ -103,6 +103,16 @@ class WorkerPool:
 
         return ray.get([getattr(a, method).remote(*args) for a in self.actors])
 
+    def cpu_seconds(self) -> float:
+        """CPU seconds used so far by this process plus every started Ray worker (a worker
+        in this process is this process): differences give a stage's CPU time."""
+        own = Engine.cpu_seconds()
+        if not self.actors:
+            return own
+        import ray
+
+        return own + sum(ray.get([a.cpu_seconds.remote() for a in self.actors]))
+
     def close(self) -> None:
         if self.actors:
             import ray

@@ -15,7 +15,7 @@ import numpy as np
 
 from mtrec_dist.eval.driver import OnPart, iter_parts, result, run_split, say
 from mtrec_dist.eval.metrics import ranks_of
-from mtrec_dist.eval.submission import write_prediction
+from mtrec_dist.eval.submission import Block, write_prediction_blocks
 from mtrec_dist.utils import atomic_write_json
 
 
@@ -40,27 +40,44 @@ def predict(
         return predict_ensemble(runs, split, out, num_workers, on_part)
     r = run_split(runs[0], split, num_workers, need_labels=False, on_part=on_part)
     idx = r.index
-    t0 = time.perf_counter()
-    path = write_ranks(iter_parts(r), out, idx)
+    t0, c0 = time.perf_counter(), time.process_time()
+    merge: dict[str, float] = {}
+    path = write_ranks(iter_parts(r), out, idx, merge)
     stats = result(r, {"split": split, "impressions": int(idx["ids"].size), "out": str(path)})
     stats["seconds"]["merge"] = round(time.perf_counter() - t0, 3)
+    stats["cpu_seconds"]["merge"] = round(time.process_time() - c0, 3)  # this process only
+    stats["merge_seconds"] = merge_stages(time.perf_counter() - t0, merge)
     atomic_write_json(r.out_dir / "prediction.json", stats)
     say(f"wrote {path} ({idx['ids'].size} impressions)")
     return path
 
 
 def write_ranks(
-    parts: Iterable[dict[str, np.ndarray]], out: str | Path, index: dict[str, np.ndarray]
+    parts: Iterable[dict[str, np.ndarray]],
+    out: str | Path,
+    index: dict[str, np.ndarray],
+    seconds: dict[str, float] | None = None,
 ) -> Path:
     """The validated ``prediction.zip`` of scored parts (``ids``, ``sizes``, flat ``scores``)
-    in the split's order, each impression ranked by the tie rule; written atomically."""
+    in the split's order, each impression ranked by the tie rule; written atomically, a part
+    at a time (:func:`~mtrec_dist.eval.submission.write_prediction_blocks`). ``seconds``
+    receives ``rank`` (ranking) and ``write`` (checks, formatting, deflate) seconds."""
+    seconds = {} if seconds is None else seconds
+    seconds.setdefault("rank", 0.0)
 
-    def lines() -> Iterator[tuple[str, list[int]]]:
+    def blocks() -> Iterator[Block]:
         for d in parts:
-            ranks = ranks_of(d["scores"], d["sizes"]).tolist()
-            start = 0
-            for imp, size in zip(d["ids"].tolist(), d["sizes"].tolist()):
-                yield imp, ranks[start : start + size]
-                start += size
+            t0 = time.perf_counter()
+            ranks = ranks_of(d["scores"], d["sizes"])
+            seconds["rank"] += time.perf_counter() - t0
+            yield d["ids"], d["sizes"], ranks
 
-    return write_prediction(lines(), out, index["ids"].tolist(), index["sizes"].tolist())
+    return write_prediction_blocks(blocks(), out, index["ids"], index["sizes"], seconds)
+
+
+def merge_stages(total: float, seconds: dict[str, float]) -> dict[str, float]:
+    """The merge's seconds by stage: ``read_parts`` (loading and checking the part files: the
+    rest of ``total``), ``rank``, ``write`` (checks, formatting, deflate)."""
+    out = {"read_parts": total - seconds.get("rank", 0.0) - seconds.get("write", 0.0)}
+    out |= {k: seconds.get(k, 0.0) for k in ("rank", "write")}
+    return {k: round(v, 3) for k, v in out.items()}

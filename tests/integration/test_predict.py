@@ -607,3 +607,88 @@ def _cli(capsys):
         return capsys.readouterr().out
 
     return mtrec
+
+
+# ============================================================================ the fast path
+
+
+def test_prediction_equals_per_impression_scores_ranked_by_scipy(data, run1):
+    """MTRec's prediction.txt (the factored scorer, ranks and lines built in bulk) == each
+    impression scored alone by model(batch), ranked by scipy (ordinal: a tie in candidate
+    order) and formatted line by line; variable candidate counts (10-32) and all-tied
+    impressions (no history) included."""
+    from scipy.stats import rankdata
+
+    from mtrec_dist.data.batch import collate
+    from mtrec_dist.eval.factored import attention_dot_scorer
+
+    base, cfg, manifest = data
+    run, _, pred = run1
+    model, *_ = load_run(run)
+    assert attention_dot_scorer(model, np.zeros((3, model.encoder.hidden_size))) is not None
+    table = NewsTable(cfg.prepared_dir)
+    want, sizes, all_tied = [], set(), 0
+    with torch.no_grad():
+        for s in eval_impressions(cfg.prepared_dir, "test"):
+            scores = model.eval()(collate([s], table)).scores[0].numpy().astype(np.float64)
+            gaps = np.abs(scores[:, None] - scores[None, :])[np.triu_indices(len(scores), 1)]
+            if len(s.hist) == 0:  # no history: the zero user vector, every score 0
+                assert not scores.any()
+                all_tied += 1
+            else:  # no near tie that float32 rounding could flip
+                assert gaps.min() > 1e-5 * np.abs(scores).max()  # float32 noise ~1e-7
+            ranks = rankdata(-scores, method="ordinal").astype(int)
+            want.append(f"{s.impression_id} [{','.join(map(str, ranks))}]")
+            sizes.add(len(scores))
+    assert _txt(pred).decode().splitlines() == want
+    assert len(sizes) > 5 and all_tied > 0
+
+
+def test_factored_and_general_paths_write_the_same_file(data, run1, monkeypatch):
+    """The general path (model.score_news_vectors in length-sorted batches, what every other
+    model takes) gives the same prediction.txt as the factored MTRec scorer."""
+    base, cfg, manifest = data
+    run, _, pred = run1
+    monkeypatch.setattr(engine, "attention_dot_scorer", lambda model, vectors: None)
+    general = predict(copy_run(run, "run_general"), "test", out=base / "general.zip", num_workers=1)
+    assert _txt(general) == _txt(pred)
+    assert general.read_bytes() == pred.read_bytes()
+
+
+def test_bench_eval_on_tiny_data_encodes_each_news_once(data, tmp_path):
+    """bench/bench_eval.py end to end: every distinct test news (read here from the raw
+    behaviors.tsv: the last history_len clicks and every candidate) encoded exactly once, and
+    its figures are the stated quotients."""
+    import importlib.util
+
+    base, cfg, manifest = data
+    spec = importlib.util.spec_from_file_location("bench_eval", ROOT / "bench/bench_eval.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "eval.json"
+    argv = ["--prepared", str(cfg.prepared_dir), "--encoder", "tiny", "--workers", "1"]
+    res = bench.main([*argv, "--work", str(tmp_path), "--out", str(out)])
+    assert json.loads(out.read_text()) == res
+
+    raw = base / "raw/test"
+    known = {ln.split("\t")[0] for ln in (raw / "news.tsv").read_text().splitlines() if ln}
+    seen = set()
+    for ln in (raw / "behaviors.tsv").read_text().splitlines():
+        _, _, _, hist, imps = ln.split("\t")
+        seen.update(hist.split()[-cfg.data.history_len :])  # the clicks prepare keeps
+        seen.update(i.split("-")[0] for i in imps.split())
+    distinct = len(seen & known) + (1 if seen - known else 0)  # missing news: one empty row
+    assert res["news_encoded"] == res["news_needed"] == distinct
+    assert res["max_encodes_per_news"] == 1
+
+    n = manifest["splits"]["test"]["impressions"]
+    assert res["impressions"] == n and res["parts"] == 4 and res["impressions_per_part"] == 25
+    cpu, wall = res["stage_cpu_s"], res["stage_wall_s"]
+    assert set(wall) == set(cpu) == {"index", "encode", "score", "merge"}
+    assert set(res["merge_wall_s"]) == {"read_parts", "rank", "write"}
+    whole_cpu = cpu["score"] + cpu["merge"]
+    whole_wall = wall["score"] + wall["merge"]
+    assert res["whole"] == {"wall_s": round(whole_wall, 3), "cpu_s": round(whole_cpu, 3)}
+    assert res["impressions_per_cpu_s"] == round(n / whole_cpu, 1)
+    assert res["impressions_per_s_per_core"] == round(n / (whole_wall * res["cores_used"]), 1)
+    assert "merge" in res["divided_by"] and res["is_large_test_split"] is False

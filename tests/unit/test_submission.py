@@ -178,3 +178,60 @@ def test_writer_refuses_an_id_the_leaderboard_would_split(tmp_path):
     out = write_prediction([("003", [2, 1]), ("3", [1])], tmp_path / "p.zip", ["003", "3"])
     with zipfile.ZipFile(out) as zf:
         assert zf.read("prediction.txt").decode() == "003 [2,1]\n3 [1]\n"
+
+
+# ------------------------------------------------------------------ the bulk (block) writer
+
+
+def test_format_block_equals_one_line_at_a_time():
+    """format_block's bytes == format_line per line: multi-digit ranks (1..12,345), ids of
+    other lengths and non-ASCII ids, an empty rank list."""
+    from mtrec_dist.eval.submission import format_block, format_line
+
+    rng = np.random.default_rng(0)
+    sizes = np.array([1, 12345, 3, 0, 101, 9, 10, 2])
+    ids = np.array(["7", "003", "Ä1", "x", "12345678901234567890", "é", "10", "9"])
+    ranks = [rng.permutation(n) + 1 for n in sizes]
+    got = format_block(ids, sizes, np.concatenate(ranks))
+    want = "".join(format_line(i, r.tolist()) + "\n" for i, r in zip(ids.tolist(), ranks))
+    assert got == want.encode("utf-8")
+    assert got.decode().splitlines()[3] == "x []"
+
+
+@pytest.mark.parametrize(
+    "lines, named",
+    [
+        (GOOD[:2] + [GOOD[1]] + GOOD[2:], "impression 2: appears more than once"),
+        (GOOD[:2] + [("3", [4, 3, 3, 1])] + GOOD[3:], "impression 3: ranks .* not a permutation"),
+        (GOOD[:3] + [("10", [2])], "impression 10: ranks .* not a permutation"),
+        (GOOD[:3] + [("99", [1])], "impression 99 .* not an expected impression"),
+        (GOOD + [("11", [1])], "impression 11: line 5 is beyond"),
+    ],
+)
+def test_block_writer_names_the_line_in_a_later_block(tmp_path, monkeypatch, lines, named):
+    """Blocks of 2 lines: the first bad line is named as the per-line checks name it, also
+    when it is not in the first block."""
+    from mtrec_dist.eval import submission
+
+    monkeypatch.setattr(submission, "LINES_PER_BLOCK", 2)
+    with pytest.raises(PredictionError, match=named):
+        write_prediction(lines, tmp_path / "p.zip", IDS, SIZES)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_block_writer_reads_blocks_of_arrays(tmp_path):
+    from mtrec_dist.eval.submission import write_prediction_blocks
+
+    blocks = [
+        (np.array(["1", "2"]), np.array([3, 2]), np.array([2, 1, 3, 1, 2])),
+        (np.array(["3", "10"]), np.array([4, 1]), np.array([4, 3, 2, 1, 1])),
+    ]
+    seconds: dict = {}
+    out = write_prediction_blocks(blocks, tmp_path / "p.zip", IDS, SIZES, seconds)
+    with zipfile.ZipFile(out) as zf:
+        assert zf.read("prediction.txt").decode() == "1 [2,1,3]\n2 [1,2]\n3 [4,3,2,1]\n10 [1]\n"
+    assert set(seconds) == {"write"}
+    with pytest.raises(PredictionError, match="impression 10: 2 ranks, expected 1"):
+        bad = blocks[:1] + [(np.array(["3", "10"]), np.array([4, 2]), np.array([4, 3, 2, 1, 1, 2]))]
+        write_prediction_blocks(bad, tmp_path / "q.zip", IDS, SIZES)
+    assert not (tmp_path / "q.zip").exists()

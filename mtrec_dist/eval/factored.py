@@ -1,0 +1,136 @@
+"""Scoring MTRec-family models from cached news vectors without a user-encoder pass per slot.
+
+MTRec's user vector is additive attention over the clicked news vectors (eq. 1), its score a
+dot product (eq. 2)::
+
+    a_i = q . tanh(W r_i + b)        w = softmax(a) over the history        u = sum_i w_i r_i
+    s_j = (r_j . u) * scale
+
+The logit ``a_i`` depends on the news alone. With the news vectors fixed (evaluation) it is
+computed once per news row, ``[N, D] x [D, Q]``, instead of once per history slot of every
+impression (``[impressions x H, D] x [D, Q]``, most of the old scoring time). What is left per
+impression is a softmax over at most H scalars, one sparse row of ``W [impressions, N] @ V``
+(the user vectors; ``W`` holds the attention weights at the history's news rows) and one
+sampled dot product per candidate (``torch.sparse.sampled_addmm``: only the entries of
+``U @ V^T`` at the (impression, candidate) pairs). No padded ``[B, H, D]`` or ``[B, C, D]``
+tensor is built, so no batching by length is needed.
+
+Given the per-news logits (computed over the whole news table in fixed chunks, so the same on
+every worker), every score is a function of its impression alone (each softmax row, sparse row
+and sampled dot product is computed on its own), so the scores do not depend on how
+impressions are grouped into chunks, parts or workers. They equal ``model.score_news_vectors`` up to float32 rounding
+(other summation order); the evaluator's tests compare both.
+
+Which models: those whose ``score_news_vectors`` is MTRec's own and whose user encoder is
+exactly the additive-attention one (``mtrec``, ``bert``, ``mtrec_amf``, ``bert_amf``);
+:func:`attention_dot_scorer` returns None for every other model, which keeps the general path.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+CHUNK = 8192  # impressions per sparse product (bounds the [chunk, D] user vectors' memory)
+LOGIT_CHUNK = 8192  # news rows per attention-logit product
+
+
+def _csr(n_rows: int, rows: np.ndarray, cols: np.ndarray, n_cols: int) -> tuple:
+    """CSR index arrays of (row, col) pairs, sorted by row then column, duplicates merged ->
+    (crow [n_rows + 1], col [nnz], inverse [pairs] = each pair's entry)."""
+    key, inverse = np.unique(rows * np.int64(n_cols) + cols, return_inverse=True)
+    crow = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(key // n_cols, minlength=n_rows), out=crow[1:])
+    return torch.from_numpy(crow), torch.from_numpy(key % n_cols), torch.from_numpy(inverse)
+
+
+def _sparse_csr(crow, col, values, size: tuple[int, int]) -> torch.Tensor:
+    """A CSR tensor, its index invariants checked (sorted, unique columns per row)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=True)
+
+
+class AttentionDotScorer:
+    """Scores of MTRec-family models from the news vectors ``[N, D]`` (see the module text)."""
+
+    def __init__(self, attention: torch.nn.Module, scale: float, vectors: np.ndarray):
+        """``attention``: the model's ``AdditiveAttention`` (``proj``, ``query``); ``scale``:
+        the model's ``score_scale``; ``vectors``: every news row's vector (rows not needed may
+        be anything finite)."""
+        with warnings.catch_warnings():  # a read-only memory map: only ever read here
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            self.vectors = torch.from_numpy(np.asarray(vectors, dtype=np.float32))  # [N, D]
+        self.scale = float(scale)
+        n = self.vectors.shape[0]
+        logits = torch.empty(n, dtype=torch.float32)
+        with torch.no_grad():
+            for i in range(0, n, LOGIT_CHUNK):  # fixed chunks: the same logits on every worker
+                v = self.vectors[i : i + LOGIT_CHUNK]
+                logits[i : i + LOGIT_CHUNK] = torch.tanh(attention.proj(v)) @ attention.query
+        self.logits = logits  # [N] a_i of every news row
+
+    def scores(
+        self, hist: np.ndarray, hist_len: np.ndarray, cand: np.ndarray, sizes: np.ndarray
+    ) -> np.ndarray:
+        """Flat float32 scores of impressions given as flat arrays: history rows ``hist``
+        (``hist_len[i]`` per impression, oldest first) and candidate rows ``cand``
+        (``sizes[i]`` per impression), in impression and candidate order."""
+        hist_len = np.asarray(hist_len, dtype=np.int64)
+        sizes = np.asarray(sizes, dtype=np.int64)
+        h_off = np.concatenate([[0], np.cumsum(hist_len)])
+        c_off = np.concatenate([[0], np.cumsum(sizes)])
+        out = np.empty(int(c_off[-1]), dtype=np.float32)
+        for lo in range(0, hist_len.size, CHUNK):
+            hi = min(lo + CHUNK, hist_len.size)
+            out[c_off[lo] : c_off[hi]] = self._chunk(
+                np.asarray(hist[h_off[lo] : h_off[hi]], dtype=np.int64),
+                hist_len[lo:hi],
+                np.asarray(cand[c_off[lo] : c_off[hi]], dtype=np.int64),
+                sizes[lo:hi],
+            )
+        return out
+
+    @torch.no_grad()
+    def _chunk(
+        self, hist: np.ndarray, hist_len: np.ndarray, cand: np.ndarray, sizes: np.ndarray
+    ) -> np.ndarray:
+        n, n_news = hist_len.size, self.vectors.shape[0]
+        # attention weights: softmax over each history, as masked_softmax on a padded [n, H]
+        imp_h = np.repeat(np.arange(n), hist_len)
+        slot = np.arange(hist.size) - np.repeat(np.cumsum(hist_len) - hist_len, hist_len)
+        H = max(int(hist_len.max()) if n else 0, 1)
+        logits = torch.full((n, H), torch.finfo(torch.float32).min)
+        mask = torch.zeros((n, H), dtype=torch.bool)
+        ih, sl = torch.from_numpy(imp_h), torch.from_numpy(slot)
+        logits[ih, sl] = self.logits[torch.from_numpy(hist)]
+        mask[ih, sl] = True
+        weights = (torch.softmax(logits, dim=1) * mask)[ih, sl]  # [hist slots]
+        # user vectors: U = W @ V, W [n, N] sparse (a news clicked twice: weights summed)
+        crow, col, inv = _csr(n, imp_h, hist, n_news)
+        w = torch.zeros(col.numel(), dtype=torch.float32).index_add_(0, inv, weights)
+        W = _sparse_csr(crow, col, w, (n, n_news))
+        users = W @ self.vectors  # [n, D]
+        # scores: U @ V^T at the (impression, candidate) pairs only
+        crow, col, inv = _csr(n, np.repeat(np.arange(n), sizes), cand, n_news)
+        pattern = _sparse_csr(crow, col, torch.zeros(col.numel()), (n, n_news))
+        s = torch.sparse.sampled_addmm(pattern, users, self.vectors.T, beta=0.0).values()
+        return (s[inv] * self.scale).numpy()
+
+
+def attention_dot_scorer(model: torch.nn.Module, vectors: np.ndarray) -> AttentionDotScorer | None:
+    """The factored scorer for ``model``, or None when its scores are not MTRec's additive
+    attention + dot product (then the evaluator calls ``model.score_news_vectors``)."""
+    from mtrec_dist.models.mtrec import MTRec
+    from mtrec_dist.models.user import AdditiveAttention, AttentionUserEncoder
+
+    if not isinstance(model, MTRec):
+        return None
+    if type(model).score_news_vectors is not MTRec.score_news_vectors:
+        return None
+    user = model.user_encoder
+    if type(user) is not AttentionUserEncoder or type(user.attention) is not AdditiveAttention:
+        return None
+    return AttentionDotScorer(user.attention, model.score_scale, vectors)
