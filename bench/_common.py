@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -102,6 +102,30 @@ def distinct_real_titles(batch: Batch) -> int:
         ]
     )
     return int(rows.unique().numel())
+
+
+def title_counts(batches: Iterable[Batch]) -> dict[str, float]:
+    """Titles per real slot over ``batches``: ``encoded`` = titles the encoder runs on
+    (``num_titles``: distinct rows, the padding title included), ``distinct`` = distinct news
+    among the real slots, ``naive`` = 1 (a batch without de-duplication encodes each real slot
+    once; its padding slots are not counted). Each is summed over the batches, then divided
+    by the summed real slots."""
+    samples = slots = encoded = distinct = n = 0
+    for b in batches:
+        n += 1
+        samples += int(b.sample_mask.sum())
+        slots += real_slots(b)
+        encoded += b.num_titles
+        distinct += distinct_real_titles(b)
+    return {
+        "batches": n,
+        "real_samples": samples,
+        "real_slots": slots,
+        "real_slots_per_sample": slots / max(samples, 1),
+        "encoded_per_real_slot": encoded / max(slots, 1),
+        "distinct_per_real_slot": distinct / max(slots, 1),
+        "naive_over_encoded": slots / max(encoded, 1),
+    }
 
 
 def batch_shape(batches: list[Batch]) -> dict[str, float]:

@@ -17,6 +17,7 @@ from _common import (  # noqa: E402
     loader_batches,
     ratio,
     real_slots,
+    title_counts,
 )
 
 
@@ -133,3 +134,19 @@ def test_loader_batches_are_the_training_stream(tiny_data):
     assert all(np.array_equal(g.tokens, w.tokens) for g, w in zip(got, want))
     with pytest.raises(ValueError, match=r"gives \d+ batches of 8, 100000 asked"):
         loader_batches(prepared, batch_size=8, n=100_000)
+
+
+def test_title_counts_by_hand():
+    got = title_counts([_batch(), _batch(missing_row0=True)])
+    # 14 real slots each; encoded 10 + 9 titles; distinct real 9 + 9
+    assert got == {
+        "batches": 2,
+        "real_samples": 6,
+        "real_slots": 28,
+        "real_slots_per_sample": 28 / 6,
+        "encoded_per_real_slot": 19 / 28,
+        "distinct_per_real_slot": 18 / 28,
+        "naive_over_encoded": 28 / 19,
+    }
+    naive = title_counts([_batch(dedup=False)])
+    assert naive["encoded_per_real_slot"] == 24 / 14  # padding slots encoded too
