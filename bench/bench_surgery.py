@@ -158,7 +158,7 @@ def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
     import deepspeed
 
-    from mtrec_dist.utils import atomic_write_json
+    from mtrec_dist.utils import Progress, atomic_write_json
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
@@ -166,9 +166,11 @@ def main() -> None:
     prepared = Path(a.prepared)
     batches = loader_batches(prepared, batch_size=a.batch, n=a.batches)
     runs: dict[str, list[dict]] = {c: [] for c in CONFIGS}
+    prog = Progress("surgery runs", a.repeats * len(CONFIGS), "runs", every=0.0)
     for _ in range(a.repeats):
         for c in CONFIGS:
             runs[c].append(run_config(prepared, a.encoder, c, batches, a.steps, a.warmup))
+            prog.update(extra=f"{c}: {runs[c][-1]['cpu_s_total']:.1f} CPU s")
     res = {
         "encoder": a.encoder,
         "zero_stage": 2,
