@@ -20,6 +20,7 @@ title lengths, repeats and padding the data has.
 
 from __future__ import annotations
 
+import socket
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -28,6 +29,14 @@ from pathlib import Path
 import torch
 
 from mtrec_dist.data.batch import Batch
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now: benchmarks that start ``torch.distributed`` take one
+    each, so two of them (or a test run) on the same machine do not collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class Stopwatch:

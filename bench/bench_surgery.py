@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import Stopwatch, batch_shape, loader_batches, ratio  # noqa: E402
+from _common import Stopwatch, batch_shape, free_port, loader_batches, ratio  # noqa: E402
 
 from mtrec_dist.data.batch import Batch  # noqa: E402
 
@@ -150,7 +150,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=os.environ.get("MASTER_PORT", "29561"),
+        MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()),
         RANK="0",
         LOCAL_RANK="0",
         WORLD_SIZE="1",

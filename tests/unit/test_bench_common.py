@@ -14,6 +14,7 @@ from _common import (  # noqa: E402
     Stopwatch,
     batch_shape,
     distinct_real_titles,
+    free_port,
     loader_batches,
     ratio,
     real_slots,
@@ -150,3 +151,12 @@ def test_title_counts_by_hand():
     }
     naive = title_counts([_batch(dedup=False)])
     assert naive["encoded_per_real_slot"] == 24 / 14  # padding slots encoded too
+
+
+def test_free_port_can_be_bound():
+    import socket
+
+    port = free_port()
+    assert 1024 <= port <= 65535
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # raises if it were taken
