@@ -1,7 +1,8 @@
 """Model step cost per real sample, and the titles that de-duplication saves per real slot.
 
     python bench/bench_models.py --prepared DIR [--batch 8] [--batches 4] [--encoders tiny,minilm]
-        [--threads 1] [--dedup-batch-sizes 8,32] [--dedup-samples 0] [--out FILE]
+        [--models mtrec,bert,...] [--threads 1] [--dedup-batch-sizes 8,32] [--dedup-samples 0]
+        [--out FILE]
 
 DIR is a prepared folder with a ``train`` split (``mtrec prepare``; MIND-shaped data: synthetic
 ``--scale large`` or MIND itself). Both parts read batches from the real training stream
@@ -70,12 +71,12 @@ def time_model(model: torch.nn.Module, batches: list[Batch]) -> dict:
     return {**sw.summary(skip=1), "tasks": sorted(res.losses)}
 
 
-def time_models(prepared: Path, encoder: str, batches: list[Batch]) -> dict:
+def time_models(prepared: Path, encoder: str, batches: list[Batch], names: list[str]) -> dict:
     samples = sum(int(b.sample_mask.sum()) for b in batches)
     slots = title_counts(batches)["real_slots"]
     out: dict = {}
-    prog = Progress(f"models on {encoder}", len(MODEL_NAMES), "models", every=1.0)
-    for name in MODEL_NAMES:
+    prog = Progress(f"models on {encoder}", len(names), "models", every=1.0)
+    for name in names:
         try:
             r = time_model(build(prepared, name, encoder), batches)
         except Exception as e:  # a model this folder cannot feed: say so, go on
@@ -123,7 +124,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench/results/models.json"))
     ap.add_argument("--batch", type=int, default=8, help="samples per timed batch")
     ap.add_argument("--batches", type=int, default=4, help="timed batches per model")
-    ap.add_argument("--encoders", default="tiny,minilm")
+    ap.add_argument("--encoders", default="tiny,minilm", help="'' = no timing")
+    ap.add_argument("--models", default=",".join(MODEL_NAMES), help="models to time (bert first)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU figures per them)")
     ap.add_argument("--dedup-batch-sizes", default="8,32")
     ap.add_argument("--dedup-samples", type=int, default=0, help="0 = the whole epoch")
@@ -145,8 +147,9 @@ def main() -> None:
         "timed_batches": {"batch_size": args.batch, **batch_shape(batches)},
         "fwd_bwd": {},
     }
-    for enc in args.encoders.split(","):
-        result["fwd_bwd"][enc] = time_models(prepared, enc, batches)
+    names = args.models.split(",")
+    for enc in [e for e in args.encoders.split(",") if e]:
+        result["fwd_bwd"][enc] = time_models(prepared, enc, batches, names)
         atomic_write_json(args.out, result)  # partial results survive a slow later part
     if not args.skip_dedup:
         result["titles_per_real_slot"] = {
