@@ -71,10 +71,13 @@ def time_model(model: torch.nn.Module, batches: list[Batch]) -> dict:
     return {**sw.summary(skip=1), "tasks": sorted(res.losses)}
 
 
-def time_models(prepared: Path, encoder: str, batches: list[Batch], names: list[str]) -> dict:
+def time_models(
+    prepared: Path, encoder: str, batches: list[Batch], names: list[str], out: dict, save
+) -> None:
+    """Fill ``out[name]`` model by model, calling ``save()`` after each (a slow model later
+    in the list does not lose the figures before it)."""
     samples = sum(int(b.sample_mask.sum()) for b in batches)
     slots = title_counts(batches)["real_slots"]
-    out: dict = {}
     prog = Progress(f"models on {encoder}", len(names), "models", every=1.0)
     for name in names:
         try:
@@ -87,13 +90,13 @@ def time_models(prepared: Path, encoder: str, batches: list[Batch], names: list[
             r[f"{clock}_s_per_real_sample"] = r[f"{clock}_s_total"] / samples
             r[f"{clock}_s_per_real_slot"] = r[f"{clock}_s_total"] / slots
         out[name] = r
+        ref = out.get("bert")
+        if ref and "error" not in ref:
+            for v in out.values():
+                if "error" not in v:
+                    v["vs_bert"] = ratio(v, ref)
+        save()
         prog.update(extra=name)
-    ref = out.get("bert")
-    if ref and "error" not in ref:
-        for v in out.values():
-            if "error" not in v:
-                v["vs_bert"] = ratio(v, ref)
-    return out
 
 
 def dedup_counts(prepared: Path, batch_sizes: list[int], max_samples: int) -> dict:
@@ -149,8 +152,11 @@ def main() -> None:
     }
     names = args.models.split(",")
     for enc in [e for e in args.encoders.split(",") if e]:
-        result["fwd_bwd"][enc] = time_models(prepared, enc, batches, names)
-        atomic_write_json(args.out, result)  # partial results survive a slow later part
+        result["fwd_bwd"][enc] = {}
+        time_models(
+            prepared, enc, batches, names, result["fwd_bwd"][enc],
+            save=lambda: atomic_write_json(args.out, result),  # partial results survive
+        )  # fmt: skip
     if not args.skip_dedup:
         result["titles_per_real_slot"] = {
             "samples": args.dedup_samples or "whole epoch",
