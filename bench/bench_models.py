@@ -32,6 +32,7 @@ import argparse
 import os
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,7 +73,12 @@ def time_model(model: torch.nn.Module, batches: list[Batch]) -> dict:
 
 
 def time_models(
-    prepared: Path, encoder: str, batches: list[Batch], names: list[str], out: dict, save
+    prepared: Path,
+    encoder: str,
+    batches: list[Batch],
+    names: list[str],
+    out: dict,
+    save: Callable[[], None],
 ) -> None:
     """Fill ``out[name]`` model by model, calling ``save()`` after each (a slow model later
     in the list does not lose the figures before it)."""
