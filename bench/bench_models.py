@@ -1,15 +1,29 @@
-"""Model step cost and the titles that de-duplication saves.
+"""Model step cost per real sample, and the titles that de-duplication saves per real slot.
 
-    python bench/bench_models.py --out bench/results/models.json [--prepared DIR] [--skip-minilm]
+    python bench/bench_models.py --prepared DIR [--batch 8] [--batches 4] [--encoders tiny,minilm]
+        [--models mtrec,bert,...] [--threads 1] [--dedup-batch-sizes 8,32] [--dedup-samples 0]
+        [--out FILE]
 
-1. Forward + backward (sum of every task loss) wall time per sample for each registered model
-   at one fixed batch: 8 samples, 50 history, K = 4 negatives, titles of 20 word pieces,
-   de-duplicated, on the tiny random BERT and on MiniLM-L6 (few iterations: slow on CPU).
-   The batch draws news by a Zipf law over 2,000 rows so that it repeats titles as real
-   clicks do. Ratios are against ``bert`` (single task) measured in the same run.
-2. Titles encoded per training sample with and without de-duplication on the synthetic
-   ``small`` training set (``mtrec_dist.data.synthetic.generate`` + ``shards.prepare`` +
-   ``stream.train_loader``), one full epoch at micro-batches 8 and 32.
+DIR is a prepared folder with a ``train`` split (``mtrec prepare``; MIND-shaped data: synthetic
+``--scale large`` or MIND itself). Both parts read batches from the real training stream
+(``train_loader``, epoch 0, seed 0, history 50, K = 4 negatives, de-duplicated), so history
+lengths, title lengths, repeated titles and padding are the data's own.
+
+1. **Step cost.** Forward + backward (sum of every task loss) of each registered model, built
+   by ``build_model`` from the folder's manifest, over the same ``--batches`` batches of
+   ``--batch`` samples (one untimed warm-up pass first). Reported per model: process CPU
+   seconds and wall seconds summed over those batches, each divided by the real samples they
+   hold (``*_per_real_sample``) and by their real slots (``*_per_real_slot``: real history +
+   real candidate slots); ratios against ``bert`` from the same run (CPU to CPU, wall to wall).
+   CPU time is this process's, all ``--threads`` torch threads together.
+2. **De-duplication.** Over the first ``--dedup-samples`` training samples (0 = the whole
+   epoch) at each batch size: titles the encoder runs on per real slot (de-duplicated:
+   ``encoded_per_real_slot``, which includes the padding title once per batch that has
+   padding), distinct news per real slot (``distinct_per_real_slot``), and the saving
+   ``naive_over_encoded`` = real slots / titles encoded. Without de-duplication the encoder
+   would run once per real slot; padding slots and padding samples are counted in neither.
+
+Writes bench/results/models.json (partial results after each part).
 """
 
 from __future__ import annotations
@@ -18,175 +32,144 @@ import argparse
 import os
 import platform
 import sys
-import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from mtrec_dist.config import ModelConfig  # noqa: E402
-from mtrec_dist.data.batch import NER_IGNORE, Sample, collate  # noqa: E402
-from mtrec_dist.hub import load_encoder  # noqa: E402
-from mtrec_dist.models.registry import MODEL_NAMES, MODELS  # noqa: E402
+from _common import Stopwatch, batch_shape, loader_batches, ratio, title_counts  # noqa: E402
+
+from mtrec_dist.config import Config  # noqa: E402
+from mtrec_dist.data.batch import Batch  # noqa: E402
+from mtrec_dist.data.prepared import load_manifest  # noqa: E402
+from mtrec_dist.models.registry import MODEL_NAMES, build_model  # noqa: E402
 from mtrec_dist.utils import Progress, atomic_write_json  # noqa: E402
 
-B, H, K, TITLE_LEN, N_NEWS, N_CAT, N_ENT = 8, 50, 4, 20, 2000, 18, 500
+HISTORY, NEG_K = 50, 4
 
 
-class _Table:
-    """Random news table with the NewsTable attributes ``collate`` reads (titles of 20)."""
-
-    def __init__(self, rng: np.random.Generator):
-        self.tokens = np.zeros((N_NEWS, TITLE_LEN), np.int64)
-        self.ner = np.full((N_NEWS, TITLE_LEN), NER_IGNORE, np.int64)
-        self.tokens[:, 0], self.tokens[:, -1] = 101, 102
-        self.tokens[:, 1:-1] = rng.integers(1000, 29000, (N_NEWS, TITLE_LEN - 2))
-        self.ner[:, 1:-1] = rng.integers(0, 3, (N_NEWS, TITLE_LEN - 2))
-        self.category = rng.integers(1, N_CAT, N_NEWS)
-        self.subcategory = np.zeros(N_NEWS, np.int64)
-        self.sentiment = rng.integers(0, 3, N_NEWS)
-        self.entities = rng.integers(0, N_ENT, (N_NEWS, 5))
+def build(prepared: Path, name: str, encoder: str) -> torch.nn.Module:
+    """Registered model ``name`` on ``encoder`` as the trainer builds it for ``prepared``."""
+    cfg = Config()
+    cfg.data.prepared, cfg.model.name, cfg.model.encoder = str(prepared), name, encoder
+    torch.manual_seed(0)
+    return build_model(cfg, load_manifest(prepared))
 
 
-def bench_batch(seed: int = 0):
-    rng = np.random.default_rng(seed)
-    table = _Table(rng)
-    p = 1.0 / np.arange(1, N_NEWS) ** 1.1
-    p /= p.sum()
-    draw = lambda n: 1 + rng.choice(N_NEWS - 1, size=n, p=p)  # noqa: E731
-    samples = [
-        Sample(i, draw(H), draw(1 + K), np.array([1.0] + [0.0] * K, np.float32)) for i in range(B)
-    ]
-    return collate(samples, table, batch_size=B, history_len=H)
+def time_model(model: torch.nn.Module, batches: list[Batch]) -> dict:
+    """Forward + backward of the summed task losses on each batch; the first pass is warm-up."""
+    model.train()
+    sw = Stopwatch()
+    for b in [batches[0], *batches]:
+        model.zero_grad(set_to_none=True)
+        with sw:
+            res = model(b)
+            sum(res.losses.values()).backward()
+    return {**sw.summary(skip=1), "tasks": sorted(res.losses)}
 
 
-def time_models(encoder: str, iters: int, batch) -> dict:
-    meta = {
-        "has_sentiment": False,
-        "vocab": {"category": N_CAT, "subcategory": 1, "entities": N_ENT},
-    }
-    out: dict = {}
-    prog = Progress(f"models on {encoder}", len(MODEL_NAMES), "models", every=1.0)
-    for name in MODEL_NAMES:
+def time_models(
+    prepared: Path,
+    encoder: str,
+    batches: list[Batch],
+    names: list[str],
+    out: dict,
+    save: Callable[[], None],
+) -> None:
+    """Fill ``out[name]`` model by model, calling ``save()`` after each (a slow model later
+    in the list does not lose the figures before it)."""
+    samples = sum(int(b.sample_mask.sum()) for b in batches)
+    slots = title_counts(batches)["real_slots"]
+    prog = Progress(f"models on {encoder}", len(names), "models", every=1.0)
+    for name in names:
         try:
-            torch.manual_seed(0)
-            model = MODELS[name](
-                ModelConfig(name=name, encoder=encoder), meta, load_encoder(encoder)
-            )
-            model.train()
-            times = []
-            for i in range(iters + 1):  # first = warm-up
-                model.zero_grad(set_to_none=True)
-                t0 = time.perf_counter()
-                res = model(batch)
-                sum(res.losses.values()).backward()
-                if i:
-                    times.append(time.perf_counter() - t0)
-        except Exception as e:  # another helper's model missing or broken: say so, go on
+            r = time_model(build(prepared, name, encoder), batches)
+        except Exception as e:  # a model this folder cannot feed: say so, go on
             out[name] = {"error": f"{type(e).__name__}: {e}"}
             prog.update()
             continue
-        out[name] = {
-            "s_per_sample": float(np.median(times)) / B,
-            "tasks": sorted(res.losses),
-            "iters": iters,
-        }
+        for clock in ("cpu", "wall"):
+            r[f"{clock}_s_per_real_sample"] = r[f"{clock}_s_total"] / samples
+            r[f"{clock}_s_per_real_slot"] = r[f"{clock}_s_total"] / slots
+        out[name] = r
+        ref = out.get("bert")
+        if ref and "error" not in ref:
+            for v in out.values():
+                if "error" not in v:
+                    v["vs_bert"] = ratio(v, ref)
+        save()
         prog.update(extra=name)
-    ref = out.get("bert", {}).get("s_per_sample")
-    for v in out.values():
-        if ref and "s_per_sample" in v:
-            v["ratio_vs_bert"] = v["s_per_sample"] / ref
-    return out
 
 
-def dedup_titles(prepared: Path, batch_sizes: tuple[int, ...]) -> dict:
+def dedup_counts(prepared: Path, batch_sizes: list[int], max_samples: int) -> dict:
+    """:func:`title_counts` over the training stream's first ``max_samples`` samples (0 = all)."""
     from mtrec_dist.data.stream import train_loader
 
     out = {}
     for bs in batch_sizes:
-        row = {}
-        for dedup in (True, False):
-            loader = train_loader(
-                prepared, rank=0, world_size=1, batch_size=bs, epoch=0, seed=0,
-                history_len=50, loader_workers=0, dedup=dedup,
-            )  # fmt: skip
-            titles = real_slots = samples = 0
-            prog = Progress(f"stream bs={bs} dedup={dedup}", len(loader), "batches")
-            for b in loader:
-                n = int(b.sample_mask.sum())
-                samples += n
-                titles += b.num_titles
-                real_slots += int(b.hist_mask.sum() + b.cand_mask.sum())
+        loader = train_loader(
+            prepared, rank=0, world_size=1, batch_size=bs, epoch=0, seed=0,
+            history_len=HISTORY, neg_k=NEG_K, loader_workers=0,
+        )  # fmt: skip
+        n_batches = len(loader) if not max_samples else min(len(loader), -(-max_samples // bs))
+        prog = Progress(f"titles at batch {bs}", n_batches, "batches")
+
+        def stream(loader=loader, n=n_batches, prog=prog):
+            for _, b in zip(range(n), loader):
                 prog.update()
-            key = "dedup" if dedup else "naive"
-            row[key] = titles / max(samples, 1)
-            row["real_slots_per_sample"] = real_slots / max(samples, 1)
-            row["samples"] = samples
-        row["reduction"] = row["naive"] / row["dedup"]
-        out[f"batch_{bs}"] = row
-    return out
+                yield b
 
-
-def prepare_small(work: Path) -> Path:
-    from mtrec_dist.config import Config
-    from mtrec_dist.data.shards import prepare
-    from mtrec_dist.data.synthetic import generate
-
-    raw, out = work / "raw", work / "prepared"
-    generate(raw, scale="small")
-    cfg = Config()
-    cfg.data.root, cfg.data.prepared, cfg.data.splits = str(raw), str(out), ["train"]
-    cfg.model.encoder = "minilm"
-    prepare(cfg)
+        out[f"batch_{bs}"] = title_counts(stream())
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prepared", required=True, help="prepared folder with a train split")
     ap.add_argument("--out", default=str(ROOT / "bench/results/models.json"))
-    ap.add_argument("--prepared", default="", help="reuse a prepared synthetic small folder")
-    ap.add_argument("--tiny-iters", type=int, default=5)
-    ap.add_argument("--minilm-iters", type=int, default=2)
-    ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--batch", type=int, default=8, help="samples per timed batch")
+    ap.add_argument("--batches", type=int, default=4, help="timed batches per model")
+    ap.add_argument("--encoders", default="tiny,minilm", help="'' = no timing")
+    ap.add_argument("--models", default=",".join(MODEL_NAMES), help="models to time (bert first)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU figures per them)")
+    ap.add_argument("--dedup-batch-sizes", default="8,32")
+    ap.add_argument("--dedup-samples", type=int, default=0, help="0 = the whole epoch")
     ap.add_argument("--skip-dedup", action="store_true")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    prepared = Path(args.prepared)
 
-    batch = bench_batch()
-    time_models("tiny", 1, batch)  # warm-up: lazy init, allocator, thread pools
+    batches = loader_batches(prepared, batch_size=args.batch, n=args.batches, history_len=HISTORY)
     result: dict = {
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "torch": torch.__version__,
+            "torch_threads": args.threads,
         },
-        "batch": {
-            "samples": B,
-            "history": H,
-            "neg_k": K,
-            "title_len": TITLE_LEN,
-            "unique_titles": batch.num_titles,
-            "slots": B * (H + 1 + K),
-        },  # fmt: skip
-        "fwd_bwd": {"tiny": time_models("tiny", args.tiny_iters, batch)},
+        "prepared": str(prepared),
+        "command": "python bench/bench_models.py " + " ".join(sys.argv[1:]),
+        "timed_batches": {"batch_size": args.batch, **batch_shape(batches)},
+        "fwd_bwd": {},
     }
-    atomic_write_json(args.out, result)  # partial results survive a slow later phase
-    if not args.skip_minilm:
-        result["fwd_bwd"]["minilm"] = time_models("minilm", args.minilm_iters, batch)
-    atomic_write_json(args.out, result)
+    names = args.models.split(",")
+    for enc in [e for e in args.encoders.split(",") if e]:
+        result["fwd_bwd"][enc] = {}
+        time_models(
+            prepared, enc, batches, names, result["fwd_bwd"][enc],
+            save=lambda: atomic_write_json(args.out, result),  # partial results survive
+        )  # fmt: skip
     if not args.skip_dedup:
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                prepared = Path(args.prepared) if args.prepared else prepare_small(Path(tmp))
-                result["titles_per_sample"] = {
-                    "dataset": "synthetic small (train split), one epoch, history 50, K=4",
-                    **dedup_titles(prepared, (8, 32)),
-                }
-        except ImportError as e:
-            result["titles_per_sample"] = {"error": f"data modules missing: {e}"}
+        result["titles_per_real_slot"] = {
+            "samples": args.dedup_samples or "whole epoch",
+            **dedup_counts(
+                prepared, [int(x) for x in args.dedup_batch_sizes.split(",")], args.dedup_samples
+            ),
+        }
     atomic_write_json(args.out, result)
     import json
 

@@ -1,216 +1,196 @@
-"""Cost of the fused surgery: MTRec step (2 groups, mtrec) vs single-task step (1 group, none).
+"""Cost of the fused surgery: the MTRec step (2 gradient groups, surgery ``mtrec``) against the
+BERT-baseline step (1 group), on batches from the real training stream.
 
-Single process, DeepSpeed ZeRO-2 fp32 (CUDA when there is one, else CPU), every ratio measured
-side by side in one run (performance.md), each configuration run twice, the faster kept:
+    python bench/bench_surgery.py --prepared DIR [--encoder minilm] [--batch 8] [--batches 4]
+        [--steps 8] [--warmup 2] [--repeats 2] [--threads 1] [--out FILE]
 
-* ``registered_models``: the registered ``mtrec`` (groups main + aux, surgery ``mtrec``) vs the
-  ``bert`` baseline (main only) on the models benchmark's recommendation batch: the issue's
-  "MTRec step / BERT-baseline step" (target <= 1.8x; floor ~1.67x = one forward and two
-  backward passes vs one of each, when the encoder dominates);
-* the same encoder + heads with all three losses in one group vs two groups: the cost of the
-  second backward alone, at a larger title batch (``--batch`` x ``--seq``).
+DIR is a prepared folder with a ``train`` split (MIND-shaped: synthetic ``--scale large`` or
+MIND). The timed batches are the first ``--batches`` batches of ``--batch`` samples of its
+training stream (epoch 0, seed 0, history 50, K = 4, de-duplicated), so history lengths, title
+lengths and repeats are the data's; every configuration runs the same ``--warmup`` + ``--steps``
+steps over them, cycling. Single process, DeepSpeed ZeRO-2 fp32 (CUDA when there is one, else
+CPU with ``--threads`` torch threads). A step is forward + every group's backward + surgery +
+``engine.step()``.
 
-"surgery share" is everything MultiTaskGradients does beyond DeepSpeed's backward and step
-(copy-out of the held group, Gram, combination), over the MTRec step time (target <= 3%);
-"extra_over_partition" is its buffer over this rank's gradient partition (target <= T-1 = 1).
+Configurations, alternated ``--repeats`` times in one run (a fresh engine each time):
 
-    .venv/bin/python bench/bench_surgery.py [--encoder minilm] [--steps 10] [--batch 32]
-Writes bench/results/surgery.json.
+* ``bert``: the registered ``bert`` baseline, group ``main`` only, surgery ``none``;
+* ``mtrec_one_group``: the registered ``mtrec`` with all its losses in one group (main + 0.3 x
+  (category + ner)), surgery ``none``: the same forward as MTRec, one backward;
+* ``mtrec``: the registered ``mtrec``, groups main and aux, surgery ``mtrec``.
+
+Every ratio divides the summed step seconds of one configuration by those of another over the
+same steps of the same run, process CPU seconds by CPU seconds (all torch threads of this
+process) and wall seconds by wall seconds; ``per_repeat`` gives each repeat's own ratio:
+
+* ``mtrec_over_bert``: the issue's "MTRec step / BERT-baseline step" (target <= 1.8x; the floor
+  is ~5/3 = one forward and two backward passes against one of each, when the encoder
+  dominates);
+* ``mtrec_over_one_group``: the second backward and the surgery alone.
+
+``surgery_share_of_step`` = MultiTaskGradients' own counter of its time beyond DeepSpeed's
+backward and step (copy-out of the held group, Gram, combination; a wall-clock counter) over
+the MTRec step's wall seconds (target <= 3%); ``extra_over_partition`` = its buffer over this
+rank's gradient partition (target <= T-1 = 1). Writes bench/results/surgery.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_models (the shared batch)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from _common import Stopwatch, batch_shape, free_port, loader_batches, ratio  # noqa: E402
 
-class Heads(nn.Module):
-    """Encoder + click head (main) + category and NER heads (aux), MTRec-shaped losses."""
+from mtrec_dist.data.batch import Batch  # noqa: E402
 
-    def __init__(self, encoder) -> None:
-        super().__init__()
-        d = encoder.config.hidden_size
-        self.encoder = encoder
-        self.main_head, self.cat_head, self.ner_head = (
-            nn.Linear(d, 1),
-            nn.Linear(d, 18),
-            nn.Linear(d, 3),
-        )
-
-    def forward(self, ids, y, cat, ner):
-        h = self.encoder(input_ids=ids).last_hidden_state  # [B, L, D]
-        cls = h[:, 0]  # [B, D]
-        return {
-            "main": F.binary_cross_entropy_with_logits(self.main_head(cls).squeeze(-1), y),
-            "category": F.cross_entropy(self.cat_head(cls), cat),
-            "ner": F.cross_entropy(self.ner_head(h).reshape(-1, 3), ner.reshape(-1)),
-        }
-
-    def shared_parameter_names(self) -> set[str]:
-        return {n for n, _ in self.named_parameters() if n.startswith("encoder.")}
+MAIN_AUX = {"main": {"main": 1.0}, "aux": {"category": 0.3, "ner": 0.3}}
+CONFIGS = {  # name -> (registered model, gradient groups, surgery)
+    "bert": ("bert", {"main": {"main": 1.0}}, "none"),
+    "mtrec_one_group": ("mtrec", {"all": {"main": 1.0, "category": 0.3, "ner": 0.3}}, "none"),
+    "mtrec": ("mtrec", MAIN_AUX, "mtrec"),
+}
 
 
-def _timed_steps(model, micro: int, groups: dict, mode: str, losses_of, steps: int, warmup: int):
-    """ZeRO-2 engine + MultiTaskGradients on ``model``; median step and surgery seconds.
-
-    ``losses_of(engine)`` runs the forward and returns the per-task losses.
-    """
+def run_config(
+    prepared: Path, encoder: str, config: str, batches: list[Batch], steps: int, warmup: int
+) -> dict:
+    """One fresh ZeRO-2 engine + MultiTaskGradients; step wall/CPU seconds after warm-up."""
     import deepspeed
 
+    from mtrec_dist.config import Config
+    from mtrec_dist.data.prepared import load_manifest
     from mtrec_dist.models.outputs import group_losses
+    from mtrec_dist.models.registry import build_model
     from mtrec_dist.train.ds_engine import MultiTaskGradients
 
-    cfg = {
-        "train_micro_batch_size_per_gpu": micro,
+    name, groups, mode = CONFIGS[config]
+    cfg = Config()
+    cfg.data.prepared, cfg.model.name, cfg.model.encoder = str(prepared), name, encoder
+    torch.manual_seed(0)
+    model = build_model(cfg, load_manifest(prepared))
+    ds = {
+        "train_micro_batch_size_per_gpu": batches[0].sample_mask.numel(),
         "gradient_accumulation_steps": 1,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "torch_adam": True}},
         "zero_optimization": {"stage": 2},
         "gradient_clipping": 0.0,
         "steps_per_print": 10**9,
     }
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
     mtg = MultiTaskGradients(
         engine, model, list(groups), mode, "shared", model.shared_parameter_names()
     )
-    times, shares, st = [], [], {}
+    dev = engine.device
+    sw = Stopwatch(sync=torch.cuda.synchronize if dev.type == "cuda" else None)
+    surgery_s, st = [], {}
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        mtg.backward(group_losses(losses_of(engine), groups))
-        st = mtg.step(i)
+        b = batches[i % len(batches)].to(dev)
+        with sw:
+            mtg.backward(group_losses(engine(b).losses, groups))
+            st = mtg.step(i)
         if i >= warmup:
-            times.append(time.perf_counter() - t0)
-            shares.append(st["surgery/time_s"])
+            surgery_s.append(st["surgery/time_s"])
     engine.destroy()
     return {
-        "step_s_median": statistics.median(times),
-        "surgery_s_median": statistics.median(shares),
+        **sw.summary(skip=warmup),
+        "surgery_wall_s_total": sum(surgery_s),
         "extra_bytes": st["surgery/extra_bytes"],
-        "partition_elems": st["surgery/partition_elems"],
+        "partition_elems": st.get("surgery/partition_elems", 0.0),
     }
 
 
-def run(encoder: str, groups: dict, mode: str, batch, steps: int, warmup: int) -> dict:
-    """Encoder + heads on a ``[batch, seq]`` title batch; all three losses in ``groups``."""
-    from mtrec_dist.hub import load_encoder
-
-    torch.manual_seed(0)
-    model = Heads(load_encoder(encoder))
-    return _timed_steps(model, batch[0].shape[0], groups, mode, lambda e: e(*batch), steps, warmup)
+PAIRS = {"mtrec_over_bert": ("mtrec", "bert"), "mtrec_over_one_group": ("mtrec", "mtrec_one_group")}
 
 
-def run_models(encoder: str, name: str, mode: str, steps: int, warmup: int) -> dict:
-    """The registered model ``name`` (MTRec: groups main/aux; bert: main only) on the
-    models benchmark's batch (8 impressions, 50 history, 1+4 candidates, de-duplicated)."""
-    from bench_models import N_CAT, N_ENT, bench_batch
-
-    from mtrec_dist.config import ModelConfig
-    from mtrec_dist.hub import load_encoder
-    from mtrec_dist.models.registry import MODELS
-
-    groups = ModelConfig().groups if name == "mtrec" else {"main": {"main": 1.0}}
-    meta = {
-        "has_sentiment": False,
-        "vocab": {"category": N_CAT, "subcategory": 1, "entities": N_ENT},
-    }
-    torch.manual_seed(0)
-    model = MODELS[name](ModelConfig(name=name, encoder=encoder), meta, load_encoder(encoder))
-    batch = bench_batch(0)
-    return _timed_steps(model, 8, groups, mode, lambda e: e(batch).losses, steps, warmup)
+def summarize(runs: dict[str, list[dict]], elem_bytes: int = 4) -> dict:
+    """Ratios of the seconds summed over every repeat (and each repeat's own), the surgery's
+    share of the MTRec step and its memory, from ``run_config`` results per configuration."""
+    keys = ("blocks", "wall_s_total", "cpu_s_total", "surgery_wall_s_total")
+    tot = {c: {k: sum(r[k] for r in rs) for k in keys} for c, rs in runs.items()}
+    out: dict = {"totals": tot}
+    for key, (num, den) in PAIRS.items():
+        out[key] = {
+            "cpu": tot[num]["cpu_s_total"] / tot[den]["cpu_s_total"],
+            "wall": tot[num]["wall_s_total"] / tot[den]["wall_s_total"],
+            "per_repeat": [ratio(a, b) for a, b in zip(runs[num], runs[den])],
+        }
+    m = runs["mtrec"][-1]
+    partition = m["partition_elems"] * elem_bytes
+    out["surgery_share_of_step"] = (
+        tot["mtrec"]["surgery_wall_s_total"] / tot["mtrec"]["wall_s_total"]
+    )
+    out["extra_bytes"], out["partition_bytes"] = m["extra_bytes"], partition
+    out["extra_over_partition"] = m["extra_bytes"] / max(1.0, partition)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prepared", required=True, help="prepared folder with a train split")
     ap.add_argument("--encoder", default="minilm")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--seq", type=int, default=32)
-    ap.add_argument("--out", default="bench/results/surgery.json")
+    ap.add_argument("--batch", type=int, default=8, help="samples per batch (micro batch)")
+    ap.add_argument("--batches", type=int, default=4, help="distinct batches, cycled")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
+    ap.add_argument("--out", default=str(ROOT / "bench/results/surgery.json"))
     a = ap.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
+    torch.set_num_threads(a.threads)
+    cuda = torch.cuda.is_available()
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=os.environ.get("MASTER_PORT", "29561"),
+        MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()),
         RANK="0",
         LOCAL_RANK="0",
         WORLD_SIZE="1",
     )
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
     import deepspeed
 
-    from mtrec_dist.utils import atomic_write_json
+    from mtrec_dist.utils import Progress, atomic_write_json
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(
-        dist_backend="gloo" if not torch.cuda.is_available() else "nccl", verbose=False
-    )
-    g = torch.Generator().manual_seed(0)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    batch = (
-        torch.randint(0, 30000, (a.batch, a.seq), generator=g).to(dev),
-        torch.randint(0, 2, (a.batch,), generator=g).float().to(dev),
-        torch.randint(0, 18, (a.batch,), generator=g).to(dev),
-        torch.randint(0, 3, (a.batch, a.seq), generator=g).to(dev),
-    )
-    single = {"all": {"main": 1.0, "category": 0.3, "ner": 0.3}}
-    mtrec = {"main": {"main": 1.0}, "aux": {"category": 0.3, "ner": 0.3}}
-    # alternate the two twice and keep each one's faster run: the machine is shared
-    runs_s, runs_m = [], []
-    for _ in range(2):
-        runs_s.append(run(a.encoder, single, "none", batch, a.steps, a.warmup))
-        runs_m.append(run(a.encoder, mtrec, "mtrec", batch, a.steps, a.warmup))
-    # the registered models on a news-recommendation batch: MTRec (2 groups) vs BERT baseline
-    runs_b, runs_t = [], []
-    for _ in range(2):
-        runs_b.append(run_models(a.encoder, "bert", "none", a.steps, a.warmup))
-        runs_t.append(run_models(a.encoder, "mtrec", "mtrec", a.steps, a.warmup))
-    rb = min(runs_b, key=lambda r: r["step_s_median"])
-    rt = min(runs_t, key=lambda r: r["step_s_median"])
-    s = min(runs_s, key=lambda r: r["step_s_median"])
-    m = min(runs_m, key=lambda r: r["step_s_median"])
-    elem = 4
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+
+    prepared = Path(a.prepared)
+    batches = loader_batches(prepared, batch_size=a.batch, n=a.batches)
+    runs: dict[str, list[dict]] = {c: [] for c in CONFIGS}
+    prog = Progress("surgery runs", a.repeats * len(CONFIGS), "runs", every=0.0)
+    for _ in range(a.repeats):
+        for c in CONFIGS:
+            runs[c].append(run_config(prepared, a.encoder, c, batches, a.steps, a.warmup))
+            prog.update(extra=f"{c}: {runs[c][-1]['cpu_s_total']:.1f} CPU s")
     res = {
         "encoder": a.encoder,
         "zero_stage": 2,
-        "device": dev,
-        "registered_models": {
-            "batch": "8 impressions, history 50, 1+4 candidates, titles of 20, de-duplicated",
-            "bert_baseline_step_s": rb["step_s_median"],
-            "mtrec_step_s": rt["step_s_median"],
-            "ratio_mtrec_over_bert": rt["step_s_median"] / rb["step_s_median"],
-            "surgery_s": rt["surgery_s_median"],
-            "surgery_share_of_step": rt["surgery_s_median"] / rt["step_s_median"],
-        },
-        "batch": [a.batch, a.seq],
-        "single_task_step_s": s["step_s_median"],
-        "mtrec_step_s": m["step_s_median"],
-        "ratio_mtrec_over_single": m["step_s_median"] / s["step_s_median"],
-        "ratio_target": 1.8,
-        "ratio_floor": 5 / 3,
-        "surgery_s": m["surgery_s_median"],
-        "surgery_share_of_step": m["surgery_s_median"] / m["step_s_median"],
-        "surgery_share_target": 0.03,
-        "extra_bytes": m["extra_bytes"],
-        "partition_bytes": m["partition_elems"] * elem,
-        "extra_over_partition": m["extra_bytes"] / max(1.0, m["partition_elems"] * elem),
+        "device": "cuda" if cuda else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "prepared": str(prepared),
+        "batches": {"batch_size": a.batch, **batch_shape(batches)},
+        "steps_per_run": a.steps,
+        "warmup_per_run": a.warmup,
+        "repeats": a.repeats,
+        **summarize(runs),
+        "runs": runs,
+        "targets": {"mtrec_over_bert": 1.8, "floor": 5 / 3, "surgery_share_of_step": 0.03},
         "command": "python bench/bench_surgery.py " + " ".join(sys.argv[1:]),
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(a.out, res)
-    for k, v in res.items():
-        print(f"{k}: {v}")
+    for k in ("batches", "mtrec_over_bert", "mtrec_over_one_group", "surgery_share_of_step",
+              "extra_over_partition"):  # fmt: skip
+        print(f"{k}: {res[k]}")
 
 
 if __name__ == "__main__":
