@@ -1,4 +1,4 @@
-"""data.dedup=global == data.dedup=rank == 1 process, under DeepSpeed ZeRO 2 and 3 with surgery.
+"""data.dedup=global == data.dedup=rank == 1 process, under DeepSpeed ZeRO 0-3 with surgery.
 
 Two gloo workers (torch.multiprocessing spawn) train the real MTRec model (tiny random BERT,
 dropout 0) on the real loader's per-rank batches of the tiny synthetic data for 3 optimizer
@@ -38,7 +38,10 @@ GROUPS2 = {"main": {"main": 1.0}, "aux": {"category": 0.3, "ner": 0.3}}
 GROUPS3 = {"main": {"main": 1.0}, "category": {"category": 1.0}, "ner": {"ner": 1.0}}
 
 # (name, zero stage, surgery, groups, dedup)
-CASES = [(s, m, g) for s in (2, 3) for m, g in (("mtrec", "g2"), ("pcgrad", "g3"))]
+CASES = [
+    *[(s, "mtrec", "g2") for s in (0, 1)],  # the stages the issue names beyond 2 and 3
+    *[(s, m, g) for s in (2, 3) for m, g in (("mtrec", "g2"), ("pcgrad", "g3"))],
+]
 CONFIGS = [(f"{m}-z{s}-{d}", s, m, g, d) for s, m, g in CASES for d in ("rank", "global")]
 
 
