@@ -30,6 +30,11 @@ import torch
 
 from mtrec_dist.data.batch import Batch
 
+NO_SHARDS = (
+    "the prepared folder has fewer train shards than ranks (or too few impressions for the "
+    "steps asked); prepare it with a smaller data.impressions_per_shard"
+)
+
 
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now: benchmarks that start ``torch.distributed`` take one

@@ -48,6 +48,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from _common import NO_SHARDS  # noqa: E402
 
 
 def base_overrides(a, prepared: Path) -> list[str]:
@@ -90,6 +93,8 @@ def id_stream(prepared: Path, world: int, micro: int, steps: int, history: int) 
         for r in range(world)
     ]
     n = min(len(x) for x in per_rank)
+    if any(x[1] == 0 for r in per_rank for x in r[:n]):  # a rank without shards: no real slot
+        raise SystemExit(f"{prepared}: a rank of {world} gets padding-only batches: {NO_SHARDS}")
     slots = rank_enc = glob_enc = distinct = 0
     per_step = []
     for s in range(n):

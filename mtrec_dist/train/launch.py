@@ -48,8 +48,18 @@ def validate_for_training(cfg: Config) -> tuple[dict, dict]:
     # Build once on the driver: every model/task error surfaces here, and the gradient groups
     # shipped to the workers are the ones this model really computes.
     cfg.model.groups = resolve_groups(cfg, build_model(cfg, manifest))
-    if not split_info(manifest, "train", cfg.prepared_dir).get("clicks"):
+    train = split_info(manifest, "train", cfg.prepared_dir)
+    if not train.get("clicks"):
         raise ConfigError(f"{cfg.prepared_dir}: the train split has no clicks to train on")
+    n_shards, workers = len(train["shards"]), cfg.trainer.num_workers
+    if n_shards < workers:  # shards are dealt whole to ranks: the rest would train on nothing
+        per = -(-int(train["impressions"]) // workers)
+        raise ConfigError(
+            f"{cfg.prepared_dir}: the train split has {n_shards} shard(s) for "
+            f"trainer.num_workers={workers}; shards are dealt whole to workers, so "
+            f"{workers - n_shards} worker(s) would get no data. Re-run `mtrec prepare` with "
+            f"data.impressions_per_shard={per} or less, or lower trainer.num_workers"
+        )
     return manifest, ds
 
 
