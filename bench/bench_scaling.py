@@ -4,7 +4,9 @@ On a prepared folder (MIND-shaped data: ``mtrec synth --scale large`` then ``mtr
 every run through ``run_training`` (Ray Train + DeepSpeed ZeRO-2, loader_workers 0):
 
 * ``dedup``: ``data.dedup=rank`` against ``data.dedup=global`` at each ``--workers`` count
-  (1 thread per worker), MTRec with surgery, micro batch ``--micro`` per worker;
+  (1 thread per worker), MTRec with surgery, micro batch ``--micro`` per worker, each mode in
+  its own Ray run (so machine load between runs distorts the comparison; the paired one, both
+  modes on the same batches in the same processes, is ``bench_dedup_step.py``);
 * ``models``: MTRec against BERT (the single-task baseline, no surgery) at 2 workers, default
   ``data.dedup`` (global);
 * ``parallel`` (``--parallel``): data-parallel efficiency, 1 worker x 2 threads against 2

@@ -134,6 +134,27 @@ def test_two_workers_equal_single_process_reference(uninterrupted, tiny_data, ze
     assert moved > 100 * worst
 
 
+def test_logged_title_counts_are_those_of_the_global_exchange(uninterrupted, tiny_data, zero2):
+    """data.dedup=auto is global here (MTRec, 2 workers): every step logs the titles the
+    encoders ran on, W x ceil(U_g / W), and U_g, the distinct news of both ranks' micro-batches,
+    counted here on the loader's own id streams."""
+    import numpy as np
+
+    from mtrec_dist.data.stream import loader_for
+
+    cfg = _cfg(tiny_data, uninterrupted, zero2)
+    want = []
+    for epoch in range(cfg.trainer.epochs):
+        loaders = [loader_for(cfg, rank=r, world_size=WORLD, epoch=epoch) for r in range(WORLD)]
+        for batches in zip(*loaders):
+            n = np.unique(np.concatenate([b.news_rows.numpy() for b in batches])).size
+            want.append((WORLD * -(-n // WORLD), n))
+    recs = [json.loads(x) for x in (uninterrupted / "train_log.jsonl").read_text().splitlines()]
+    got = [(int(r["titles/encoded"]), int(r["titles/global_distinct"])) for r in recs]
+    assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
+    assert got == want[:STEPS]
+
+
 def _ppid(pid: int) -> int:
     try:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
