@@ -152,23 +152,22 @@ def factored_vs_general(run: Path, prepared: Path, split: str, spec: E.PartSpec)
     eng = E.Engine(model, prepared, split)
     vec = next((run / "eval" / split).glob("news_vectors-*.npy"))
     eng.set_vectors(vec)
-    samples = list(E.iter_part(prepared, split, spec))
-    flat = E.flat_impressions(samples)
+    imps = E.read_part(prepared, split, spec)
     t0 = _cpu()
-    fast = eng.score_many(samples, flat)
+    fast = eng.score_many(imps)
     t_fast = _cpu() - t0
     if eng.factored is None:
         raise RuntimeError("the benchmark's model did not take the factored scorer")
     eng.factored, eng.factored_checked = None, True  # force the general path
     t0 = _cpu()
-    general = eng.score_many(samples, flat)
+    general = eng.score_many(imps)
     t_general = _cpu() - t0
     return {
-        "impressions": len(samples),
+        "impressions": len(imps),
         "factored_cpu_s": round(t_fast, 3),
         "general_cpu_s": round(t_general, 3),
-        "factored_impressions_per_cpu_s": round(len(samples) / t_fast, 1),
-        "general_impressions_per_cpu_s": round(len(samples) / t_general, 1),
+        "factored_impressions_per_cpu_s": round(len(imps) / t_fast, 1),
+        "general_impressions_per_cpu_s": round(len(imps) / t_general, 1),
         "speedup": round(t_general / t_fast, 2),
         "max_abs_score_difference": float(np.abs(fast - general).max()) if fast.size else 0.0,
         "max_abs_score": float(np.abs(general).max()) if general.size else 0.0,

@@ -425,7 +425,7 @@ def test_prediction_keeps_impression_ids_as_given(tmp_path):
         Sample("003", np.array([1]), np.array([2, 3]), np.array([0, 1])),
         Sample("3", np.array([], dtype=np.int64), np.array([4]), np.array([1])),
     ]
-    index = engine.index_samples(samples)
+    index = engine.index_impressions(samples)
     assert index["ids"].tolist() == ["003", "3"]
     part = engine.labeled_part(samples, np.array([0.1, 0.9, 0.5], dtype=np.float32))
     assert part["ids"].tolist() == ["003", "3"]
