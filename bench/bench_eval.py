@@ -33,6 +33,10 @@ What runs:
 3. **factored vs general scoring** on one part in this process (CPU seconds): the factored
    MTRec scorer the evaluator uses against ``model.score_news_vectors`` in length-sorted
    batches (the path every other model takes), and their largest score difference.
+4. **reading one part** in this process (CPU seconds): the evaluator's group reader
+   (``read_part``: shard groups as flat arrays) against the same impressions read one
+   ``Sample`` at a time and laid flat again (``eval_impressions`` + ``Impressions.from_samples``:
+   what the evaluator did before it read groups).
 
 Without ``--prepared`` the synthetic ``small`` data is generated and prepared first, and the
 result says that it is not the large split.
@@ -171,7 +175,34 @@ def factored_vs_general(run: Path, prepared: Path, split: str, spec: E.PartSpec)
         "speedup": round(t_general / t_fast, 2),
         "max_abs_score_difference": float(np.abs(fast - general).max()) if fast.size else 0.0,
         "max_abs_score": float(np.abs(general).max()) if general.size else 0.0,
-        "note": "scoring only (no reading), this process, one torch thread",
+        "note": "scoring only (no reading; the general path includes building its Samples), "
+        "this process, one torch thread",
+    }
+
+
+def read_one_part(prepared: Path, split: str, spec: E.PartSpec) -> dict:
+    """CPU seconds of reading one part: flat groups against one Sample per impression."""
+    from itertools import islice
+
+    from mtrec_dist.data.stream import Impressions, eval_impressions
+
+    t0 = _cpu()
+    flat = E.read_part(prepared, split, spec)
+    t_groups = _cpu() - t0
+    t0 = _cpu()
+    samples = eval_impressions(prepared, split, shard_indices=list(spec.shards))
+    per_imp = Impressions.from_samples(islice(samples, spec.skip, spec.skip + spec.count))
+    t_samples = _cpu() - t0
+    if not np.array_equal(per_imp.cand, flat.cand) or not np.array_equal(per_imp.ids, flat.ids):
+        raise RuntimeError("the two readers differ on the benchmark's part")
+    return {
+        "impressions": len(flat),
+        "group_reader_cpu_s": round(t_groups, 3),
+        "per_impression_cpu_s": round(t_samples, 3),
+        "group_reader_impressions_per_cpu_s": round(len(flat) / t_groups, 1),
+        "per_impression_impressions_per_cpu_s": round(len(flat) / t_samples, 1),
+        "speedup": round(t_samples / t_groups, 2),
+        "note": "reading and checking one part (tar, sha256, ranges), this process",
     }
 
 
@@ -259,6 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
     _say("factored vs general scoring on one part (this process)")
     spec = E.plan_parts(manifest, a.split, min(per_part, 20_000))[0]
     side = factored_vs_general(run, prepared, a.split, spec)
+    _say("reading one part: flat groups vs one Sample per impression (this process)")
+    reading = read_one_part(prepared, a.split, spec)
 
     large = int(full["impressions"]) == LARGE_TEST_IMPRESSIONS
     res = {
@@ -302,6 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_rss_mb_per_worker": rec["worker_peak_rss_mb"],
         "driver_peak_rss_mb": round(peak_rss_mb(), 1),
         "factored_vs_general": side,
+        "read_part": reading,
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
     }
     if not large:

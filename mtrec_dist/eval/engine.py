@@ -14,8 +14,11 @@ how many workers share the split, or which one does which unit):
    dot products; no batches), every other bi-encoder through ``model.score_news_vectors`` in
    batches of similar history length, or, for cross-encoders (``model.cross_encoder``, UNBERT), by
    ``model(batch).scores`` on (history, candidate chunk) samples. A *part* is a fixed range of
-   the split's impressions (:func:`plan_parts`); a labeled part also carries the per-impression
-   metrics of the ranks a submission would carry (:func:`ranked_impression_metrics`).
+   the split's impressions (:func:`plan_parts`), read shard group by shard group into flat
+   arrays (:func:`read_part`, :class:`~mtrec_dist.data.stream.Impressions`): the factored
+   scorer takes them as they are, only the batched paths build a ``Sample`` per impression. A
+   labeled part also carries the per-impression metrics of the ranks a submission would carry
+   (:func:`ranked_impression_metrics`).
 
 Impression ids travel as the exact strings the data stream gives (``003`` stays ``003``).
 """
