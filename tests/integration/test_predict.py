@@ -722,6 +722,5 @@ def test_bench_eval_on_tiny_data_encodes_each_news_once(data, tmp_path):
     assert res["impressions_per_cpu_s"] == round(n / whole_cpu, 1)
     assert res["impressions_per_s_per_core"] == round(n / (whole_wall * res["cores_used"]), 1)
     assert "merge" in res["divided_by"] and res["is_large_test_split"] is False
-    rd = res["read_part"]  # reading the first part both ways: same impressions
-    assert rd["impressions"] == res["impressions_per_part"]
-    assert rd["speedup"] == round(rd["per_impression_cpu_s"] / rd["group_reader_cpu_s"], 2)
+    # the first part read both ways (the bench raises if the two readers differ on it)
+    assert res["read_part"]["impressions"] == res["impressions_per_part"]
