@@ -147,9 +147,9 @@ class Impressions:
     """Consecutive impressions of a split as flat arrays: what the evaluator reads and scores.
 
     One per shard group from :func:`eval_groups`; sliced and joined into parts and chunks
-    without a Python object per impression (the reading is most of the evaluator's work once
-    the scores are sparse products). :meth:`samples` is the per-impression view for the code
-    that needs :class:`Sample` objects (``collate``).
+    without a Python object per impression, which cost more CPU than reading and checking the
+    shards themselves (``bench/bench_eval.py``, ``read_part``). :meth:`samples` is the
+    per-impression view for the code that needs :class:`Sample` objects (``collate``).
     """
 
     ids: np.ndarray  # [n] str, impression ids exactly as the source spells them
