@@ -35,8 +35,9 @@ The reader (:func:`iter_shard`; :func:`read_groups` for whole groups, :func:`rea
 one impression at a time) uses the standard library's ``tarfile`` in stream mode (what
 webdataset's own reader runs on) and adds what ``tarfile`` does not check: the end-of-archive
 marker must follow the last member (``tarfile`` takes a file cut between members, or a corrupt
-header, for the end of the archive: silent loss), every group must decode, every row and label must be in range, and at the end of the shard the impression
-count and the sha256 of the file (hashed while it is read) must match the manifest entry.
+header, for the end of the archive: silent loss), every group must decode, every row and
+label must be in range, and at the end of the shard the impression count and the sha256 of
+the file (hashed while it is read) must match the manifest entry.
 Errors are :class:`DataError` naming the shard and, where one is to blame, the impression
 (``impression #i (id '…')``, ``i`` counted from the start of the shard).
 """
