@@ -33,6 +33,10 @@ What runs:
 3. **factored vs general scoring** on one part in this process (CPU seconds): the factored
    MTRec scorer the evaluator uses against ``model.score_news_vectors`` in length-sorted
    batches (the path every other model takes), and their largest score difference.
+4. **reading one part** in this process (CPU seconds): the evaluator's group reader
+   (``read_part``: shard groups as flat arrays) against the same impressions read one
+   ``Sample`` at a time and laid flat again (``eval_impressions`` + ``Impressions.from_samples``:
+   what the evaluator did before it read groups).
 
 Without ``--prepared`` the synthetic ``small`` data is generated and prepared first, and the
 result says that it is not the large split.
@@ -144,6 +148,21 @@ def _cpu() -> float:
     return time.process_time()
 
 
+def _compare(n: int, fast: str, t_fast: float, slow: str, t_slow: float) -> dict:
+    """Two ways of handling the same ``n`` impressions: CPU seconds, impressions per
+    CPU-second, and how many times the first is faster (CPU times floored at 1 µs, below the
+    clock's resolution, for tiny data)."""
+    t_fast, t_slow = max(t_fast, 1e-6), max(t_slow, 1e-6)
+    return {
+        "impressions": n,
+        f"{fast}_cpu_s": round(t_fast, 3),
+        f"{slow}_cpu_s": round(t_slow, 3),
+        f"{fast}_impressions_per_cpu_s": round(n / t_fast, 1),
+        f"{slow}_impressions_per_cpu_s": round(n / t_slow, 1),
+        "speedup": round(t_slow / t_fast, 2),
+    }
+
+
 def factored_vs_general(run: Path, prepared: Path, split: str, spec: E.PartSpec) -> dict:
     """CPU seconds of one part scored by the factored scorer and by the general path."""
     from mtrec_dist.eval.run_folder import load_run
@@ -152,27 +171,43 @@ def factored_vs_general(run: Path, prepared: Path, split: str, spec: E.PartSpec)
     eng = E.Engine(model, prepared, split)
     vec = next((run / "eval" / split).glob("news_vectors-*.npy"))
     eng.set_vectors(vec)
-    samples = list(E.iter_part(prepared, split, spec))
-    flat = E.flat_impressions(samples)
+    imps = E.read_part(prepared, split, spec)
     t0 = _cpu()
-    fast = eng.score_many(samples, flat)
+    fast = eng.score_many(imps)
     t_fast = _cpu() - t0
     if eng.factored is None:
         raise RuntimeError("the benchmark's model did not take the factored scorer")
     eng.factored, eng.factored_checked = None, True  # force the general path
     t0 = _cpu()
-    general = eng.score_many(samples, flat)
+    general = eng.score_many(imps)
     t_general = _cpu() - t0
     return {
-        "impressions": len(samples),
-        "factored_cpu_s": round(t_fast, 3),
-        "general_cpu_s": round(t_general, 3),
-        "factored_impressions_per_cpu_s": round(len(samples) / t_fast, 1),
-        "general_impressions_per_cpu_s": round(len(samples) / t_general, 1),
-        "speedup": round(t_general / t_fast, 2),
+        **_compare(len(imps), "factored", t_fast, "general", t_general),
         "max_abs_score_difference": float(np.abs(fast - general).max()) if fast.size else 0.0,
         "max_abs_score": float(np.abs(general).max()) if general.size else 0.0,
-        "note": "scoring only (no reading), this process, one torch thread",
+        "note": "scoring only (no reading; the general path includes building its Samples), "
+        "this process, one torch thread",
+    }
+
+
+def read_one_part(prepared: Path, split: str, spec: E.PartSpec) -> dict:
+    """CPU seconds of reading one part: flat groups against one Sample per impression."""
+    from itertools import islice
+
+    from mtrec_dist.data.stream import Impressions, eval_impressions
+
+    t0 = _cpu()
+    flat = E.read_part(prepared, split, spec)
+    t_groups = _cpu() - t0
+    t0 = _cpu()
+    samples = eval_impressions(prepared, split, shard_indices=list(spec.shards))
+    per_imp = Impressions.from_samples(islice(samples, spec.skip, spec.skip + spec.count))
+    t_samples = _cpu() - t0
+    if not np.array_equal(per_imp.cand, flat.cand) or not np.array_equal(per_imp.ids, flat.ids):
+        raise RuntimeError("the two readers differ on the benchmark's part")
+    return {
+        **_compare(len(flat), "group_reader", t_groups, "per_impression", t_samples),
+        "note": "reading and checking one part (tar, sha256, ranges), this process",
     }
 
 
@@ -260,6 +295,8 @@ def main(argv: list[str] | None = None) -> dict:
     _say("factored vs general scoring on one part (this process)")
     spec = E.plan_parts(manifest, a.split, min(per_part, 20_000))[0]
     side = factored_vs_general(run, prepared, a.split, spec)
+    _say("reading one part: flat groups vs one Sample per impression (this process)")
+    reading = read_one_part(prepared, a.split, spec)
 
     large = int(full["impressions"]) == LARGE_TEST_IMPRESSIONS
     res = {
@@ -303,6 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_rss_mb_per_worker": rec["worker_peak_rss_mb"],
         "driver_peak_rss_mb": round(peak_rss_mb(), 1),
         "factored_vs_general": side,
+        "read_part": reading,
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
     }
     if not large:

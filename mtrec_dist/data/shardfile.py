@@ -31,12 +31,13 @@ Group layout (little-endian, no pickles, decoded with ``np.frombuffer``)::
 
 The member is exactly that long; anything else is a corrupt group.
 
-The reader (:func:`iter_shard`, :func:`read_impressions`) uses the standard library's
-``tarfile`` in stream mode (what webdataset's own reader runs on) and adds what ``tarfile``
-does not check: the end-of-archive marker must follow the last member (``tarfile`` takes a file
-cut between members, or a corrupt header, for the end of the archive: silent loss), every group
-must decode, every row and label must be in range, and at the end of the shard the impression
-count and the sha256 of the file (hashed while it is read) must match the manifest entry.
+The reader (:func:`iter_shard`; :func:`read_groups` for whole groups, :func:`read_impressions`
+one impression at a time) uses the standard library's ``tarfile`` in stream mode (what
+webdataset's own reader runs on) and adds what ``tarfile`` does not check: the end-of-archive
+marker must follow the last member (``tarfile`` takes a file cut between members, or a corrupt
+header, for the end of the archive: silent loss), every group must decode, every row and
+label must be in range, and at the end of the shard the impression count and the sha256 of
+the file (hashed while it is read) must match the manifest entry.
 Errors are :class:`DataError` naming the shard and, where one is to blame, the impression
 (``impression #i (id '…')``, ``i`` counted from the start of the shard).
 """
@@ -75,7 +76,9 @@ _READ_BLOCK = 1 << 20
 
 @dataclass
 class Group:
-    """The impressions of one tar member, as flat arrays (see the layout above)."""
+    """The impressions of one tar member, as flat arrays (see the layout above): int32 as
+    :func:`decode_group` gives them; :func:`read_groups` widens ``user``, ``hist`` and
+    ``cand`` to int64 and fills ``label`` for an unlabeled split."""
 
     ids: list[str]
     hist_len: np.ndarray  # [n] int32
@@ -432,14 +435,15 @@ def _check_group(path: Path, first: int, g: Group, labeled: bool, n_users: int |
         )  # fmt: skip
 
 
-def read_impressions(
+def read_groups(
     shard: Shard, labeled: bool, n_news: int, n_users: int | None = None
-) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray, int]]:
-    """(impression id, hist int64, cand int64, label uint8, user) per impression of a shard.
+) -> Iterator[Group]:
+    """The groups of a shard with every value checked, as the readers use them.
 
     Checked: history rows in [1, n_news) (prepare drops history news missing from the table),
-    candidate rows in [0, n_news) (0 = missing news), labels 0 or 1 (zeros for an unlabeled
-    split), the user index in [0, n_users), then count and sha256 (:func:`iter_shard`).
+    candidate rows in [0, n_news) (0 = missing news), labels 0 or 1, the user index in
+    [0, n_users), then count and sha256 (:func:`iter_shard`). The group's arrays come widened:
+    ``hist``, ``cand`` and ``user`` int64, ``label`` uint8 (zeros for an unlabeled split);
     ``n_users=None`` (a manifest without a user vocabulary): every impression is user 0.
     """
     path, first = shard.path, 0
@@ -448,11 +452,20 @@ def read_impressions(
         hist = _check_rows(path, first, g, HIST, 1, n_news)
         cand = _check_rows(path, first, g, CAND, 0, n_news)
         label = g.label if labeled else np.zeros(cand.size, dtype=np.uint8)
-        users = g.user.tolist() if n_users is not None else [0] * len(g)
+        user = g.user.astype(np.int64) if n_users is not None else np.zeros(len(g), np.int64)
+        yield Group(g.ids, g.hist_len, g.cand_len, user, hist, cand, label)
+        first += len(g)
+
+
+def read_impressions(
+    shard: Shard, labeled: bool, n_news: int, n_users: int | None = None
+) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray, int]]:
+    """(impression id, hist int64, cand int64, label uint8, user) per impression of a shard:
+    the groups of :func:`read_groups` (every check of it) cut into impressions."""
+    for g in read_groups(shard, labeled, n_news, n_users):
         h_end = np.cumsum(g.hist_len).tolist()
         c_end = np.cumsum(g.cand_len).tolist()
         h0 = c0 = 0
-        for key, h1, c1, user in zip(g.ids, h_end, c_end, users):
-            yield key, hist[h0:h1], cand[c0:c1], label[c0:c1], user
+        for key, h1, c1, user in zip(g.ids, h_end, c_end, g.user.tolist()):
+            yield key, g.hist[h0:h1], g.cand[c0:c1], g.label[c0:c1], user
             h0, c0 = h1, c1
-        first += len(g)

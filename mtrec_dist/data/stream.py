@@ -32,7 +32,7 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,7 @@ from mtrec_dist.data.prepared import (
     shards,
     split_info,
 )
-from mtrec_dist.data.shardfile import read_impressions
+from mtrec_dist.data.shardfile import read_groups, read_impressions
 from mtrec_dist.data.tables import DataError
 
 CHUNK_SIZE = 256  # samples per worker -> trainer message
@@ -128,23 +128,159 @@ def batches_per_epoch(
 # end in its index step, before scoring).
 
 
-def eval_impressions(
-    prepared_dir: str | Path, split: str, *, shard_indices: list[int] | None = None
-) -> Iterator[Sample]:
-    """Every impression of a split with all its candidates, for the evaluator.
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    """[n + 1] start offsets of ``lengths`` consecutive slices of a flat array."""
+    out = np.zeros(lengths.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
 
-    Order: shards in ``shard_indices`` order (default all), impressions in shard order; the
-    impression id is the source file's string. ``labels`` are the 0/1 labels as float32, zeros
-    for an unlabeled split; ``click_pos`` = -1. Each shard is checked against the manifest as
-    it is read (see the section comment above).
+
+def _narrow_ids(ids: np.ndarray) -> np.ndarray:
+    """A string array at the width of its longest id (``'<U1'`` when empty): the dtype
+    ``np.asarray(list_of_ids, dtype=str)`` gives, whatever the pieces it was joined from."""
+    width = max(int(np.char.str_len(ids).max()), 1) if ids.size else 1
+    return ids.astype(f"<U{width}", copy=False)
+
+
+@dataclass
+class Impressions:
+    """Consecutive impressions of a split as flat arrays: what the evaluator reads and scores.
+
+    One per shard group from :func:`eval_groups`; sliced and joined into parts and chunks
+    without a Python object per impression, which cost more CPU than reading and checking the
+    shards themselves (``bench/bench_eval.py``, ``read_part``). :meth:`samples` is the
+    per-impression view for the code that needs :class:`Sample` objects (``collate``).
+    """
+
+    ids: np.ndarray  # [n] str, impression ids exactly as the source spells them
+    sizes: np.ndarray  # [n] int64, candidates per impression
+    cand: np.ndarray  # [sum sizes] int64 news rows (0 = a candidate missing from the table)
+    labels: np.ndarray  # [sum sizes] float32 0/1 (zeros for an unlabeled split)
+    hist_len: np.ndarray  # [n] int64
+    hist: np.ndarray  # [sum hist_len] int64 news rows, oldest first
+    user: np.ndarray  # [n] int64 user index (0 = unknown)
+
+    def __len__(self) -> int:
+        return int(self.sizes.size)
+
+    def slice(self, lo: int, hi: int) -> Impressions:
+        """Impressions ``[lo, hi)`` (views of these arrays)."""
+        h0, h1 = int(self.hist_len[:lo].sum()), int(self.hist_len[:hi].sum())
+        c0, c1 = int(self.sizes[:lo].sum()), int(self.sizes[:hi].sum())
+        return Impressions(
+            self.ids[lo:hi], self.sizes[lo:hi], self.cand[c0:c1], self.labels[c0:c1],
+            self.hist_len[lo:hi], self.hist[h0:h1], self.user[lo:hi],
+        )  # fmt: skip
+
+    @classmethod
+    def concat(cls, pieces: list[Impressions]) -> Impressions:
+        """The impressions of ``pieces`` one after another (ids at the width of the longest)."""
+        if len(pieces) == 1:
+            return replace(pieces[0], ids=_narrow_ids(pieces[0].ids))
+        if not pieces:
+            z = np.zeros(0, dtype=np.int64)
+            return cls(np.zeros(0, "<U1"), z, z, np.zeros(0, np.float32), z, z, z)
+        cat = np.concatenate
+        return cls(
+            _narrow_ids(cat([p.ids for p in pieces])), cat([p.sizes for p in pieces]),
+            cat([p.cand for p in pieces]), cat([p.labels for p in pieces]),
+            cat([p.hist_len for p in pieces]), cat([p.hist for p in pieces]),
+            cat([p.user for p in pieces]),
+        )  # fmt: skip
+
+    @classmethod
+    def from_samples(cls, samples: Iterable[Sample]) -> Impressions:
+        """Evaluation samples (``click_pos`` -1, every candidate) as flat arrays."""
+        samples = list(samples)
+        if not samples:
+            return cls.concat([])
+        n = len(samples)
+        return cls(
+            ids=np.asarray([str(s.impression_id) for s in samples], dtype=str),
+            sizes=np.fromiter((len(s.cand) for s in samples), dtype=np.int64, count=n),
+            cand=np.concatenate([s.cand for s in samples]).astype(np.int64),
+            labels=np.concatenate([s.labels for s in samples]).astype(np.float32),
+            hist_len=np.fromiter((len(s.hist) for s in samples), dtype=np.int64, count=n),
+            hist=np.concatenate([s.hist for s in samples]).astype(np.int64),
+            user=np.fromiter((s.user for s in samples), dtype=np.int64, count=n),
+        )
+
+    def samples(self) -> Iterator[Sample]:
+        """One :class:`Sample` per impression (views of these arrays)."""
+        h, c = _offsets(self.hist_len).tolist(), _offsets(self.sizes).tolist()
+        for i, (key, user) in enumerate(zip(self.ids.tolist(), self.user.tolist())):
+            yield Sample(
+                key, self.hist[h[i] : h[i + 1]], self.cand[c[i] : c[i + 1]],
+                self.labels[c[i] : c[i + 1]], user=user,
+            )  # fmt: skip
+
+
+def eval_groups(
+    prepared_dir: str | Path, split: str, *, shard_indices: list[int] | None = None
+) -> Iterator[Impressions]:
+    """Every impression of a split with all its candidates, one shard group at a time.
+
+    Order: shards in ``shard_indices`` order (default all), groups and impressions in shard
+    order; ids are the source file's strings, ``labels`` zeros for an unlabeled split. Each
+    shard is checked against the manifest as it is read (see the section comment above).
     """
     manifest = load_manifest(prepared_dir)
     found = shards(prepared_dir, manifest, split)
     labeled = is_labeled(manifest, split, prepared_dir)
     n_news, n_users = int(manifest["news"]["count"]), num_users(manifest)
     for i in range(len(found)) if shard_indices is None else shard_indices:
-        for imp, hist, cand, label, user in read_impressions(found[i], labeled, n_news, n_users):
-            yield Sample(imp, hist, cand, label.astype(np.float32), user=user)
+        for g in read_groups(found[i], labeled, n_news, n_users):
+            yield Impressions(
+                ids=np.asarray(g.ids, dtype=str),
+                sizes=g.cand_len.astype(np.int64),
+                cand=g.cand,
+                labels=g.label.astype(np.float32),
+                hist_len=g.hist_len.astype(np.int64),
+                hist=g.hist,
+                user=g.user,
+            )
+
+
+def take(
+    pieces: Iterable[Impressions], skip: int = 0, count: int | None = None
+) -> Iterator[Impressions]:
+    """Impressions ``[skip, skip + count)`` of the stream ``pieces`` (``count=None``: to the
+    end), as slices of its pieces; stops reading once the last one is read."""
+    end = None if count is None else skip + count
+    pos = 0
+    for p in pieces:
+        lo, pos = pos, pos + len(p)
+        a, b = max(skip - lo, 0), len(p) if end is None else min(end - lo, len(p))
+        if b > a:
+            yield p if (a, b) == (0, len(p)) else p.slice(a, b)
+        if end is not None and pos >= end:
+            return
+
+
+def rechunk(pieces: Iterable[Impressions], size: int) -> Iterator[Impressions]:
+    """The stream ``pieces`` cut into chunks of exactly ``size`` impressions (the last one
+    shorter): the same chunks whatever the pieces were."""
+    buf: list[Impressions] = []
+    have = 0
+    for p in pieces:
+        buf.append(p)
+        have += len(p)
+        while have >= size:
+            whole = Impressions.concat(buf)
+            yield whole.slice(0, size)
+            have -= size
+            buf = [whole.slice(size, size + have)] if have else []
+    if have:
+        yield Impressions.concat(buf)
+
+
+def eval_impressions(
+    prepared_dir: str | Path, split: str, *, shard_indices: list[int] | None = None
+) -> Iterator[Sample]:
+    """:func:`eval_groups` one :class:`Sample` at a time (``labels`` float32, ``click_pos``
+    -1): the per-impression view for tests and tools that want objects."""
+    for g in eval_groups(prepared_dir, split, shard_indices=shard_indices):
+        yield from g.samples()
 
 
 # --------------------------------------------------------------------------- worker side

@@ -14,8 +14,11 @@ how many workers share the split, or which one does which unit):
    dot products; no batches), every other bi-encoder through ``model.score_news_vectors`` in
    batches of similar history length, or, for cross-encoders (``model.cross_encoder``, UNBERT), by
    ``model(batch).scores`` on (history, candidate chunk) samples. A *part* is a fixed range of
-   the split's impressions (:func:`plan_parts`); a labeled part also carries the per-impression
-   metrics of the ranks a submission would carry (:func:`ranked_impression_metrics`).
+   the split's impressions (:func:`plan_parts`), read shard group by shard group into flat
+   arrays (:func:`read_part`, :class:`~mtrec_dist.data.stream.Impressions`): the factored
+   scorer takes them as they are, only the batched paths build a ``Sample`` per impression. A
+   labeled part also carries the per-impression metrics of the ranks a submission would carry
+   (:func:`ranked_impression_metrics`).
 
 Impression ids travel as the exact strings the data stream gives (``003`` stays ``003``).
 """
@@ -36,7 +39,7 @@ import numpy as np
 import torch
 
 from mtrec_dist.data.batch import NER_IGNORE, Batch, NewsTable, Sample, collate
-from mtrec_dist.data.stream import eval_impressions
+from mtrec_dist.data.stream import Impressions, eval_groups, take
 from mtrec_dist.eval.factored import AttentionDotScorer, attention_dot_scorer
 from mtrec_dist.eval.metrics import offsets_of, ranked_impression_metrics
 from mtrec_dist.utils import Progress, atomic_open, atomic_write_bytes
@@ -56,12 +59,6 @@ def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
 def atomic_save_npy(path: Path, a: np.ndarray) -> None:
     with atomic_open(path, "wb") as f:
         np.save(f, a, allow_pickle=False)
-
-
-def ids_array(ids: Iterable[Any]) -> np.ndarray:
-    """Impression ids as a numpy string array: saved without pickles, compared exactly."""
-    out = np.asarray([str(i) for i in ids], dtype=str)
-    return out if out.size else np.zeros(0, dtype="<U1")
 
 
 def data_key(manifest: dict, split: str) -> str:
@@ -188,9 +185,10 @@ def plan_parts(manifest: dict, split: str, per_part: int) -> list[PartSpec]:
     return parts
 
 
-def iter_part(prepared: Path, split: str, spec: PartSpec) -> Iterator[Sample]:
-    samples = eval_impressions(prepared, split, shard_indices=list(spec.shards))
-    return islice(samples, spec.skip, spec.skip + spec.count)
+def read_part(prepared: Path, split: str, spec: PartSpec) -> Impressions:
+    """The part's impressions as flat arrays, read group by group (no object per impression)."""
+    groups = eval_groups(prepared, split, shard_indices=list(spec.shards))
+    return Impressions.concat(list(take(groups, spec.skip, spec.count)))
 
 
 def batched(it: Iterator[Any], n: int) -> Iterator[list[Any]]:
@@ -198,50 +196,32 @@ def batched(it: Iterator[Any], n: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def index_samples(samples: Iterable[Sample]) -> dict[str, np.ndarray]:
-    """Ids, candidate counts and the unique news rows (history ∪ candidates) of samples."""
-    ids, sizes, rows = [], [], []
-    for s in samples:
-        ids.append(s.impression_id)
-        sizes.append(len(s.cand))
-        rows.append(s.hist)
-        rows.append(s.cand)
-    flat = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+def as_impressions(x: Impressions | Iterable[Sample]) -> Impressions:
+    """Flat impressions from flat impressions or from evaluation samples."""
+    return x if isinstance(x, Impressions) else Impressions.from_samples(x)
+
+
+def index_impressions(imps: Impressions | Iterable[Sample]) -> dict[str, np.ndarray]:
+    """Ids, candidate counts and the unique news rows (history ∪ candidates) of impressions."""
+    imps = as_impressions(imps)
     return {
-        "ids": ids_array(ids),
-        "sizes": np.asarray(sizes, dtype=np.int64),
-        "rows": np.unique(flat).astype(np.int64),
+        "ids": imps.ids,
+        "sizes": imps.sizes,
+        "rows": np.unique(np.concatenate([imps.hist, imps.cand])).astype(np.int64),
     }
 
 
-def flat_impressions(samples: list[Sample]) -> dict[str, np.ndarray]:
-    """Impressions as flat arrays: ``ids``, ``sizes`` (candidates), ``cand`` and ``labels``
-    (``[sum sizes]``), ``hist_len`` and ``hist`` (``[sum hist_len]``), in sample order."""
-    n = len(samples)
-    z = np.zeros(0, dtype=np.int64)
+def labeled_part(imps: Impressions | Iterable[Sample], scores: np.ndarray) -> dict[str, np.ndarray]:
+    """Ids, sizes, scores, labels and the per-impression metrics (tie rule) of scored
+    impressions."""
+    imps = as_impressions(imps)
+    y = imps.labels.astype(np.uint8)
     return {
-        "ids": ids_array(s.impression_id for s in samples),
-        "sizes": np.fromiter((len(s.cand) for s in samples), dtype=np.int64, count=n),
-        "cand": np.concatenate([s.cand for s in samples]).astype(np.int64) if n else z,
-        "labels": np.concatenate([s.labels for s in samples]) if n else np.zeros(0, np.float32),
-        "hist_len": np.fromiter((len(s.hist) for s in samples), dtype=np.int64, count=n),
-        "hist": np.concatenate([s.hist for s in samples]).astype(np.int64) if n else z,
-    }
-
-
-def labeled_part(
-    samples: list[Sample], scores: np.ndarray, flat: dict[str, np.ndarray] | None = None
-) -> dict[str, np.ndarray]:
-    """Ids, sizes, scores, labels and the per-impression metrics (tie rule) of scored samples
-    (``flat``: their :func:`flat_impressions`, when already built)."""
-    flat = flat_impressions(samples) if flat is None else flat
-    y = flat["labels"].astype(np.uint8)
-    return {
-        "ids": flat["ids"],
-        "sizes": flat["sizes"],
+        "ids": imps.ids,
+        "sizes": imps.sizes,
         "scores": scores,
         "labels": y,
-        "metrics": ranked_impression_metrics(y, scores, flat["sizes"]),
+        "metrics": ranked_impression_metrics(y, scores, imps.sizes),
     }
 
 
@@ -271,7 +251,8 @@ class Engine:
 
     def index_shard(self, shard: int) -> dict[str, np.ndarray]:
         """Ids, candidate counts and the unique news rows (history ∪ candidates) of a shard."""
-        return index_samples(eval_impressions(self.prepared, self.split, shard_indices=[shard]))
+        groups = eval_groups(self.prepared, self.split, shard_indices=[shard])
+        return index_impressions(Impressions.concat(list(groups)))
 
     @torch.no_grad()
     def encode(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -337,26 +318,26 @@ class Engine:
             out.append(scores[batch.cand_mask].float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
-    def score_many(
-        self, samples: list[Sample], flat: dict[str, np.ndarray] | None = None
-    ) -> np.ndarray:
-        """Flat scores of many impressions (``flat``: their :func:`flat_impressions`).
+    def score_many(self, imps: Impressions | list[Sample]) -> np.ndarray:
+        """Flat scores of many impressions, in impression and candidate order.
 
-        MTRec-family models go through the factored scorer (no batches: every impression is
-        scored on its own by sparse products). Other models: batches of similar history and
-        candidate counts through ``model.score_news_vectors`` / ``model(batch)`` (batches pad to
-        their longest history and candidate list, so contiguous impressions, history 0..50,
-        would waste about half the user encoder's work). Either way the order depends on the
-        samples only, never on the workers.
+        MTRec-family models go through the factored scorer on the flat arrays (no batches, no
+        object per impression: every impression is scored on its own by sparse products).
+        Other models: :class:`Sample` objects in batches of similar history and candidate
+        counts through ``model.score_news_vectors`` / ``model(batch)`` (batches pad to their
+        longest history and candidate list, so contiguous impressions, history 0..50, would
+        waste about half the user encoder's work). Either way the order depends on the
+        impressions only, never on the workers.
         """
-        if not samples:
+        imps = as_impressions(imps)
+        if not len(imps):
             return np.zeros(0, dtype=np.float32)
-        flat = flat_impressions(samples) if flat is None else flat
         fast = self.factored_scorer()
         if fast is not None:
-            return fast.scores(flat["hist"], flat["hist_len"], flat["cand"], flat["sizes"])
-        sizes = flat["sizes"]
-        order = np.lexsort((sizes, flat["hist_len"]))
+            return fast.scores(imps.hist, imps.hist_len, imps.cand, imps.sizes)
+        samples = list(imps.samples())
+        sizes = imps.sizes
+        order = np.lexsort((sizes, imps.hist_len))
         offsets = offsets_of(sizes)
         out = np.empty(int(offsets[-1]), dtype=np.float32)
         for i in range(0, len(order), SCORE_BATCH):
@@ -370,12 +351,11 @@ class Engine:
 
     def score_part(self, spec: PartSpec, labeled: bool) -> dict[str, np.ndarray]:
         """Scores (and, when labeled, labels and per-impression metrics) of one part."""
-        samples = list(iter_part(self.prepared, self.split, spec))
-        flat = flat_impressions(samples)
-        scores = self.score_many(samples, flat)
+        imps = read_part(self.prepared, self.split, spec)
+        scores = self.score_many(imps)
         if labeled:
-            return labeled_part(samples, scores, flat)
-        return {"ids": flat["ids"], "sizes": flat["sizes"], "scores": scores}
+            return labeled_part(imps, scores)
+        return {"ids": imps.ids, "sizes": imps.sizes, "scores": scores}
 
     def score_part_to(self, spec: PartSpec, labeled: bool, path: str, key: str) -> int:
         """Score a part and write it atomically to ``path``; returns its impression count."""

@@ -9,15 +9,14 @@ file of the same run, ties included.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mtrec_dist.data.stream import eval_impressions
+from mtrec_dist.data.stream import eval_groups, rechunk, take
 from mtrec_dist.eval.driver import OnPart, iter_parts, result, run_split, say
-from mtrec_dist.eval.engine import Engine, batched, encode_news_vectors, index_samples, labeled_part
+from mtrec_dist.eval.engine import Engine, encode_news_vectors, index_impressions, labeled_part
 from mtrec_dist.eval.metrics import METRICS, summarize
 from mtrec_dist.eval.pool import WorkerPool
 from mtrec_dist.eval.run_folder import is_labeled, read_manifest, split_info
@@ -75,25 +74,26 @@ def evaluate_model(
         raise ValueError(f"{prepared}/manifest.json: split {split!r} has no labels")
     limit = max_impressions if max_impressions > 0 else None
 
-    def samples():
-        return islice(eval_impressions(prepared, split), limit)
+    def chunks():  # MEMORY_CHUNK impressions at a time, read group by group
+        return rechunk(take(eval_groups(prepared, split), 0, limit), MEMORY_CHUNK)
 
     was_training = model.training
     eng = Engine(model, prepared, split)
     stats: dict = {}
     try:
         if not eng.cross:
-            rows = index_samples(samples())["rows"]
+            rows = np.unique(
+                np.concatenate(
+                    [np.zeros(0, np.int64)] + [index_impressions(c)["rows"] for c in chunks()]
+                )
+            )
             pool = WorkerPool.in_process(eng)
             vectors, enc = encode_news_vectors(
                 pool.map, eng.table, rows, encode_batch, progress=False
             )
             eng.set_vectors(None, vectors)
             stats["news_encoded"] = enc["news_encoded"]
-        per = [
-            labeled_part(chunk, eng.score_many(chunk))["metrics"]
-            for chunk in batched(samples(), MEMORY_CHUNK)
-        ]
+        per = [labeled_part(chunk, eng.score_many(chunk))["metrics"] for chunk in chunks()]
     finally:
         model.train(was_training)
     res = summarize(np.concatenate(per) if per else np.zeros((0, 4)))

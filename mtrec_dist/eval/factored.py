@@ -39,8 +39,20 @@ LOGIT_CHUNK = 8192  # news rows per attention-logit product
 
 def _csr(n_rows: int, rows: np.ndarray, cols: np.ndarray, n_cols: int) -> tuple:
     """CSR index arrays of (row, col) pairs, sorted by row then column, duplicates merged ->
-    (crow [n_rows + 1], col [nnz], inverse [pairs] = each pair's entry)."""
-    key, inverse = np.unique(rows * np.int64(n_cols) + cols, return_inverse=True)
+    (crow [n_rows + 1], col [nnz], inverse [pairs] = each pair's entry).
+
+    ``np.unique(keys, return_inverse=True)`` computed with a stable sort: the pairs come
+    grouped by row (impression), so the keys are runs of ascending blocks that timsort merges
+    in about a third of quicksort's time; the result is the same integers either way.
+    """
+    keys = rows * np.int64(n_cols) + cols
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    first = np.ones(ordered.size, dtype=bool)  # the first pair of each distinct key
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    key = ordered[first]
+    inverse = np.empty(keys.size, dtype=np.int64)
+    inverse[order] = np.cumsum(first) - 1
     crow = np.zeros(n_rows + 1, dtype=np.int64)
     np.cumsum(np.bincount(key // n_cols, minlength=n_rows), out=crow[1:])
     return torch.from_numpy(crow), torch.from_numpy(key % n_cols), torch.from_numpy(inverse)

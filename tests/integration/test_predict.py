@@ -425,7 +425,7 @@ def test_prediction_keeps_impression_ids_as_given(tmp_path):
         Sample("003", np.array([1]), np.array([2, 3]), np.array([0, 1])),
         Sample("3", np.array([], dtype=np.int64), np.array([4]), np.array([1])),
     ]
-    index = engine.index_samples(samples)
+    index = engine.index_impressions(samples)
     assert index["ids"].tolist() == ["003", "3"]
     part = engine.labeled_part(samples, np.array([0.1, 0.9, 0.5], dtype=np.float32))
     assert part["ids"].tolist() == ["003", "3"]
@@ -655,6 +655,36 @@ def test_factored_and_general_paths_write_the_same_file(data, run1, monkeypatch)
     assert general.read_bytes() == pred.read_bytes()
 
 
+def test_mtrec_part_is_scored_without_an_object_per_impression(data, run1, monkeypatch):
+    """The hot path: a part (across two shards, inside groups) read group by group and scored
+    by the factored scorer builds no Sample, and gives exactly the ids, sizes and scores of the
+    same impressions handed over as Samples of the per-impression reader."""
+    from mtrec_dist.data import stream
+
+    base, cfg, manifest = data
+    run, _, _ = run1
+    model, *_ = load_run(run)
+    eng = engine.Engine(model, cfg.prepared_dir, "test")
+    eng.set_vectors(next((run / "eval/test").glob("news_vectors-*.npy")))
+    spec = engine.plan_parts(manifest, "test", 40)[1]  # impressions [40, 80): shards of 30
+    assert spec.shards == (1, 2) and spec.skip == 10
+    samples = list(eval_impressions(cfg.prepared_dir, "test"))[40:80]
+    want = eng.score_many(samples)
+    assert eng.factored is not None and want.size == sum(len(s.cand) for s in samples)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a per-impression object on the hot path")
+
+    monkeypatch.setattr(stream.Impressions, "samples", boom)
+    monkeypatch.setattr(stream.Impressions, "from_samples", boom)
+    monkeypatch.setattr(stream, "Sample", boom)
+    out = eng.score_part(spec, labeled=False)
+    assert out["ids"].tolist() == [s.impression_id for s in samples]
+    assert out["ids"].dtype == np.asarray([s.impression_id for s in samples], dtype=str).dtype
+    assert out["sizes"].tolist() == [len(s.cand) for s in samples]
+    assert np.array_equal(out["scores"], want)
+
+
 def test_bench_eval_on_tiny_data_encodes_each_news_once(data, tmp_path):
     """bench/bench_eval.py end to end: every distinct test news (read here from the raw
     behaviors.tsv: the last history_len clicks and every candidate) encoded exactly once, and
@@ -692,3 +722,5 @@ def test_bench_eval_on_tiny_data_encodes_each_news_once(data, tmp_path):
     assert res["impressions_per_cpu_s"] == round(n / whole_cpu, 1)
     assert res["impressions_per_s_per_core"] == round(n / (whole_wall * res["cores_used"]), 1)
     assert "merge" in res["divided_by"] and res["is_large_test_split"] is False
+    # the first part read both ways (the bench raises if the two readers differ on it)
+    assert res["read_part"]["impressions"] == res["impressions_per_part"]

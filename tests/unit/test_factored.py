@@ -121,3 +121,19 @@ def test_other_models_keep_the_general_path():
 
     assert attention_dot_scorer(Rescored(cfg, {}), vectors) is None
     assert attention_dot_scorer(torch.nn.Linear(2, 2), vectors) is None
+
+
+def test_csr_index_equals_numpy_unique():
+    """_csr's stable-sort unique == np.unique(keys, return_inverse=True): the same sorted
+    entries, row pointers and inverse, with duplicate pairs, empty rows and no pairs at all."""
+    rng = np.random.default_rng(3)
+    for n_rows, n_pairs, n_cols in ((50, 400, 7), (30, 0, 5), (8, 200, 1000)):
+        rows = np.sort(rng.integers(0, n_rows, n_pairs))  # grouped by row, as the scorer's
+        cols = rng.integers(0, n_cols, n_pairs)
+        crow, col, inv = factored._csr(n_rows, rows, cols, n_cols)
+        key, inverse = np.unique(rows * n_cols + cols, return_inverse=True)
+        assert col.tolist() == (key % n_cols).tolist()
+        assert inv.tolist() == inverse.ravel().tolist()
+        counts = np.bincount(key // n_cols, minlength=n_rows)
+        assert crow.tolist() == [0, *np.cumsum(counts).tolist()]
+        assert col.dtype == inv.dtype == crow.dtype == torch.int64

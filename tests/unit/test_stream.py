@@ -21,7 +21,8 @@ import pytest
 import torch
 import webdataset as wds
 
-from mtrec_dist.data.batch import NewsTable, collate
+from mtrec_dist.data import prepared as prepared_folder
+from mtrec_dist.data.batch import NewsTable, Sample, collate
 from mtrec_dist.data.prepared import FORMAT_VERSION
 from mtrec_dist.data.shardfile import (
     GROUP_MEMBER,
@@ -29,12 +30,17 @@ from mtrec_dist.data.shardfile import (
     decode_group,
     encode_group,
     iter_shard,
+    read_impressions,
 )
 from mtrec_dist.data.stream import (
+    Impressions,
     _merged_skips,
     batches_per_epoch,
     epoch_plan,
+    eval_groups,
     eval_impressions,
+    rechunk,
+    take,
     train_loader,
 )
 from mtrec_dist.data.tables import DataError
@@ -513,3 +519,115 @@ def test_damaged_tar_structure_is_named(prepared, tmp_path):
     with pytest.raises(DataError, match="not an uncompressed tar shard"):
         list(iter_shard(bad))
     assert sum(len(g) for g in iter_shard(src)) == SIZES[0]
+
+
+# --------------------------------------------------------------------------- the eval reader
+
+
+def _split_truth(prepared, split: str) -> list[Imp]:
+    """The fixture's impressions of ``split`` in shard order (regenerated for dev/test)."""
+    if split == "train":
+        return [imp for shard in prepared[2] for imp in shard]
+    rng = np.random.default_rng(7)
+    for n in SIZES:
+        make_impressions(rng, n, N_NEWS)
+    dev = make_impressions(rng, 4, N_NEWS, first_id=1000)
+    return dev if split == "dev" else make_impressions(rng, 3, N_NEWS, first_id=2000)
+
+
+def _flat_truth(imps: list[Imp], labeled: bool) -> dict[str, list]:
+    return {
+        "ids": [x[0] for x in imps],
+        "sizes": [len(x[2]) for x in imps],
+        "cand": [int(r) for x in imps for r in x[2]],
+        "labels": [float(v) if labeled else 0.0 for x in imps for v in x[3]],
+        "hist_len": [len(x[1]) for x in imps],
+        "hist": [int(r) for x in imps for r in x[1]],
+        "user": [0] * len(imps),
+    }
+
+
+def _fields(g: Impressions) -> dict[str, list]:
+    return {f: getattr(g, f).tolist() for f in _flat_truth([], True)}
+
+
+def _old_eval_impressions(root, split: str, shard_indices=None) -> list[Sample]:
+    """The per-impression reader the evaluator used before the group reader, verbatim: one
+    Sample per impression of ``read_impressions`` (the training stream's reader)."""
+    pf = prepared_folder
+    manifest = pf.load_manifest(root)
+    found = pf.shards(root, manifest, split)
+    labeled = pf.is_labeled(manifest, split, root)
+    n_news, n_users = int(manifest["news"]["count"]), pf.num_users(manifest)
+    out = []
+    for i in range(len(found)) if shard_indices is None else shard_indices:
+        for imp, hist, cand, label, user in read_impressions(found[i], labeled, n_news, n_users):
+            out.append(Sample(imp, hist, cand, label.astype(np.float32), user=user))
+    return out
+
+
+def test_eval_groups_yield_each_shard_group_as_flat_arrays(prepared):
+    """One Impressions per tar member (groups of 4: a shard of 14 gives 4, 4, 4, 2), its
+    fields the fixture's impressions laid flat; dtypes as the scorer takes them."""
+    root, manifest, _, _ = prepared
+    for split, info in manifest["splits"].items():
+        groups = list(eval_groups(root, split))
+        per_shard = [sh["impressions"] for sh in info["shards"]]
+        assert [len(g) for g in groups] == [
+            min(4, n - k) for n in per_shard for k in range(0, n, 4)
+        ]
+        for f, want in _flat_truth(_split_truth(prepared, split), info["labeled"]).items():
+            assert [v for g in groups for v in getattr(g, f).tolist()] == want, (split, f)
+        for g in groups:
+            assert g.ids.dtype == np.asarray(g.ids.tolist(), dtype=str).dtype
+            for f in ("sizes", "cand", "hist_len", "hist", "user"):
+                assert getattr(g, f).dtype == np.int64, f
+            assert g.labels.dtype == np.float32
+            assert int(g.sizes.sum()) == g.cand.size == g.labels.size
+            assert int(g.hist_len.sum()) == g.hist.size
+
+
+def test_group_reader_equals_the_per_impression_reader_field_by_field(prepared):
+    """eval_groups (and its per-impression view eval_impressions) == what the evaluator's old
+    per-impression reader yielded: ids, hist, cand, labels (values and dtypes), user, in order,
+    shard order as asked."""
+    root, manifest, _, _ = prepared
+    cases = [(s, None) for s in manifest["splits"]] + [("train", [3, 1, 6])]
+    for split, order in cases:
+        old = _old_eval_impressions(root, split, order)
+        groups = list(eval_groups(root, split, shard_indices=order))
+        views = list(eval_impressions(root, split, shard_indices=order))
+        flat = Impressions.concat(groups)
+        assert _fields(flat) == _fields(Impressions.from_samples(old))
+        assert len(views) == len(old) == len(flat) > 0
+        for a, b in zip(views, old):
+            assert a.impression_id == b.impression_id and a.user == b.user
+            assert a.click_pos == b.click_pos == -1
+            for f in ("hist", "cand", "labels"):
+                x, y = getattr(a, f), getattr(b, f)
+                assert x.dtype == y.dtype and x.tolist() == y.tolist(), f
+
+
+def test_parts_and_chunks_cut_the_group_stream_exactly(prepared):
+    """read_part (parts of 7 across groups of 4 and shard boundaries), take and rechunk give
+    the fixture's impressions [a, b), ids at the width np.asarray gives the same ids."""
+    from mtrec_dist.eval.engine import plan_parts, read_part
+
+    root, manifest, _, _ = prepared
+    truth = _split_truth(prepared, "train")
+    parts = plan_parts(manifest, "train", 7)
+    assert len(parts) == 9 and any(len(p.shards) > 1 for p in parts)
+    for p in parts:
+        got = read_part(root, "train", p)
+        want = truth[p.first : p.first + p.count]
+        assert _fields(got) == _flat_truth(want, True), p
+        assert got.ids.dtype == np.asarray([x[0] for x in want], dtype=str).dtype
+    for skip, count in ((0, None), (5, 13), (0, 4), (59, None), (60, None), (3, 0)):
+        got = Impressions.concat(list(take(eval_groups(root, "train"), skip, count)))
+        want = truth[skip : None if count is None else skip + count]
+        assert _fields(got) == _flat_truth(want, True), (skip, count)
+    chunks = list(rechunk(eval_groups(root, "train"), 7))
+    assert [len(c) for c in chunks] == [7] * 8 + [4]
+    for k, c in enumerate(chunks):
+        assert _fields(c) == _flat_truth(truth[7 * k : 7 * k + 7], True), k
+    assert _fields(Impressions.concat([])) == _flat_truth([], True)
