@@ -22,9 +22,9 @@ at 8-16 ranks the same popular titles are still encoded on every rank. Here, per
    A model that also reads an integer field of the titles its samples point at (MINER's
    category bias reads their categories) gathers it with :func:`gather_news_ids`.
 4. Per-news auxiliary losses are computed once, on the owner, as ``sum_u w_t(u) l_t(u)`` with
-   ``w_t(u) = valid_t(u) * sum_r c_r(u) / max(N_r,t, 1)`` (:func:`owner_weights`, float64 sums
-   then cast): summed over ranks this is ``sum_r L_r,t`` of the per-rank path
-   (``heads.weighted_mean``), so the average DeepSpeed applies is the same.
+   ``w_t(u) = valid_t(u) * sum_r c_r(u) / max(N_r,t, 1)`` (:func:`owner_weights`, float64,
+   cast to the loss's dtype only inside the loss): summed over ranks this is ``sum_r L_r,t`` of
+   the per-rank path (``heads.weighted_mean``), so the average DeepSpeed applies is the same.
 
 The per-group backward passes of the surgery each run the all-gather's backward collective
 inside every group's graph that reaches the gathered vectors (MTRec's main group; both of
@@ -151,7 +151,7 @@ def exchange_batch(batch: Batch, table: NewsTable, device: torch.device | str) -
         cand_idx=remap[batch.cand_idx],
         hist_count=torch.from_numpy(total),  # occurrences over all ranks (informational)
         global_unique=int(plan.rows.size),
-        aux_weight=torch.from_numpy(w.astype(np.float32)),
+        aux_weight=torch.from_numpy(w),  # float64: the loss casts it to its own dtype
     )
 
 
