@@ -108,7 +108,7 @@ def global_dedup(cfg: Config, world_size: int) -> bool:
     if cfg.data.dedup == "global" and not supported:
         raise ConfigError(
             f"data.dedup=global: model.name={cfg.model.name} cannot exchange title vectors "
-            "across ranks (only the bi-encoders "
+            "across ranks (only these models can: "
             f"{', '.join(n for n, c in MODELS.items() if getattr(c, 'global_dedup', False))}); "
             "set data.dedup=rank or auto"
         )
