@@ -19,14 +19,17 @@ at 8-16 ranks the same popular titles are still encoded on every rank. Here, per
    read in torch 2.13's ``torch/distributed/nn/functional.py``). Plain ``dist.all_gather``
    would return tensors without a gradient. The main loss stays the mean over this rank's real
    samples, so DeepSpeed's average over ranks gives exactly the per-rank path's gradient.
+   A model that also reads an integer field of the titles its samples point at (MINER's
+   category bias reads their categories) gathers it with :func:`gather_news_ids`.
 4. Per-news auxiliary losses are computed once, on the owner, as ``sum_u w_t(u) l_t(u)`` with
-   ``w_t(u) = valid_t(u) * sum_r c_r(u) / max(N_r,t, 1)`` (:func:`owner_weights`, float64 sums
-   then cast): summed over ranks this is ``sum_r L_r,t`` of the per-rank path
-   (``heads.weighted_mean``), so the average DeepSpeed applies is the same.
+   ``w_t(u) = valid_t(u) * sum_r c_r(u) / max(N_r,t, 1)`` (:func:`owner_weights`, float64,
+   cast to the loss's dtype only inside the loss): summed over ranks this is ``sum_r L_r,t`` of
+   the per-rank path (``heads.weighted_mean``), so the average DeepSpeed applies is the same.
 
 The per-group backward passes of the surgery each run the all-gather's backward collective
-inside the main group's graph, in the same order on every rank; the auxiliary groups' graphs
-(heads on the owned titles) hold no collective.
+inside every group's graph that reaches the gathered vectors (MTRec's main group; both of
+MINER's, since its disagreement term reads the clicked news), in the same order on every rank;
+graphs of heads on the owned titles alone (MTRec's auxiliary groups) hold no collective.
 """
 
 from __future__ import annotations
@@ -148,7 +151,7 @@ def exchange_batch(batch: Batch, table: NewsTable, device: torch.device | str) -
         cand_idx=remap[batch.cand_idx],
         hist_count=torch.from_numpy(total),  # occurrences over all ranks (informational)
         global_unique=int(plan.rows.size),
-        aux_weight=torch.from_numpy(w.astype(np.float32)),
+        aux_weight=torch.from_numpy(w),  # float64: the loss casts it to its own dtype
     )
 
 
@@ -160,3 +163,13 @@ def gather_news_vectors(owned_vecs: torch.Tensor, n_global: int) -> torch.Tensor
     from torch.distributed.nn.functional import all_gather
 
     return torch.cat(all_gather(owned_vecs), dim=0)[:n_global]  # [W*S, D] -> [n, D]
+
+
+def gather_news_ids(owned: torch.Tensor, n_global: int) -> torch.Tensor:
+    """An integer per-news field of the owned titles [S] (e.g. ``Batch.category``) of every
+    rank -> the global unique rows' values [n], for a model that reads a label of the titles its
+    samples point at (MINER's category bias). Not differentiable (labels carry no gradient).
+
+    Collective (one all-gather of S integers): every rank calls it in the same forward position.
+    """
+    return torch.cat(_all_gather_ints(owned.contiguous()), dim=0)[:n_global]  # [W*S] -> [n]

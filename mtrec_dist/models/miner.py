@@ -5,7 +5,7 @@ Paper: /work/shared/papers/004_fd601574b4bdd003.txt, §3. Pieces and where they 
 - news encoder (§3.2): BERT's [CLS] output of the title, as in MTRec -> :meth:`MINER.encode_news`.
 - poly attention (§3.3, eq. 1-2): K learnable context codes ``c_k`` (dimension
   ``model.query_dim``) each attend over the clicked-news vectors ``h_j``:
-  ``w_kj = softmax_j(c_k^T tanh(W_h h_j))``, ``e_k = sum_j w_kj h_j``.
+  ``w_kj = softmax_j(c_k^T tanh(W_h h_j))``, ``e_k = sum_j w_kj h_j`` -> :class:`PolyAttention`.
 - category-aware attention weighting (§3.4, eq. 5): the logit gets ``+ lambda * cos(b_j, b_c)``
   with ``b`` FIXED category vectors and ``lambda`` a learnable scalar (initialised to 1.0 so the
   bias acts from the first step; at fine-tuning learning rates a scalar started at 0 barely moves).
@@ -36,6 +36,14 @@ Readings where the paper is silent:
   ``s_k = sum_j w_kj (h_j . h_c)``, ``e_k . q = sum_j w_kj (h_j . q)`` and
   ``e_i . e_k = (w G w^T)_ik`` with ``G = H H^T``. This costs O(B C K H) memory instead of
   O(B C K D), which matters at evaluation with hundreds of candidates and the bias on.
+
+Cross-rank de-duplication (``data.dedup=global``, ``mtrec_dist.data.global_batch``): a title's
+vector does not depend on the sample (bi-encoder), so each rank encodes only the titles it owns
+and :func:`~mtrec_dist.data.global_batch.gather_news_vectors` exchanges them; the category bias
+needs the categories of the same global unique rows, gathered as integers
+(:func:`~mtrec_dist.data.global_batch.gather_news_ids`). Everything after the gather (poly
+attention, bias, disagreement, aggregation) is the per-rank code on this rank's samples, and
+MINER has no per-news loss, so the loss and its gradients equal the per-rank path's.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from torch import nn
 
 from mtrec_dist.config import ConfigError, ModelConfig
 from mtrec_dist.data.batch import Batch
+from mtrec_dist.data.global_batch import gather_news_ids, gather_news_vectors
 from mtrec_dist.models.encoders import build_news_encoder
 from mtrec_dist.models.heads import nce_loss
 from mtrec_dist.models.outputs import TaskOutputs
@@ -95,6 +104,59 @@ def category_table(cfg: ModelConfig, meta: dict, word_embeddings: torch.Tensor) 
     return table
 
 
+class PolyAttention(nn.Module):
+    """Poly-attention weights (eq. 1, 2, 5): W_h, the K context codes and the bias scale lambda.
+
+    Its own module rather than direct parameters of :class:`MINER`: ZeRO-3 gathers a module's
+    parameters for the backward through hooks on the module's tensor outputs, and MINER returns
+    a ``TaskOutputs`` whose tensors DeepSpeed cannot see, so MINER's own parameters were freed
+    after the forward and the backward read empty tensors ("The size of tensor a (0) must match
+    the size of tensor b (200)"). ``cat_lambda`` has shape [1], not a 0-dim scalar: DeepSpeed
+    broadcasts every parameter from rank 0 at start-up as ``p.data.view(torch.uint8)``, which a
+    0-dim tensor refuses ("self.dim() cannot be 0 to view Float as Byte").
+    """
+
+    def __init__(self, D: int, Q: int, K: int, category_bias: bool):
+        super().__init__()
+        self.proj = nn.Linear(D, Q, bias=False)  # W_h of eq. 2: phi_k(h) = c_k^T tanh(W_h h)
+        self.codes = nn.Parameter(torch.empty(K, Q))  # c_1..c_K  [K, Q]
+        nn.init.xavier_uniform_(self.codes)
+        if category_bias:  # eq. 5: learnable lambda, started at 1 (module docstring)
+            self.cat_lambda = nn.Parameter(torch.ones(1))
+
+    def forward(
+        self, hist: torch.Tensor, hist_mask: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Weights ``w`` [B, C', K, H]; C' = C with a bias, else 1.
+
+        hist [B, H, D], hist_mask [B, H] bool, bias [B, C, H] (cos(b_j, b_c)) or None.
+        Rows of a sample without history are all zero.
+        """
+        phi = torch.einsum("bhq,kq->bkh", torch.tanh(self.proj(hist)), self.codes)  # [B, K, H]
+        logits = phi[:, None]  # [B, 1, K, H]
+        if bias is not None:
+            logits = logits + self.cat_lambda * bias[:, :, None, :]  # [B, C, K, H]
+        return masked_softmax(logits, hist_mask[:, None, None, :])  # [B, C', K, H]
+
+
+# State-dict keys before the poly attention became its own module -> their names now.
+_RENAMED = {
+    "poly_proj.weight": "poly.proj.weight",
+    "codes": "poly.codes",
+    "cat_lambda": "poly.cat_lambda",
+}
+
+
+def _load_older_names(module, state_dict, prefix, *_args) -> None:
+    """A MINER state dict saved with the earlier names (and a 0-dim lambda) loads as today's."""
+    for old, new in _RENAMED.items():
+        if prefix + old in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
+    key = prefix + "poly.cat_lambda"
+    if key in state_dict and state_dict[key].dim() == 0:
+        state_dict[key] = state_dict[key].reshape(1)
+
+
 class MINER(nn.Module):
     """MINER bi-encoder (paper §3). See the module docstring for equations and readings.
 
@@ -105,6 +167,8 @@ class MINER(nn.Module):
     """
 
     cross_encoder = False
+    # Bi-encoder: data.dedup=global encodes each title of the global batch once (module docstring).
+    global_dedup = True
 
     def __init__(self, cfg: ModelConfig, meta: dict, encoder: nn.Module | None = None):
         super().__init__()
@@ -122,14 +186,10 @@ class MINER(nn.Module):
         self.K = int(cfg.miner_k)
         self.aggregator = cfg.miner_aggregator
         self.disagreement = bool(cfg.tasks.get("disagreement", True))
-        # eq. 2: phi_k(h) = c_k^T tanh(W_h h)
-        self.poly_proj = nn.Linear(D, Q, bias=False)  # W_h
-        self.codes = nn.Parameter(torch.empty(self.K, Q))  # c_1..c_K  [K, Q]
-        nn.init.xavier_uniform_(self.codes)
         self.category_bias = bool(cfg.miner_category_bias)
-        if self.category_bias:
-            # eq. 5: learnable scalar lambda; category vectors fixed (buffer, not a parameter).
-            self.cat_lambda = nn.Parameter(torch.tensor(1.0))
+        self.poly = PolyAttention(D, Q, self.K, self.category_bias)  # eq. 1, 2, 5
+        self.register_load_state_dict_pre_hook(_load_older_names)
+        if self.category_bias:  # eq. 5's category vectors: fixed (a buffer, not a parameter)
             emb = self.encoder.word_embeddings.weight
             self.register_buffer("category_vectors", category_table(cfg, meta, emb))
         if self.aggregator == "weighted":
@@ -144,12 +204,17 @@ class MINER(nn.Module):
 
     def score_news_vectors(self, news_vecs: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Click scores [B, C] from news vectors [U, D]; masked candidates get -inf."""
-        raw, _ = self._match(news_vecs, batch)
+        raw, _ = self._match(news_vecs, batch.category, batch)
         return raw.masked_fill(~batch.cand_mask, float("-inf"))
 
     def forward(self, batch: Batch) -> TaskOutputs:
-        news_vecs = self.encode_news(batch)  # [U, D]
-        raw, disagreement = self._match(news_vecs, batch)  # [B, C], [B]
+        news_vecs = self.encode_news(batch)  # [U, D] (this rank's share S when global)
+        category = batch.category  # [U]
+        if batch.global_unique:  # every rank's owned titles -> the global unique rows
+            news_vecs = gather_news_vectors(news_vecs, batch.global_unique)  # [U_g, D]
+            if self.category_bias:
+                category = gather_news_ids(batch.category, batch.global_unique)  # [U_g]
+        raw, disagreement = self._match(news_vecs, category, batch)  # [B, C], [B]
         scores = raw.masked_fill(~batch.cand_mask, float("-inf"))
         real = batch.sample_mask.to(disagreement.dtype)  # [B]
         main = nce_loss(scores, batch.cand_mask, batch.sample_mask)
@@ -166,20 +231,6 @@ class MINER(nn.Module):
         return {n for n in shared if not n.startswith("target_proj.")}
 
     # ----------------------------------------------------------------- internals
-
-    def poly_weights(
-        self, hist: torch.Tensor, hist_mask: torch.Tensor, bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Poly-attention weights ``w`` [B, C', K, H] (eq. 1, 2, 5); C' = C with a bias, else 1.
-
-        hist [B, H, D], hist_mask [B, H] bool, bias [B, C, H] (cos(b_j, b_c)) or None.
-        Rows of a sample without history are all zero.
-        """
-        phi = torch.einsum("bhq,kq->bkh", torch.tanh(self.poly_proj(hist)), self.codes)  # [B,K,H]
-        logits = phi[:, None]  # [B, 1, K, H]
-        if bias is not None:
-            logits = logits + self.cat_lambda * bias[:, :, None, :]  # [B, C, K, H]
-        return masked_softmax(logits, hist_mask[:, None, None, :])  # [B, C', K, H]
 
     def aggregate(self, s: torch.Tensor, a: torch.Tensor | None) -> torch.Tensor:
         """Final score from the K matching scores ``s`` [..., K] (eq. 4 and the three variants);
@@ -203,18 +254,21 @@ class MINER(nn.Module):
             a = torch.einsum("...kd,...d->...k", interests, q)
         return self.aggregate(s, a)
 
-    def _match(self, news_vecs: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unmasked scores [B, C] and the per-sample disagreement (eq. 3) [B]."""
+    def _match(
+        self, news_vecs: torch.Tensor, category: torch.Tensor, batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unmasked scores [B, C] and the per-sample disagreement (eq. 3) [B] from the vectors
+        [U, D] and categories [U] of the titles ``batch.hist_idx`` / ``cand_idx`` index."""
         hist = news_vecs[batch.hist_idx]  # [B, H, D]
         cand = news_vecs[batch.cand_idx]  # [B, C, D]
         hist_mask = batch.hist_mask
         bias = None
         if self.category_bias:
             cv = self.category_vectors.to(news_vecs.dtype)
-            b_hist = F.normalize(cv[batch.category[batch.hist_idx]], dim=-1, eps=_EPS)  # [B,H,Dc]
-            b_cand = F.normalize(cv[batch.category[batch.cand_idx]], dim=-1, eps=_EPS)  # [B,C,Dc]
+            b_hist = F.normalize(cv[category[batch.hist_idx]], dim=-1, eps=_EPS)  # [B,H,Dc]
+            b_cand = F.normalize(cv[category[batch.cand_idx]], dim=-1, eps=_EPS)  # [B,C,Dc]
             bias = torch.einsum("bcd,bhd->bch", b_cand, b_hist)  # [B, C, H] cosines
-        w = self.poly_weights(hist, hist_mask, bias)  # [B, C', K, H]
+        w = self.poly(hist, hist_mask, bias)  # [B, C', K, H]
         B, C = cand.shape[:2]
         w_c = w.expand(B, C, self.K, w.shape[-1])  # [B, C, K, H]
 

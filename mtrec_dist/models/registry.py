@@ -99,15 +99,16 @@ def global_dedup(cfg: Config, world_size: int) -> bool:
     """``data.dedup`` resolved: True when titles are encoded once per GLOBAL micro-batch and
     exchanged across ranks (``mtrec_dist.data.global_batch``).
 
-    Only bi-encoders whose class sets ``global_dedup`` (the MTRec family) can: a cross-encoder
-    (UNBERT) encodes a title together with its sample. ``auto`` = global when ``world_size`` > 1
-    and the model supports it; ``global`` on any other model is a ConfigError.
+    Only bi-encoders whose class sets ``global_dedup`` (the MTRec family and MINER) can: a
+    cross-encoder (UNBERT) encodes a title together with its sample, and the classic models'
+    news encoders are not wired to the exchange. ``auto`` = global when ``world_size`` > 1 and
+    the model supports it; ``global`` on any other model is a ConfigError.
     """
     supported = bool(getattr(MODELS[cfg.model.name], "global_dedup", False))
     if cfg.data.dedup == "global" and not supported:
         raise ConfigError(
             f"data.dedup=global: model.name={cfg.model.name} cannot exchange title vectors "
-            "across ranks (only the MTRec family: "
+            "across ranks (only these models can: "
             f"{', '.join(n for n, c in MODELS.items() if getattr(c, 'global_dedup', False))}); "
             "set data.dedup=rank or auto"
         )

@@ -135,8 +135,12 @@ def test_dedup_resolution():
         ConfigError, match=r"data\.dedup=global: model\.name=unbert.*data\.dedup=rank"
     ):
         global_dedup(cfg, 4)
+    cfg.model.name = "miner"  # bi-encoder: global is allowed, and auto picks it at world > 1
+    assert global_dedup(cfg, 4) is True
+    cfg.data.dedup = "auto"
+    assert global_dedup(cfg, 2) is True and global_dedup(cfg, 1) is False
     bi = [n for n, c in MODELS.items() if getattr(c, "global_dedup", False)]
-    assert bi == ["mtrec", "bert", "mtrec_amf", "bert_amf", "nrms_bert", "lstur_bert"]
+    assert bi == ["mtrec", "bert", "mtrec_amf", "bert_amf", "nrms_bert", "lstur_bert", "miner"]
 
 
 def test_dedup_key_is_validated():

@@ -37,6 +37,10 @@ def bert():
     return enc
 
 
+# Parameter names before the poly attention became its own module (checkpoints saved then).
+_OLD_NAMES = {"poly.proj.weight": "poly_proj.weight", "poly.codes": "codes"}
+
+
 def make(bert, **kw) -> MINER:
     torch.manual_seed(1)
     cfg = ModelConfig(encoder="tiny", miner_k=4, query_dim=8, **kw)
@@ -70,7 +74,9 @@ def reference(model: MINER, samples: list[Sample], lam: float | None):
             for k in range(model.K):
                 logits = []
                 for j, h_row in enumerate(s.hist):
-                    phi = model.codes[k] @ torch.tanh(model.poly_proj.weight @ hist[j])  # eq. 2
+                    phi = model.poly.codes[k] @ torch.tanh(
+                        model.poly.proj.weight @ hist[j]
+                    )  # eq. 2
                     if cv is not None:
                         b_j, b_c = cv[CATEGORY[h_row]], cv[CATEGORY[c_row]]
                         cos = F.cosine_similarity(b_j, b_c, dim=0, eps=1e-8)
@@ -104,8 +110,8 @@ def reference(model: MINER, samples: list[Sample], lam: float | None):
 def test_losses_match_loops(bert, agg):
     model = make(bert, miner_aggregator=agg)
     with torch.no_grad():
-        model.cat_lambda.fill_(0.7)
-        model.codes.mul_(10.0)  # peakier attention: interest vectors differ (L_D < 0.95)
+        model.poly.cat_lambda.fill_(0.7)
+        model.poly.codes.mul_(10.0)  # peakier attention: interest vectors differ (L_D < 0.95)
     batch = collate(TWO, news_table())
     out = model(batch)
     with torch.no_grad():
@@ -126,11 +132,13 @@ def test_lambda_zero_is_plain_poly_attention(bert):
     biased = make(bert, miner_aggregator="weighted", miner_category_bias=True)
     plain = make(bert, miner_aggregator="weighted", miner_category_bias=False)
     state = {
-        k: v for k, v in biased.state_dict().items() if k not in ("cat_lambda", "category_vectors")
+        k: v
+        for k, v in biased.state_dict().items()
+        if k not in ("poly.cat_lambda", "category_vectors")
     }
     plain.load_state_dict(state, strict=True)
     with torch.no_grad():
-        biased.cat_lambda.zero_()
+        biased.poly.cat_lambda.zero_()
     batch = collate(TWO, news_table())
     a, b = biased(batch), plain(batch)
     torch.testing.assert_close(a.scores, b.scores)
@@ -143,8 +151,29 @@ def test_lambda_zero_is_plain_poly_attention(bert):
     torch.testing.assert_close(b.losses["disagreement"], ref_dis, rtol=1e-5, atol=1e-6)
     # the bias does change the scores when lambda != 0 (categories differ in TWO)
     with torch.no_grad():
-        biased.cat_lambda.fill_(2.0)
+        biased.poly.cat_lambda.fill_(2.0)
         assert not torch.allclose(biased(batch).scores, b.scores)
+
+
+def test_older_state_dict_loads(bert):
+    """The poly attention is its own module (ZeRO-3 frees a model's direct parameters before the
+    backward) and lambda has shape [1] (DeepSpeed's start-up broadcast refuses 0-dim ones): a
+    state dict saved under the former names, with a 0-dim lambda, loads with its values."""
+    saved = make(bert, miner_category_bias=True)
+    with torch.no_grad():
+        saved.poly.codes.mul_(3.0)
+        saved.poly.cat_lambda.fill_(0.25)
+    old = {_OLD_NAMES.get(k, k): v for k, v in saved.state_dict().items()}
+    old["cat_lambda"] = torch.tensor(0.25)  # the former 0-dim scalar
+    assert {"codes", "poly_proj.weight", "cat_lambda"} <= set(old)
+    model = make(bert, miner_category_bias=True)
+    assert model.poly.cat_lambda.shape == (1,)
+    model.load_state_dict(old, strict=True)
+    assert model.poly.cat_lambda.tolist() == [0.25]
+    torch.testing.assert_close(model.poly.codes, saved.poly.codes, rtol=0, atol=0)
+    with torch.no_grad():
+        batch = collate(TWO, news_table())
+        torch.testing.assert_close(model(batch).scores, saved(batch).scores)
 
 
 def _gelu(x: float) -> float:
@@ -200,8 +229,8 @@ def test_no_real_sample_gives_connected_zero(bert):
     out = model(batch)
     assert out.losses["main"].item() == 0.0 and out.losses["disagreement"].item() == 0.0
     (out.losses["main"] + out.losses["disagreement"]).backward()
-    assert model.codes.grad is not None and torch.equal(
-        model.codes.grad, torch.zeros_like(model.codes)
+    assert model.poly.codes.grad is not None and torch.equal(
+        model.poly.codes.grad, torch.zeros_like(model.poly.codes)
     )
 
 
@@ -212,15 +241,21 @@ def test_gradient_paths(bert):
     q = model.encoder.bert.encoder.layer[0].attention.self.query.weight
     model(batch).losses["disagreement"].backward()
     # L_D depends on e = w(H) H: codes, W_h, lambda and (through H) the encoder; not on W_e
-    for p in (model.codes, model.poly_proj.weight, model.cat_lambda, q):
+    for p in (model.poly.codes, model.poly.proj.weight, model.poly.cat_lambda, q):
         assert p.grad is not None and p.grad.abs().sum() > 0
     assert model.target_proj.weight.grad is None
     model.zero_grad()
     model(batch).losses["main"].backward()
-    for p in (model.codes, model.poly_proj.weight, model.cat_lambda, q, model.target_proj.weight):
+    for p in (
+        model.poly.codes,
+        model.poly.proj.weight,
+        model.poly.cat_lambda,
+        q,
+        model.target_proj.weight,
+    ):
         assert p.grad is not None and p.grad.abs().sum() > 0
     shared = model.shared_parameter_names()
-    assert "codes" in shared and "encoder.bert.embeddings.word_embeddings.weight" in shared
+    assert "poly.codes" in shared and "encoder.bert.embeddings.word_embeddings.weight" in shared
     assert not any(n.startswith("target_proj") for n in shared)
 
 
