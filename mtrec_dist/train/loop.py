@@ -66,12 +66,15 @@ def train_worker(config: dict[str, Any]) -> None:
         skip = pos.batches_done if epoch == pos.epoch else 0
         loader = loader_for(cfg, rank=rank, world_size=world, epoch=epoch, skip_batches=skip)
         micro, t0, c0, titles, real, distinct = 0, time.monotonic(), time.process_time(), 0, 0, 0
+        loss_sum: dict[str, torch.Tensor] = {}  # detached task losses over the step's micro-batches
         for batch in epoch_micro_batches(loader, plan, skip):
             if table is not None:  # collective: this rank's share of the global batch's titles
                 batch = exchange_batch(batch, table, engine.device)
             batch = batch.to(engine.device)
             out = engine(batch)
             mtg.backward(group_losses(out.losses, cfg.model.groups))
+            for k, v in out.losses.items():
+                loss_sum[k] = loss_sum.get(k, 0.0) + v.detach().float()
             titles, real = titles + batch.num_titles, real + int(batch.sample_mask.sum())
             distinct += batch.global_unique
             micro += 1
@@ -81,16 +84,18 @@ def train_worker(config: dict[str, Any]) -> None:
             stats["mem/peak_mb"] = ds.peak_memory_mb(engine)
             stats["time/cpu_s"] = time.process_time() - c0  # this process's CPU, all threads
             stats["time/unix"] = time.time()  # when the step ended (start-up = first - launch)
-            losses = out.losses
             if table is not None:  # titles encoded this step = W * S (real + pads) vs U_g
                 stats["titles/encoded"], stats["titles/global_distinct"] = titles * world, distinct
-                losses = _mean_over_ranks(losses)  # an aux loss is only this rank's owned share
+            losses = {k: v / t.grad_accum for k, v in loss_sum.items()}
+            if world > 1:  # the global batch's loss, as the single-process reference logs it
+                losses = _mean_over_ranks(losses)
             pos = Position(pos.step + 1, epoch, loader.batches_done, pos.samples + real * world)
             if log is not None:
                 secs = time.monotonic() - t0
                 lr = scheduler.get_last_lr()[0]
                 log.step(pos.step, losses, stats, lr, real * world, titles * world, secs)
             titles, real, distinct, t0, c0 = 0, 0, 0, time.monotonic(), time.process_time()
+            loss_sum = {}
             if t.checkpoint_every and pos.step % t.checkpoint_every == 0:
                 save(engine, cfg, pos, rank)
             if t.eval_every and pos.step % t.eval_every == 0:
@@ -108,9 +113,10 @@ def train_worker(config: dict[str, Any]) -> None:
 
 
 def _mean_over_ranks(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The mean over ranks of each (detached) task loss: under data.dedup=global a per-news
-    loss on one rank covers only the titles it owns, so only the mean is comparable with
-    data.dedup=rank's logged value (collective: every rank calls it at every step)."""
+    """The mean over ranks of each (detached) task loss: the logged loss is the whole global
+    batch's, not rank 0's share, and under data.dedup=global a per-news loss on one rank covers
+    only the titles it owns, so only the mean equals data.dedup=rank's (collective: every rank
+    calls it at every step)."""
     import torch.distributed as dist
 
     names = sorted(losses)

@@ -50,6 +50,10 @@ GROUPS3 = {"main": {"main": 1.0}, "category": {"category": 1.0}, "ner": {"ner": 
 GROUPS_MINER = {"main": {"main": 1.0}, "aux": {"disagreement": 3.0}}
 MINER_CODES_SCALE = 10.0
 GROUPS = {"g2": GROUPS2, "g3": GROUPS3, "miner": GROUPS_MINER}
+# Surgery coefficients global vs per-rank: MINER's (1.0-2.9, a ratio of gradient dot products)
+# differed by 6e-6 relative at ZeRO-3 on this machine's BLAS, too close to 1e-5 to hold on
+# another CPU; test_global_gradients_equal_rank_in_float64 is the exact check (1e-12).
+COEF_RTOL = {"g2": 1e-5, "g3": 1e-5, "miner": 5e-5}
 
 
 @dataclass(frozen=True)
@@ -327,7 +331,7 @@ def test_global_equals_rank_equals_one_process(distributed_results, tiny_data, c
             # the global per-group gradient norms (the Gram diagonal) and surgery coefficients
             torch.testing.assert_close(got["norms"], ref["norms"], rtol=1e-5, atol=1e-7)
             torch.testing.assert_close(
-                got["coefs"], per["rank"][rank]["coefs"], rtol=1e-5, atol=1e-7
+                got["coefs"], per["rank"][rank]["coefs"], rtol=COEF_RTOL[case.groups], atol=1e-7
             )
             for n, p in ref["params"].items():
                 torch.testing.assert_close(

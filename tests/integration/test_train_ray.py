@@ -83,8 +83,9 @@ def uninterrupted(ray_session, tiny_data, tmp_path_factory, zero2):
     return run_dir
 
 
-def _reference_weights(cfg) -> dict[str, torch.Tensor]:
-    """The single-process reference on the same global batches (both ranks' micro-batches)."""
+def _reference(cfg) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
+    """The single-process reference on the same global batches (both ranks' micro-batches):
+    its final weights and each step's task losses (the mean over the global batch)."""
     from mtrec_dist.data.prepared import load_manifest
     from mtrec_dist.data.stream import loader_for
     from mtrec_dist.models.registry import build_model
@@ -96,11 +97,11 @@ def _reference_weights(cfg) -> dict[str, torch.Tensor]:
     model = build_model(cfg, load_manifest(cfg.prepared_dir))
     opt = build_optimizer(model.parameters(), t.lr, t.weight_decay, t.adam_eps)
     sched = build_scheduler(opt, STEPS, t.warmup_ratio)
-    step = 0
+    step, losses = 0, []
     for epoch in range(t.epochs):
         loaders = [loader_for(cfg, rank=r, world_size=WORLD, epoch=epoch) for r in range(WORLD)]
         for batches in zip(*loaders):
-            reference_step(
+            stats = reference_step(
                 model,
                 list(batches),
                 cfg.model.groups,
@@ -111,15 +112,16 @@ def _reference_weights(cfg) -> dict[str, torch.Tensor]:
                 step=step,
             )
             sched.step()
+            losses.append(stats["losses"])
             step += 1
             if step == STEPS:
-                return {k: v.detach().clone() for k, v in model.state_dict().items()}
+                return {k: v.detach().clone() for k, v in model.state_dict().items()}, losses
     raise AssertionError("ran out of batches")
 
 
 def test_two_workers_equal_single_process_reference(uninterrupted, tiny_data, zero2):
     cfg = _cfg(tiny_data, uninterrupted, zero2)
-    ref = _reference_weights(cfg)
+    ref, ref_losses = _reference(cfg)
     got = _weights(uninterrupted)
     assert set(got) == set(ref)
     worst = max((got[k] - ref[k].float()).abs().max().item() for k in ref)
@@ -132,6 +134,12 @@ def test_two_workers_equal_single_process_reference(uninterrupted, tiny_data, ze
     init = build_model(cfg, load_manifest(cfg.prepared_dir)).state_dict()
     moved = max((got[k] - init[k].float()).abs().max().item() for k in init)
     assert moved > 100 * worst
+    # the logged losses are the global batch's (mean over both ranks), as the reference's
+    logged = _losses(uninterrupted)
+    assert sorted(logged) == list(range(1, STEPS + 1))
+    for step, want in enumerate(ref_losses, start=1):
+        for k, v in want.items():
+            assert abs(logged[step][f"loss/{k}"] - v) <= 1e-4 * max(1.0, abs(v)), (step, k)
 
 
 def test_logged_title_counts_are_those_of_the_global_exchange(uninterrupted, tiny_data, zero2):
