@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -54,6 +56,14 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def offsets_of(lengths: np.ndarray) -> np.ndarray:
+    """[n + 1] int64 start offsets of ``n`` consecutive slices of a flat array with these
+    ``lengths`` (the last entry is the total): slice i is ``flat[out[i] : out[i + 1]]``."""
+    out = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

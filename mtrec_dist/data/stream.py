@@ -54,6 +54,7 @@ from mtrec_dist.data.prepared import (
 )
 from mtrec_dist.data.shardfile import read_groups, read_impressions
 from mtrec_dist.data.tables import DataError
+from mtrec_dist.utils import offsets_of
 
 CHUNK_SIZE = 256  # samples per worker -> trainer message
 
@@ -128,13 +129,6 @@ def batches_per_epoch(
 # end in its index step, before scoring).
 
 
-def _offsets(lengths: np.ndarray) -> np.ndarray:
-    """[n + 1] start offsets of ``lengths`` consecutive slices of a flat array."""
-    out = np.zeros(lengths.size + 1, dtype=np.int64)
-    np.cumsum(lengths, out=out[1:])
-    return out
-
-
 def _narrow_ids(ids: np.ndarray) -> np.ndarray:
     """A string array at the width of its longest id (``'<U1'`` when empty): the dtype
     ``np.asarray(list_of_ids, dtype=str)`` gives, whatever the pieces it was joined from."""
@@ -207,7 +201,7 @@ class Impressions:
 
     def samples(self) -> Iterator[Sample]:
         """One :class:`Sample` per impression (views of these arrays)."""
-        h, c = _offsets(self.hist_len).tolist(), _offsets(self.sizes).tolist()
+        h, c = offsets_of(self.hist_len).tolist(), offsets_of(self.sizes).tolist()
         for i, (key, user) in enumerate(zip(self.ids.tolist(), self.user.tolist())):
             yield Sample(
                 key, self.hist[h[i] : h[i + 1]], self.cand[c[i] : c[i + 1]],

@@ -41,8 +41,8 @@ import torch
 from mtrec_dist.data.batch import NER_IGNORE, Batch, NewsTable, Sample, collate
 from mtrec_dist.data.stream import Impressions, eval_groups, take
 from mtrec_dist.eval.factored import AttentionDotScorer, attention_dot_scorer
-from mtrec_dist.eval.metrics import offsets_of, ranked_impression_metrics
-from mtrec_dist.utils import Progress, atomic_open, atomic_write_bytes
+from mtrec_dist.eval.metrics import ranked_impression_metrics
+from mtrec_dist.utils import Progress, atomic_open, atomic_write_bytes, offsets_of
 
 SCORE_BATCH = 512  # impressions per scoring forward pass (bi-encoder)
 CROSS_CHUNK = 32  # candidates per (history, candidates) sample for cross-encoders

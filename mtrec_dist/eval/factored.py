@@ -33,6 +33,8 @@ import warnings
 import numpy as np
 import torch
 
+from mtrec_dist.utils import offsets_of
+
 CHUNK = 8192  # impressions per sparse product (bounds the [chunk, D] user vectors' memory)
 LOGIT_CHUNK = 8192  # news rows per attention-logit product
 
@@ -53,8 +55,7 @@ def _csr(n_rows: int, rows: np.ndarray, cols: np.ndarray, n_cols: int) -> tuple:
     key = ordered[first]
     inverse = np.empty(keys.size, dtype=np.int64)
     inverse[order] = np.cumsum(first) - 1
-    crow = np.zeros(n_rows + 1, dtype=np.int64)
-    np.cumsum(np.bincount(key // n_cols, minlength=n_rows), out=crow[1:])
+    crow = offsets_of(np.bincount(key // n_cols, minlength=n_rows))
     return torch.from_numpy(crow), torch.from_numpy(key % n_cols), torch.from_numpy(inverse)
 
 
@@ -92,8 +93,7 @@ class AttentionDotScorer:
         (``sizes[i]`` per impression), in impression and candidate order."""
         hist_len = np.asarray(hist_len, dtype=np.int64)
         sizes = np.asarray(sizes, dtype=np.int64)
-        h_off = np.concatenate([[0], np.cumsum(hist_len)])
-        c_off = np.concatenate([[0], np.cumsum(sizes)])
+        h_off, c_off = offsets_of(hist_len), offsets_of(sizes)
         out = np.empty(int(c_off[-1]), dtype=np.float32)
         for lo in range(0, hist_len.size, CHUNK):
             hi = min(lo + CHUNK, hist_len.size)
@@ -112,7 +112,7 @@ class AttentionDotScorer:
         n, n_news = hist_len.size, self.vectors.shape[0]
         # attention weights: softmax over each history, as masked_softmax on a padded [n, H]
         imp_h = np.repeat(np.arange(n), hist_len)
-        slot = np.arange(hist.size) - np.repeat(np.cumsum(hist_len) - hist_len, hist_len)
+        slot = np.arange(hist.size) - np.repeat(offsets_of(hist_len)[:-1], hist_len)
         H = max(int(hist_len.max()) if n else 0, 1)
         logits = torch.full((n, H), torch.finfo(torch.float32).min)
         mask = torch.zeros((n, H), dtype=torch.bool)

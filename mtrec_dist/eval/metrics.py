@@ -43,14 +43,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from mtrec_dist.utils import offsets_of
+
 METRICS = ("auc", "mrr", "ndcg@5", "ndcg@10")
-
-
-def offsets_of(sizes: np.ndarray) -> np.ndarray:
-    """Start offset of every impression in the flat candidate arrays ([m+1], last = total)."""
-    out = np.zeros(len(sizes) + 1, dtype=np.int64)
-    np.cumsum(sizes, out=out[1:])
-    return out
 
 
 def groups_by_size(sizes: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:

@@ -33,7 +33,7 @@ import numpy as np
 
 from mtrec_dist.data.tables import DataError
 from mtrec_dist.eval.metrics import compute_metrics, ranks_of, stable_ranks
-from mtrec_dist.utils import atomic_open
+from mtrec_dist.utils import atomic_open, offsets_of
 
 PREDICTION_NAME = "prediction.txt"
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed entry time: the same predictions give the same zip bytes
@@ -119,17 +119,14 @@ def format_block(ids: np.ndarray, sizes: np.ndarray, ranks: np.ndarray) -> bytes
     for i, t in enumerate(tokens):
         table[i, : len(t)] = np.frombuffer(t, dtype=np.uint8)
     tok_len = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
-    cand_off = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(sizes, out=cand_off[1:])
+    cand_off = offsets_of(sizes)
     last = np.zeros(total, dtype=np.int64)  # 1 for each impression's last candidate (its "]")
     last[cand_off[1:][sizes > 0] - 1] = 1
     which = last * (top + 1) + ranks  # row of `table` for each candidate
-    tok = np.zeros(total + 1, dtype=np.int64)
-    np.cumsum(tok_len[which], out=tok[1:])
+    tok = offsets_of(tok_len[which])
     tokens_len = tok[cand_off[1:]] - tok[cand_off[:-1]]  # a line's ranks, ',' and ']'
     line_len = id_len + 2 + tokens_len + (sizes == 0) + 1  # id, " [", tokens (or "]"), "\n"
-    line_start = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(line_len, out=line_start[1:])
+    line_start = offsets_of(line_len)
     buf = np.empty(int(line_start[-1]) + width, dtype=np.uint8)  # + room for the last padding
     # tokens: every token is written `width` bytes wide, byte b in pass b = width-1 .. 0. A
     # token's padding lands on the next tokens' bytes (or the line end), which are written in a
@@ -142,8 +139,7 @@ def format_block(ids: np.ndarray, sizes: np.ndarray, ranks: np.ndarray) -> bytes
     buf[line_start[:-1][empty] + id_len[empty] + 2] = ord("]")
     # ids: byte k of id i goes from joined[src_i + k] to buf[line_start_i + k]
     owner = np.repeat(np.arange(n), id_len)
-    id_start = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(id_len, out=id_start[1:])
+    id_start = offsets_of(id_len)
     within = np.arange(int(id_start[-1])) - id_start[owner]
     buf[line_start[owner] + within] = joined[id_start[owner] + owner + within]  # +1 per "\n"
     buf[line_start[:-1] + id_len] = ord(" ")
@@ -175,8 +171,7 @@ def _first_bad_line(
         bad[: exp_n.size] |= sizes[: exp_n.size] != exp_n
     imp = np.repeat(np.arange(n), sizes)
     in_range = (ranks >= 1) & (ranks <= sizes[imp])
-    off = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(sizes, out=off[1:])
+    off = offsets_of(sizes)
     slot = np.where(in_range, off[imp] + ranks - 1, 0)  # each rank's slot in its impression
     twice = np.bincount(slot[in_range], minlength=int(ranks.size))[slot] > 1
     bad |= np.bincount(imp, weights=~in_range | twice, minlength=n) > 0  # not a permutation
@@ -289,7 +284,7 @@ def _check_lines(
     seen: set,
 ) -> None:
     """Line-by-line checks of a block's lines ``k..``: the error names the first bad line."""
-    off = np.concatenate([[0], np.cumsum(sizes)])
+    off = offsets_of(sizes)
     exp_list = None if exp_ids is None else exp_ids.tolist()
     exp_pos = None if exp_list is None else {x: i for i, x in enumerate(exp_list)}
     if exp_list is not None:
