@@ -251,10 +251,11 @@ def write_prediction_blocks(
                     ids = np.asarray(ids).astype(str)
                     sizes = np.asarray(sizes, dtype=np.int64)
                     ranks = np.asarray(ranks, dtype=np.int64)
-                    k = _first_bad_line(ids, sizes, ranks, n_lines, exp_ids, exp_sizes)
-                    if exp_ids is None:  # duplicates are tracked line by line
-                        _check_lines(ids, sizes, ranks, n_lines, 0, None, exp_sizes, seen)
-                    elif k is not None:  # name the first bad line as a per-line writer would
+                    if exp_ids is None:  # duplicates are tracked line by line: check every line
+                        k = 0
+                    else:  # vectorised; a bad line is then named as a per-line writer would
+                        k = _first_bad_line(ids, sizes, ranks, n_lines, exp_ids, exp_sizes)
+                    if k is not None:
                         _check_lines(ids, sizes, ranks, n_lines, k, exp_ids, exp_sizes, seen)
                     raw.write(format_block(ids, sizes, ranks))
                     n_lines += int(ids.size)
