@@ -210,8 +210,9 @@ def predict_ensemble(
     merge: dict[str, float] = {}
     path = write_ranks(iter_mean_parts(runs, done), out, idx, merge)
     stats = {"split": split, "impressions": int(idx["ids"].size), "out": str(path)}
-    stats["seconds"] = {"merge": round(time.perf_counter() - t0, 3)}
-    stats["merge_seconds"] = merge_stages(time.perf_counter() - t0, merge)
+    total = time.perf_counter() - t0
+    stats["seconds"] = {"merge": round(total, 3)}
+    stats["merge_seconds"] = merge_stages(total, merge)
     atomic_write_json(path.with_name(path.stem + ".json"), _record(runs, done, stats))
     say(f"wrote {path} ({idx['ids'].size} impressions, mean of {len(runs)} runs)")
     return path

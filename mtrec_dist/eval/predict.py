@@ -44,9 +44,10 @@ def predict(
     merge: dict[str, float] = {}
     path = write_ranks(iter_parts(r), out, idx, merge)
     stats = result(r, {"split": split, "impressions": int(idx["ids"].size), "out": str(path)})
-    stats["seconds"]["merge"] = round(time.perf_counter() - t0, 3)
+    total = time.perf_counter() - t0
+    stats["seconds"]["merge"] = round(total, 3)
     stats["cpu_seconds"]["merge"] = round(time.process_time() - c0, 3)  # this process only
-    stats["merge_seconds"] = merge_stages(time.perf_counter() - t0, merge)
+    stats["merge_seconds"] = merge_stages(total, merge)
     atomic_write_json(r.out_dir / "prediction.json", stats)
     say(f"wrote {path} ({idx['ids'].size} impressions)")
     return path
