@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from _common import NO_SHARDS, free_port  # noqa: E402
 
 MODES = ("rank", "global")
+ADAMW = (2e-5, (0.9, 0.999), 1e-8, 0.01)  # lr, betas, eps, weight decay: torch's defaults
 PHASES = ("exchange", "forward", "encoder_fwd", "backward", "step")
 
 
@@ -75,7 +76,7 @@ class _Clock:
 
 
 def _worker(rank: int, world: int, port: int, a: argparse.Namespace, out_path: str) -> None:
-    from tests.gloo_workers import init_gloo_deepspeed
+    from tests.gloo_workers import ds_config, init_gloo_deepspeed
 
     init_gloo_deepspeed(rank, world, port)
     import deepspeed
@@ -96,15 +97,7 @@ def _worker(rank: int, world: int, port: int, a: argparse.Namespace, out_path: s
     cfg.model.name, cfg.model.encoder, cfg.model.encoder_layers = "mtrec", a.encoder, a.layers
     cfg.trainer.micro_batch, cfg.trainer.surgery = a.micro, "mtrec"
     manifest = load_manifest(a.prepared)
-    ds = {
-        "train_micro_batch_size_per_gpu": a.micro,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": a.micro * world,
-        "optimizer": {"type": "AdamW", "params": {"lr": 2e-5, "torch_adam": True}},
-        "zero_optimization": {"stage": 2},
-        "gradient_clipping": 1.0,
-        "steps_per_print": 10**9,
-    }
+    ds = ds_config(2, a.micro, 1, world, ADAMW, clip=1.0)  # ZeRO-2, no accumulation
     runs = {}
     for mode in MODES:
         torch.manual_seed(0)
