@@ -83,6 +83,11 @@ class ModelConfig:
     pooling: str = "auto"
     # Keep only the first N transformer layers of the encoder (0 = all); a CPU speed knob.
     encoder_layers: int = 0
+    # Encoder layers trained: 0 = all (the papers); N > 0 = the top N, with the embeddings and
+    # the layers below frozen, run without dropout and their output cached once per news
+    # (<prepared>/layer_cache/); -1 = none (the whole encoder frozen and cached). MTRec family
+    # and MINER only (docs/design.md §3.1).
+    train_layers: int = 0
     # Click scores r_c . r_u divided by sqrt(hidden size) (bi-encoders of the MTRec family).
     # Ranks, and so every metric, are unchanged; only the NCE loss's temperature is: a raw dot
     # product of 384-d pretrained vectors starts as a confident random ranking (loss ~2.0-2.3

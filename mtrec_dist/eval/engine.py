@@ -42,6 +42,7 @@ from mtrec_dist.data.batch import NER_IGNORE, Batch, NewsTable, Sample, collate
 from mtrec_dist.data.stream import Impressions, eval_groups, take
 from mtrec_dist.eval.factored import AttentionDotScorer, attention_dot_scorer
 from mtrec_dist.eval.metrics import ranked_impression_metrics
+from mtrec_dist.models import layer_cache
 from mtrec_dist.utils import Progress, atomic_open, atomic_write_bytes, offsets_of
 
 SCORE_BATCH = 512  # impressions per scoring forward pass (bi-encoder)
@@ -244,6 +245,9 @@ class Engine:
         self.factored: AttentionDotScorer | None = None  # built on first use after set_vectors
         self.factored_checked = False
         self.cross = bool(getattr(model, "cross_encoder", False))
+        layer_cache.attach(
+            model, self.prepared, build=False
+        )  # a complete cache saves the frozen layers
         try:
             self.device = next(model.parameters()).device
         except StopIteration:

@@ -4,7 +4,7 @@
 (MTRec variants, MINER, UNBERT) holds one as ``self.encoder`` so that parameter names of the
 shared encoder start with ``encoder.`` and LoRA is applied in one way for all of them.
 
-LoRA (EBNeRD poster, /work/shared/papers/001_*.txt): adapters are injected in place with
+LoRA (EBNeRD poster, §3): adapters are injected in place with
 ``peft.inject_adapter_in_model`` (no PeftModel wrapper, so parameter names stay those of the
 BertModel plus ``lora_A``/``lora_B``), and every base encoder weight is frozen: only the
 adapters and the task heads train.
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from mtrec_dist.config import ConfigError, ModelConfig
+from mtrec_dist.models import layer_cache
 from mtrec_dist.models.user import AdditiveAttention
 
 
@@ -28,22 +29,53 @@ class NewsEncoder(nn.Module):
     trained (``pooling="mean"``: mean of the real tokens' outputs): its [CLS] output carries
     little of the title, and a short run spends its steps re-learning it (README, "Learning
     quality"). The token outputs feed the NER head (eq. 7).
+
+    ``train_layers`` (``model.train_layers``, docs/design.md §3.1): 0 trains every layer; N > 0
+    freezes the embeddings and the layers below the top N, -1 the whole encoder. The frozen
+    part then always runs in eval mode without gradient, and its output is read from
+    ``self.cache`` (a :class:`layer_cache.PrefixCache`, attached by the trainer or evaluator)
+    when the caller passes the news-table ``rows``; without a cache it is computed, with the
+    same result.
     """
 
-    def __init__(self, bert: nn.Module, pooling: str = "cls"):
+    def __init__(self, bert: nn.Module, pooling: str = "cls", train_layers: int = 0):
         super().__init__()
         if pooling not in ("cls", "mean"):
             raise ConfigError(f"model.pooling={pooling!r}: allowed values are cls, mean, auto")
         self.bert = bert
         self.pooling = pooling
         self.hidden_size: int = int(bert.config.hidden_size)
+        # Layers below the trained top (None: nothing frozen, the papers' full fine-tuning).
+        self.frozen_layers = layer_cache.frozen_layer_count(bert, train_layers)
+        if self.frozen_layers is not None:
+            layer_cache.freeze_prefix(bert, self.frozen_layers)
+        self.cache: layer_cache.PrefixCache | None = None  # not state: rebuilt from the data
+
+    def train(self, mode: bool = True) -> NewsEncoder:
+        """The frozen part stays in eval mode (no dropout), which keeps its cache exact."""
+        super().train(mode)
+        if self.frozen_layers is not None:
+            for m in layer_cache.prefix_modules(self.bert, self.frozen_layers):
+                m.eval()
+        return self
 
     def forward(
-        self, tokens: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens, attention_mask: [U, L] -> (title vectors [U, D], token states [U, L, D])."""
-        out = self.bert(input_ids=tokens, attention_mask=attention_mask)
-        hidden = out.last_hidden_state  # [U, L, D]
+        """tokens, attention_mask: [U, L]; rows [U]: their news-table rows (read the cache) ->
+        (title vectors [U, D], token states [U, L, D])."""
+        k = self.frozen_layers
+        if k is None:
+            hidden = self.bert(input_ids=tokens, attention_mask=attention_mask).last_hidden_state
+        else:
+            if self.cache is not None and rows is not None:
+                h = self.cache.lookup(rows, tokens.shape[1]).to(tokens.device)  # [U, L, D]
+            else:
+                h = layer_cache.prefix_states(self.bert, k, tokens, attention_mask)
+            hidden = layer_cache.top_states(self.bert, k, h, attention_mask)  # [U, L, D]
         if self.pooling == "cls":
             return hidden[:, 0], hidden
         m = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [U, L, 1]
@@ -113,7 +145,7 @@ def build_news_encoder(cfg: ModelConfig, encoder: nn.Module | None = None) -> Ne
         encoder = keep_layers(load_encoder(cfg.encoder, cfg.dropout), cfg.encoder_layers)
     if cfg.lora:
         encoder = apply_lora(encoder, cfg)
-    return NewsEncoder(encoder, resolve_pooling(cfg))
+    return NewsEncoder(encoder, resolve_pooling(cfg), cfg.train_layers)
 
 
 def name_embeddings(

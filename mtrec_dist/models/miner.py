@@ -199,7 +199,7 @@ class MINER(nn.Module):
 
     def encode_news(self, batch: Batch) -> torch.Tensor:
         """[CLS] vector of every unique title (§3.2): [U, D]."""
-        cls, _ = self.encoder(batch.tokens, batch.attention_mask)
+        cls, _ = self.encoder(batch.tokens, batch.attention_mask, batch.news_rows)
         return cls  # [U, D]
 
     def score_news_vectors(self, news_vecs: torch.Tensor, batch: Batch) -> torch.Tensor:

@@ -133,7 +133,7 @@ class MTRec(nn.Module):
 
     def _encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (news vectors [U, D], [CLS] [U, D], token outputs [U, L, D])."""
-        cls, hidden = self.encoder(batch.tokens, batch.attention_mask)  # [U, D], [U, L, D]
+        cls, hidden = self.encoder(batch.tokens, batch.attention_mask, batch.news_rows)
         vecs = cls
         if self.fusion is not None:
             vecs = self.fusion(cls, batch.category, batch.entities)  # [U, D]

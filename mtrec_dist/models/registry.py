@@ -90,6 +90,23 @@ def validate_model_config(cfg: Config, manifest: dict) -> None:
     if cfg.data.word_vectors and not Path(cfg.data.word_vectors).is_file():
         raise ConfigError(f"data.word_vectors={cfg.data.word_vectors!r}: no such file")
     global_dedup(cfg, cfg.trainer.num_workers)  # data.dedup=global on a model without it
+    if m.train_layers != 0:
+        layered = [n for n, c in MODELS.items() if issubclass(c, (MTRec, MINER))]
+        if m.name not in layered:
+            raise ConfigError(
+                f"model.train_layers={m.train_layers}: model.name={m.name} does not encode "
+                f"each title on its own through a BERT encoder (only {', '.join(layered)} do), "
+                "so there is no per-news layer cache; set model.train_layers=0"
+            )
+        if m.lora:
+            raise ConfigError(
+                f"model.train_layers={m.train_layers} with model.lora=true: LoRA adapters sit in "
+                "every layer, including the frozen ones; use one or the other"
+            )
+        if m.train_layers < -1:
+            raise ConfigError(
+                f"model.train_layers={m.train_layers}: allowed 0 (all), N > 0 (top N), -1 (none)"
+            )
     from mtrec_dist.hub import resolve_encoder
 
     resolve_encoder(m.encoder)  # missing folder / not BERT-family -> error naming model.encoder

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from mtrec_dist.config import Config, dump_config
+from mtrec_dist.models import layer_cache
 from mtrec_dist.models.outputs import group_losses
 from mtrec_dist.train import surgery
 from mtrec_dist.train.optim import build_optimizer, build_scheduler
@@ -103,6 +104,7 @@ def train_local(
     check_tokenizer(manifest, tokenizer_fingerprint(load_tokenizer(cfg.model.encoder)))
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(cfg, manifest)
+    layer_cache.attach(model, cfg.prepared_dir, deadline_s=cfg.trainer.timeout_s, progress=progress)
     cfg.model.groups = resolve_groups(cfg, model)
     model.train()
     t = cfg.trainer

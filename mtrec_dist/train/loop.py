@@ -27,6 +27,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from mtrec_dist.data.global_batch import exchange_batch
     from mtrec_dist.data.prepared import load_manifest
     from mtrec_dist.data.stream import loader_for
+    from mtrec_dist.models import layer_cache
     from mtrec_dist.models.registry import build_model, global_dedup
     from mtrec_dist.train import ds_engine as ds
     from mtrec_dist.train.checkpoint import export_final, restore, save
@@ -46,6 +47,11 @@ def train_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(t.seed)
     manifest = load_manifest(cfg.prepared_dir)
     model = build_model(cfg, manifest)
+    # The frozen layers' output, built once per node by its workers together (§3.1).
+    layer_cache.attach(
+        model, cfg.prepared_dir, rank=ctx.get_local_rank(), world=ctx.get_local_world_size(),
+        deadline_s=t.timeout_s, progress=rank == 0,
+    )  # fmt: skip
     plan = step_plan(manifest, world, t)
     total = plan.total_steps
     optimizer = build_optimizer(model.parameters(), t.lr, t.weight_decay, t.adam_eps)
