@@ -155,7 +155,12 @@ class TrainerConfig:
     max_steps: int = 0
     # AdamW with linear decay after a linear warm-up (2e-5 and 10% in MTRec, Appendix A).
     lr: float = 2.0e-5
+    # Peak lr of the pretrained encoder (the BERT-family model.encoder; docs/design.md §5);
+    # 0 = trainer.lr, one rate for every parameter. trainer.lr then applies to the rest (user
+    # encoder, heads, AMF, the classic models' from-scratch encoders). Both follow one schedule.
+    encoder_lr: float = 0.0
     warmup_ratio: float = 0.1
+    # AdamW weight decay; never on biases or LayerNorm weights (BERT's rule, train/optim.py).
     weight_decay: float = 0.0
     # Max global L2 norm of the combined (post-surgery) gradient; 0 = no clipping (the papers).
     # DeepSpeed's own default is 1.0: this value always overrides it.
@@ -478,6 +483,9 @@ def validate(cfg: Config, where: dict[str, str] | None = None) -> None:
             raise ConfigError(f"{loc(key, '')}{key}={_get(cfg, key)}: must be 0 or more")
     if cfg.data.title_len < 3:
         raise ConfigError("data.title_len must be at least 3 ([CLS], one word piece, [SEP])")
+    for key in ("trainer.lr", "trainer.encoder_lr", "trainer.weight_decay"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{loc(key, '')}{key}={_get(cfg, key)}: expected a number >= 0")
     if not 0.0 <= cfg.trainer.warmup_ratio < 1.0:
         raise ConfigError(f"trainer.warmup_ratio={cfg.trainer.warmup_ratio}: expected 0 <= r < 1")
     for split in cfg.data.splits:
