@@ -98,6 +98,9 @@ class ModelConfig:
     groups: dict[str, dict[str, float]] = field(
         default_factory=lambda: {"main": {"main": 1.0}, "aux": {"category": 0.3, "ner": 0.3}}
     )
+    # NER loss per title (MTRec eq. 8): sum | mean of its tagged tokens' CE (the paper's eq. 8
+    # sums; public reproductions average); then weighted by occurrences over titles either way.
+    ner_reduction: str = "mean"
     # LoRA on the encoder through peft (EBNeRD reproduction).
     lora: bool = False
     lora_rank: int = 8
@@ -425,6 +428,7 @@ _CHOICES = {
     "model.miner_aggregator": ("max", "mean", "weighted"),
     "model.unbert_aggregator": ("nsep", "mean", "attention"),
     "model.pooling": ("auto", "cls", "mean"),
+    "model.ner_reduction": ("sum", "mean"),
 }
 
 _POSITIVE = (

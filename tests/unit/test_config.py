@@ -92,6 +92,10 @@ def test_choices_and_ranges():
         load_config(None, ["trainer.surgery=gradnorm"])
     with pytest.raises(ConfigError, match="trainer.micro_batch=0: must be a positive integer"):
         load_config(None, ["trainer.micro_batch=0"])
+    with pytest.raises(
+        ConfigError, match="model.ner_reduction='max': allowed values are sum, mean"
+    ):
+        load_config(None, ["model.ner_reduction=max"])
     with pytest.raises(ConfigError, match="data.splits: unknown split 'val'"):
         load_config(None, ["data.splits=[train,val]"])
 
