@@ -103,6 +103,9 @@ class ModelConfig:
     groups: dict[str, dict[str, float]] = field(
         default_factory=lambda: {"main": {"main": 1.0}, "aux": {"category": 0.3, "ner": 0.3}}
     )
+    # NER loss per title (MTRec eq. 8): sum | mean of its tagged tokens' CE (the paper's eq. 8
+    # sums; public reproductions average); then weighted by occurrences over titles either way.
+    ner_reduction: str = "mean"
     # LoRA on the encoder through peft (EBNeRD reproduction).
     lora: bool = False
     lora_rank: int = 8
@@ -160,7 +163,12 @@ class TrainerConfig:
     max_steps: int = 0
     # AdamW with linear decay after a linear warm-up (2e-5 and 10% in MTRec, Appendix A).
     lr: float = 2.0e-5
+    # Peak lr of the pretrained encoder (the BERT-family model.encoder; docs/design.md §5);
+    # 0 = trainer.lr, one rate for every parameter. trainer.lr then applies to the rest (user
+    # encoder, heads, AMF, the classic models' from-scratch encoders). Both follow one schedule.
+    encoder_lr: float = 0.0
     warmup_ratio: float = 0.1
+    # AdamW weight decay; never on biases or LayerNorm weights (BERT's rule, train/optim.py).
     weight_decay: float = 0.0
     # Max global L2 norm of the combined (post-surgery) gradient; 0 = no clipping (the papers).
     # DeepSpeed's own default is 1.0: this value always overrides it.
@@ -425,6 +433,7 @@ _CHOICES = {
     "model.miner_aggregator": ("max", "mean", "weighted"),
     "model.unbert_aggregator": ("nsep", "mean", "attention"),
     "model.pooling": ("auto", "cls", "mean"),
+    "model.ner_reduction": ("sum", "mean"),
 }
 
 _POSITIVE = (
@@ -483,6 +492,9 @@ def validate(cfg: Config, where: dict[str, str] | None = None) -> None:
             raise ConfigError(f"{loc(key, '')}{key}={_get(cfg, key)}: must be 0 or more")
     if cfg.data.title_len < 3:
         raise ConfigError("data.title_len must be at least 3 ([CLS], one word piece, [SEP])")
+    for key in ("trainer.lr", "trainer.encoder_lr", "trainer.weight_decay"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{loc(key, '')}{key}={_get(cfg, key)}: expected a number >= 0")
     if not 0.0 <= cfg.trainer.warmup_ratio < 1.0:
         raise ConfigError(f"trainer.warmup_ratio={cfg.trainer.warmup_ratio}: expected 0 <= r < 1")
     for split in cfg.data.splits:

@@ -49,8 +49,10 @@ def reference_step(
     (mean over workers) -> surgery on the shared parameters' flat float64 vectors, a plain
     sum for the rest -> global-norm clipping -> ``opt.step()``. Returns the per-group norms."""
     names = list(acc)
+    none = [torch.zeros(0)]  # no trainable shared parameter (frozen encoder): empty vectors, G = 0
     flat = [
-        torch.cat([a.reshape(-1) for a, s in zip(acc[g], is_shared) if s]).double() for g in names
+        torch.cat([a.reshape(-1) for a, s in zip(acc[g], is_shared) if s] + none).double()
+        for g in names
     ]
     combined = sum(projected(flat, mode, seed, step))  # shared part after surgery, flat
     off = 0

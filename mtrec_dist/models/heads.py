@@ -86,25 +86,40 @@ def news_class_loss(
     return occurrence_loss(ce, hist_count, valid, owner_weight)
 
 
+NER_REDUCTIONS = ("sum", "mean")  # model.ner_reduction
+
+
 def ner_loss(
     logits: torch.Tensor,
     tags: torch.Tensor,
     hist_count: torch.Tensor,
     owner_weight: torch.Tensor | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Eq. 8: per title the SUM over its tagged tokens (tags != -100) of the token CE,
-    averaged over history occurrences of titles with at least one tagged token.
+    """NER loss per title, then averaged over history occurrences of titles with at least one
+    tagged token (tags != -100).
+
+    ``reduction`` (``model.ner_reduction``): ``sum`` = MTRec eq. 8, per title the SUM over its
+    tagged tokens of the token CE (longer titles weigh more); ``mean`` = per title the MEAN over
+    its tagged tokens (what public reproductions compute). The occurrence weighting over titles
+    (and ``owner_weight`` under global de-duplication) is the same for both.
 
     logits [U, L, T], tags [U, L] (-100 = padding / special token), hist_count [U];
     ``owner_weight`` [U]: see :func:`occurrence_loss`.
     """
+    if reduction not in NER_REDUCTIONS:
+        raise ValueError(
+            f"model.ner_reduction={reduction!r}: allowed values are {', '.join(NER_REDUCTIONS)}"
+        )
     U, L, T = logits.shape
     ce = F.cross_entropy(
         logits.reshape(U * L, T), tags.reshape(U * L), ignore_index=-100, reduction="none"
     ).reshape(U, L)  # [U, L], 0 at ignored tokens
+    n_tagged = (tags != -100).sum(1)  # [U]
     per_title = ce.sum(1)  # [U]
-    tagged = (tags != -100).any(1)  # [U]
-    return occurrence_loss(per_title, hist_count, tagged, owner_weight)
+    if reduction == "mean":
+        per_title = per_title / n_tagged.clamp_min(1).to(per_title.dtype)
+    return occurrence_loss(per_title, hist_count, n_tagged > 0, owner_weight)
 
 
 def nce_loss(

@@ -78,6 +78,7 @@ class MTRec(nn.Module):
         self.tasks = enabled_aux_tasks(cfg, meta) if self.multi_task else []
         self.user_encoder = build_user_encoder(self.user_kind, D, cfg.query_dim)
         self.score_scale = 1.0 / D**0.5 if cfg.scaled_scores else 1.0  # model.scaled_scores
+        self.ner_reduction = cfg.ner_reduction  # sum (eq. 8) | mean over a title's tokens
         self.fusion: MultiFieldFusion | None = None
         if self.multi_field:
             ev = meta.get(
@@ -166,7 +167,9 @@ class MTRec(nn.Module):
             )
         if "ner" in self.heads:  # eq. 7-8
             tags = self.heads["ner"](hidden)
-            losses["ner"] = ner_loss(tags, batch.ner, count, batch.owner_weight("ner"))
+            losses["ner"] = ner_loss(
+                tags, batch.ner, count, batch.owner_weight("ner"), self.ner_reduction
+            )
         if "sentiment" in self.heads:  # EBNeRD poster: sentiment classification on [CLS]
             logits = self.heads["sentiment"](cls)  # [U, 3]
             losses["sentiment"] = news_class_loss(

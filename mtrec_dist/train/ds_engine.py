@@ -329,8 +329,11 @@ class MultiTaskGradients:
         self.gas = int(engine.gradient_accumulation_steps())
         names = {id(p): n for n, p in model.named_parameters()}
         shared = set(shared_names or ())
-        if scope == "shared" and not shared:
-            raise ValueError("trainer.surgery_scope=shared but the model names no shared params")
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        if scope == "shared" and not (shared & trainable) and mode != "none":
+            # a wholly frozen encoder: G = 0 over an empty set, c = 1 (docs/design.md §4.1)
+            if (dist.get_rank() if dist.is_initialized() else 0) == 0:
+                print(surgery.nothing_shared_notice(mode, scope), flush=True)
         self._is_shared = {
             pid: (scope == "all" or n in shared) for pid, n in names.items()
         }  # param id -> shared?

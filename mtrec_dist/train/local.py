@@ -65,7 +65,12 @@ def reference_step(
                     b.add_(gr, alpha=1.0 / n_mb)
     names = list(acc)
     is_shared = [n in shared for n, _ in named]
-    flat = [torch.cat([b.reshape(-1) for b, s in zip(acc[g], is_shared) if s]) for g in names]
+    # No trainable shared parameter (a wholly frozen encoder): the groups share nothing, G is
+    # the zero matrix and every method gives c = 1 (docs/design.md §4.1).
+    empty = [torch.zeros(0)]
+    flat = [
+        torch.cat([b.reshape(-1) for b, s in zip(acc[g], is_shared) if s] + empty) for g in names
+    ]
     gram = _gram(flat)
     c = surgery.coefficients(mode, gram, names, seed=seed, step=step)
     for i, (p, s) in enumerate(zip(params, is_shared)):
@@ -110,7 +115,7 @@ def train_local(
     t = cfg.trainer
     plan = step_plan(manifest, 1, t)
     steps = plan.total_steps
-    optimizer = build_optimizer(model.parameters(), t.lr, t.weight_decay, t.adam_eps)
+    optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, steps, t.warmup_ratio)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -122,6 +127,10 @@ def train_local(
         f"{steps} steps; surgery={t.surgery} ({t.surgery_scope})",
         flush=True,
     )
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if t.surgery_scope == "shared" and t.surgery != "none":
+        if not model.shared_parameter_names() & trainable:
+            print(surgery.nothing_shared_notice(t.surgery, t.surgery_scope), flush=True)
     bar = Progress("train", steps, unit="steps", every=0.0 if t.log_every else 30.0)
     step, samples, t0 = 0, 0, time.monotonic()
     if on_step is not None:

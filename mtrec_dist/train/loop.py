@@ -54,7 +54,7 @@ def train_worker(config: dict[str, Any]) -> None:
     )  # fmt: skip
     plan = step_plan(manifest, world, t)
     total = plan.total_steps
-    optimizer = build_optimizer(model.parameters(), t.lr, t.weight_decay, t.adam_eps)
+    optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, total, t.warmup_ratio)
     engine, optimizer, scheduler = ds.initialize(
         model, optimizer, scheduler, config["ds"], deadline_s=t.timeout_s

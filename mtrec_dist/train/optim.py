@@ -1,8 +1,9 @@
-"""AdamW with linear warm-up then linear decay: the papers' schedule, defined once.
+"""AdamW with per-group learning rates and weight decay, and the papers' schedule, defined once.
 
 MTRec Appendix A: "learning rate 2e-5, linearly decayed with 10% warmup steps". The same
-``lr_lambda`` drives the single-process trainer and the DeepSpeed engines, so the two agree
-step for step (the N-workers == 1-process tests depend on it).
+parameter groups (:func:`param_groups`) and the same ``lr_lambda`` drive the single-process
+trainer and the DeepSpeed engines (which receive this torch optimizer), so the two agree step
+for step (the N-workers == 1-process tests depend on it). docs/design.md §5.
 """
 
 from __future__ import annotations
@@ -10,6 +11,14 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
+
+from mtrec_dist.config import TrainerConfig
+
+# Canonical group order: identical on every rank, and the first group present is the one whose
+# lr is logged as ``lr`` (trainer.lr's schedule whenever a head or user-encoder parameter trains).
+GROUP_ORDER = ("rest", "rest_no_decay", "encoder", "encoder_no_decay")
+NO_DECAY_MODULES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm)
 
 
 def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
@@ -28,17 +37,92 @@ def linear_warmup_decay(total_steps: int, warmup_ratio: float):
     return f
 
 
-def build_optimizer(params, lr: float, weight_decay: float, eps: float = 1e-8) -> torch.optim.AdamW:
+def pretrained_encoder_params(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the pretrained language model: all of ``model.encoder`` when it is the
+    BERT-family ``NewsEncoder`` (MTRec family, MINER, UNBERT; LoRA adapters included) or a
+    transformers ``PreTrainedModel`` (names start with ``encoder.``; docs/design.md §3).
+
+    The classic word-embedding models (NRMS, NAML, LSTUR, NPA) also name their title encoder
+    ``encoder``, but it is trained from scratch (GloVe rows at most), so it is not pretrained:
+    it gets ``trainer.lr`` with the rest of the model, and this returns []."""
+    from transformers import PreTrainedModel
+
+    from mtrec_dist.models.encoders import NewsEncoder
+
+    enc = getattr(model, "encoder", None)
+    if isinstance(enc, (NewsEncoder, PreTrainedModel)):
+        return list(enc.parameters())
+    return []
+
+
+def no_decay_params(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters exempt from weight decay, by BERT's and HF Trainer's rule: every parameter of
+    a normalisation layer (``nn.LayerNorm``, ``nn.RMSNorm``, by module type, whatever its name)
+    and every bias (a parameter registered as ``bias`` on its module)."""
+    out: dict[int, nn.Parameter] = {}
+    for m in model.modules():
+        for name, p in m.named_parameters(recurse=False):
+            if isinstance(m, NO_DECAY_MODULES) or name == "bias":
+                out[id(p)] = p
+    return list(out.values())
+
+
+def param_groups(model: nn.Module, t: TrainerConfig) -> list[dict]:
+    """Optimizer parameter groups: ``trainer.encoder_lr`` (0 = ``trainer.lr``) for the
+    pretrained encoder (:func:`pretrained_encoder_params`), ``trainer.lr`` for everything else
+    (user encoder, heads, AMF embeddings, classic models' encoders); ``trainer.weight_decay``
+    except for biases and normalisation weights (:func:`no_decay_params`), which get 0.
+
+    Frozen parameters are skipped and empty groups dropped. Classes with the same (lr, weight
+    decay) share one group, so with ``encoder_lr = 0`` and ``weight_decay = 0`` there is exactly
+    one group (the optimizer and checkpoints of a run with one rate). Groups come in the order
+    of ``GROUP_ORDER`` and hold their parameters in ``model.named_parameters()`` order: the same
+    on every rank. Each group carries ``name`` (its classes joined by ``+``)."""
+    enc_lr = t.encoder_lr if t.encoder_lr > 0 else t.lr
+    enc = {id(p) for p in pretrained_encoder_params(model)}
+    no_decay = {id(p) for p in no_decay_params(model)}
+    settings = {
+        "rest": (t.lr, t.weight_decay),
+        "rest_no_decay": (t.lr, 0.0),
+        "encoder": (enc_lr, t.weight_decay),
+        "encoder_no_decay": (enc_lr, 0.0),
+    }
+    members: dict[str, list[nn.Parameter]] = {k: [] for k in GROUP_ORDER}
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            part = "encoder" if id(p) in enc else "rest"
+            members[part + ("_no_decay" if id(p) in no_decay else "")].append(p)
+    merged: dict[tuple[float, float], list[str]] = {}
+    for cls in GROUP_ORDER:
+        if members[cls]:
+            merged.setdefault(settings[cls], []).append(cls)
+    order = {id(p): i for i, p in enumerate(model.parameters())}
+    groups = []
+    for (lr, wd), classes in merged.items():
+        params = sorted((p for c in classes for p in members[c]), key=lambda p: order[id(p)])
+        groups.append({"params": params, "lr": lr, "weight_decay": wd, "name": "+".join(classes)})
+    return groups
+
+
+def build_optimizer(model: nn.Module, t: TrainerConfig) -> torch.optim.AdamW:
+    """torch AdamW over :func:`param_groups` (betas 0.9/0.999 as BERT, eps ``trainer.adam_eps``).
+
+    The DeepSpeed engine is handed this optimizer (its JSON has no ``optimizer`` section), so
+    both trainers step the same groups."""
+    groups = param_groups(model, t)
+    if not groups:
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameter (every requires_grad is False): "
+            "nothing to optimize"
+        )
     return torch.optim.AdamW(
-        [p for p in params if p.requires_grad],
-        lr=lr,
-        weight_decay=weight_decay,
-        betas=(0.9, 0.999),
-        eps=eps,
+        groups, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999), eps=t.adam_eps
     )
 
 
 def build_scheduler(optimizer, total_steps: int, warmup_ratio: float):
+    """Linear warm-up then decay; LambdaLR multiplies each group's OWN peak lr by the one
+    multiplier, so the encoder and the heads follow the same schedule at their own rates."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, linear_warmup_decay(total_steps, warmup_ratio)
     )

@@ -174,3 +174,13 @@ def combined_gram_stats(gram: torch.Tensor, proj: torch.Tensor) -> dict[str, flo
         den = nn * float(gram[k, k])
         out[f"grad/cos_combined_{k}"] = float(gc[k]) / den**0.5 if den > 0 else 0.0
     return out
+
+
+def nothing_shared_notice(mode: str, scope: str) -> str:
+    """The start-up line of a run whose surgery scope holds no trainable parameter (every
+    shared parameter frozen, e.g. a wholly frozen encoder): the groups share nothing, so the
+    Gram matrix is 0 and every method gives c = 1 (docs/design.md §4.1)."""
+    return (
+        f"notice: trainer.surgery={mode} with surgery_scope={scope}, but no shared parameter "
+        "trains (frozen encoder): nothing to reconcile, every coefficient is 1"
+    )

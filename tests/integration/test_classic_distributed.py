@@ -49,7 +49,7 @@ def _reference_weights(cfg) -> dict[str, torch.Tensor]:
     torch.manual_seed(t.seed)
     model = build_model(cfg, load_manifest(cfg.prepared_dir))
     groups = resolve_groups(cfg, model)
-    opt = build_optimizer(model.parameters(), t.lr, t.weight_decay, t.adam_eps)
+    opt = build_optimizer(model, t)
     sched = build_scheduler(opt, STEPS, t.warmup_ratio)
     loaders = [loader_for(cfg, rank=r, world_size=WORLD, epoch=0) for r in range(WORLD)]
     for step, batches in enumerate(zip(*loaders)):

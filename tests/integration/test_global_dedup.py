@@ -63,10 +63,16 @@ class Case:
     surgery: str
     groups: str  # key of GROUPS
     gas: int = 1  # micro-batches accumulated per optimizer step
+    # "" = the DeepSpeed JSON's AdamW; "lrgroups" = the trainers' optimizer (train/optim.py:
+    # encoder.* at ENC_LR, the rest at LR, no decay on biases/LayerNorm) and schedule;
+    # "frozen" = the same with every encoder.* parameter frozen (reference: train/local.py's
+    # reference_step; nothing shared, so every coefficient is exactly 1)
+    variant: str = ""
 
     @property
     def name(self) -> str:
-        return f"{self.model}-{self.surgery}-z{self.stage}-gas{self.gas}"
+        tail = f"-{self.variant}" if self.variant else ""
+        return f"{self.model}-{self.surgery}-z{self.stage}-gas{self.gas}{tail}"
 
 
 CASES = [
@@ -74,7 +80,11 @@ CASES = [
     *[Case("mtrec", s, m, g) for s in (2, 3) for m, g in (("mtrec", "g2"), ("pcgrad", "g3"))],
     Case("mtrec", 2, "mtrec", "g2", gas=2),  # the owner weights per accumulated micro-batch
     *[Case("miner", s, "mtrec", "miner") for s in (2, 3)],
+    Case("mtrec", 3, "mtrec", "g2", gas=2, variant="lrgroups"),
+    Case("mtrec", 2, "mtrec", "g2", variant="frozen"),
 ]
+ENC_LR = 3e-3
+SCHED_TOTAL, SCHED_WARMUP = 5, 0.4
 MODEL_NAMES = sorted({c.model for c in CASES})
 
 
@@ -108,7 +118,7 @@ def loss_values(losses: dict[str, torch.Tensor]) -> list[float]:
     return [float(losses[k].detach()) for k in sorted(losses)]
 
 
-def build(cfg):
+def build(cfg, variant: str = ""):
     from mtrec_dist.data.prepared import load_manifest
     from mtrec_dist.models.registry import build_model
 
@@ -117,7 +127,19 @@ def build(cfg):
     if cfg.model.name == "miner":  # see GROUPS_MINER
         with torch.no_grad():
             model.poly.codes.mul_(MINER_CODES_SCALE)
+    if variant == "frozen":
+        model.encoder.requires_grad_(False)
     return model
+
+
+def own_optimizer(model):
+    """The trainers' optimizer and schedule (train/optim.py): two lrs, weight decay."""
+    from mtrec_dist.config import TrainerConfig
+    from mtrec_dist.train.optim import build_optimizer, build_scheduler
+
+    t = TrainerConfig(lr=LR, encoder_lr=ENC_LR, weight_decay=WD, adam_eps=EPS)
+    opt = build_optimizer(model, t)
+    return opt, build_scheduler(opt, SCHED_TOTAL, SCHED_WARMUP)
 
 
 # --- distributed side ----------------------------------------------------------------------
@@ -130,12 +152,16 @@ def _train(cfg, table, batches, case: Case, dedup: str) -> dict:
     from mtrec_dist.train.ds_engine import MultiTaskGradients
 
     groups, stage = GROUPS[case.groups], case.stage
-    model = build(cfg)
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=model.parameters(),
-        config=ds_config(stage, MICRO, case.gas, WORLD, (LR, BETAS, EPS, WD), CLIP),
-    )
+    model = build(cfg, case.variant)
+    ds = ds_config(stage, MICRO, case.gas, WORLD, (LR, BETAS, EPS, WD), CLIP)
+    if case.variant:
+        opt, sched = own_optimizer(model)
+        del ds["optimizer"]
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
+    else:
+        engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=ds
+        )
     mtg = MultiTaskGradients(
         engine,
         model,
@@ -284,17 +310,24 @@ def distributed_results(tiny_data):
 
 def reference(cfg, case: Case) -> dict:
     """Per rank and micro-batch the per-rank model on its batch; per-group gradients averaged
-    over ranks and micro-batches; explicit surgery on the shared encoder's flat vectors; AdamW."""
-    model = build(cfg)
-    named = list(model.named_parameters())
+    over ranks and micro-batches; explicit surgery on the shared encoder's flat vectors; AdamW.
+    The frozen variant is stepped by the project's own reference trainer instead."""
+    model = build(cfg, case.variant)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     shared = model.shared_parameter_names()
     is_shared = [n in shared for n, _ in named]
-    opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+    sched = None
+    if case.variant:
+        opt, sched = own_optimizer(model)
+    else:
+        opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
     gas, groups = case.gas, GROUPS[case.groups]
     batches = [rank_batches(cfg, r, STEPS * gas) for r in range(WORLD)]
     names = list(groups)
     losses, norms = [], []  # losses per micro-batch, summed over ranks
+    if case.variant == "frozen":
+        return _local_reference(model, batches, case, opt, sched)
     for step in range(STEPS):
         acc = {g: [torch.zeros_like(p) for p in params] for g in names}
         for k in range(gas):
@@ -310,10 +343,38 @@ def reference(cfg, case: Case) -> dict:
                             a.add_(gr / (WORLD * gas))  # mean over workers and micro-steps
             losses.append(total)
         norms.append(reference_step(params, is_shared, acc, case.surgery, SEED, step, CLIP, opt))
+        if sched is not None:
+            sched.step()
     return {
-        "params": {n: p.detach().clone() for n, p in named},
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
         "losses": torch.stack(losses),
         "norms": torch.tensor(norms, dtype=torch.float64),
+    }
+
+
+def _local_reference(model, batches, case: Case, opt, sched) -> dict:
+    """train/local.py reference_step (the single-process trainer) on each global batch."""
+    from mtrec_dist.train.local import reference_step as local_step
+
+    gas, groups = case.gas, GROUPS[case.groups]
+    losses, norms, coefs = [], [], []
+    for step in range(STEPS):
+        mbs = [batches[r][step * gas + k] for k in range(gas) for r in range(WORLD)]
+        for k in range(gas):
+            with torch.no_grad():
+                vals = [loss_values(model(batches[r][step * gas + k]).losses) for r in range(WORLD)]
+            losses.append(torch.tensor(vals, dtype=torch.float64).sum(0))
+        st = local_step(
+            model, mbs, groups, case.surgery, "shared", opt, seed=SEED, step=step, grad_clip=CLIP
+        )
+        sched.step()
+        norms.append(st["gram"].diagonal().clamp_min(0).sqrt().tolist())
+        coefs.append(st["coefficients"].tolist())
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "losses": torch.stack(losses),
+        "norms": torch.tensor(norms, dtype=torch.float64),
+        "coefs": torch.tensor(coefs, dtype=torch.float64),
     }
 
 
@@ -337,6 +398,9 @@ def test_global_equals_rank_equals_one_process(distributed_results, tiny_data, c
                 torch.testing.assert_close(
                     got["params"][n], p, rtol=0, atol=1e-5, msg=f"{d} rank {rank}: {n}"
                 )
+            if case.variant == "frozen":  # nothing shared: G = 0, no projection anywhere
+                assert bool((got["norms"] == 0).all()) and bool((got["coefs"] == 1).all())
+                assert bool((ref["coefs"] == 1).all())
     # the exchange did save work: each rank encoded S = ceil(U_g / 2) titles, and U_g is
     # below the sum of the per-rank distinct counts (titles shared across ranks)
     rank_titles = sum(r["titles"][:, 0] for r in per["rank"])

@@ -95,7 +95,7 @@ def _reference(cfg) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
     t = cfg.trainer
     torch.manual_seed(t.seed)
     model = build_model(cfg, load_manifest(cfg.prepared_dir))
-    opt = build_optimizer(model.parameters(), t.lr, t.weight_decay, t.adam_eps)
+    opt = build_optimizer(model, t)
     sched = build_scheduler(opt, STEPS, t.warmup_ratio)
     step, losses = 0, []
     for epoch in range(t.epochs):

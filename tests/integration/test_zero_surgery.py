@@ -40,7 +40,18 @@ CONFIGS = [
     ("pcgrad3-z2-gas2", 2, 2, "pcgrad", "shared", "g3"),
     ("mtrec-all-z1-gas1", 1, 1, "mtrec", "all", "g2"),
     ("mtrec-all-z3-gas2", 3, 2, "mtrec", "all", "g2"),
+    ("lrgroups-z1-gas1", 1, 1, "mtrec", "shared", "g2"),
+    ("lrgroups-z3-gas2", 3, 2, "pcgrad", "shared", "g3"),
+    ("frozen-z2-gas1", 2, 1, "mtrec", "shared", "g2"),
+    ("frozen-z3-gas2", 3, 2, "pcgrad", "shared", "g3"),
 ]
+# The configs named here hand DeepSpeed the project's optimizer (train/optim.py: encoder.* at
+# ENC_LR, the heads at LR, no decay on biases and LayerNorm weights) and the warm-up/decay
+# schedule instead of the JSON's single-group AdamW; "frozen-*" also freeze every encoder.*
+# parameter (nothing shared: G = 0, every coefficient exactly 1, docs/design.md §4.1).
+ENC_LR = 3e-3
+SCHED_TOTAL, SCHED_WARMUP = 5, 0.4  # 2 warm-up steps: lr multipliers 0.5, 1, 1, 2/3
+OWN_OPTIMIZER = {c[0] for c in CONFIGS if c[0].startswith(("lrgroups", "frozen"))}
 
 
 class TinyMT(nn.Module):
@@ -78,9 +89,27 @@ class TinyMT(nn.Module):
         return {n for n, _ in self.named_parameters() if n.startswith("encoder.")}
 
 
-def build_model() -> TinyMT:
+def build_model(frozen: bool = False) -> TinyMT:
     torch.manual_seed(1234)
-    return TinyMT()
+    model = TinyMT()
+    if frozen:
+        model.encoder.requires_grad_(False)
+    return model
+
+
+def own_optimizer(model: nn.Module):
+    """The trainers' optimizer and schedule (train/optim.py) with two lrs and weight decay."""
+    from mtrec_dist.config import TrainerConfig
+    from mtrec_dist.train.optim import build_optimizer, build_scheduler
+
+    t = TrainerConfig(lr=LR, encoder_lr=ENC_LR, weight_decay=WD, adam_eps=EPS)
+    assert BETAS == (0.9, 0.999)  # build_optimizer's
+    opt = build_optimizer(model, t)
+    return opt, build_scheduler(opt, SCHED_TOTAL, SCHED_WARMUP)
+
+
+def group_settings(param_groups) -> list[tuple[str, float, float]]:
+    return [(g.get("name", ""), g["lr"], g["weight_decay"]) for g in param_groups]
 
 
 def micro_batch(step: int, rank: int, micro: int) -> tuple[torch.Tensor, ...]:
@@ -104,12 +133,19 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     results = {}
     for name, stage, gas, mode, scope, gname in CONFIGS:
         groups = GROUPS2 if gname == "g2" else GROUPS3
-        model = build_model()
-        engine, *_ = deepspeed.initialize(
-            model=model,
-            model_parameters=model.parameters(),
-            config=ds_config(stage, MICRO, gas, WORLD, (LR, BETAS, EPS, WD), CLIP),
-        )
+        model = build_model(frozen=name.startswith("frozen"))
+        ds = ds_config(stage, MICRO, gas, WORLD, (LR, BETAS, EPS, WD), CLIP)
+        if name in OWN_OPTIMIZER:
+            opt, sched = own_optimizer(model)
+            del ds["optimizer"]
+            engine, *_ = deepspeed.initialize(
+                model=model, optimizer=opt, lr_scheduler=sched, config=ds
+            )
+        else:
+            engine, *_ = deepspeed.initialize(
+                model=model, model_parameters=model.parameters(), config=ds
+            )
+        settings = [group_settings(engine.optimizer.param_groups)]  # as DeepSpeed steps them
         mtg = MultiTaskGradients(
             engine, model, list(groups), mode, scope, model.shared_parameter_names(), seed=7
         )
@@ -120,6 +156,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 mtg.backward(group_losses(losses, groups))
             st = mtg.step(step)
             stats.append(st)
+            settings.append(group_settings(engine.optimizer.param_groups))
             t_n = len(groups)
             norms = [st[f"grad/norm/{g}"] for g in groups]
             grams.append((norms, [st[f"grad/coef/{g}"] for g in groups], t_n))
@@ -135,6 +172,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             "extra_over_partition": stats[-1]["surgery/extra_over_partition"],
             "extra_bytes": stats[-1]["surgery/extra_bytes"],
             "partition_elems": stats[-1]["surgery/partition_elems"],
+            "settings": settings,
         }
         engine.destroy()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -154,13 +192,17 @@ def distributed_results():
 # --- single-process reference --------------------------------------------------------------
 
 
-def reference(stage_gas: int, mode: str, scope: str, groups: dict) -> dict:
-    model = build_model()
-    named = [(n, p) for n, p in model.named_parameters()]
+def reference(stage_gas: int, mode: str, scope: str, groups: dict, name: str = "") -> dict:
+    model = build_model(frozen=name.startswith("frozen"))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     shared = model.shared_parameter_names() if scope == "shared" else {n for n, _ in named}
     is_shared = [n in shared for n, _ in named]
-    opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+    sched = None
+    if name in OWN_OPTIMIZER:
+        opt, sched = own_optimizer(model)
+    else:
+        opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
     names = list(groups)
     norms = []
     for step in range(STEPS):
@@ -174,8 +216,10 @@ def reference(stage_gas: int, mode: str, scope: str, groups: dict) -> dict:
                         if gr is not None:
                             a.add_(gr / (WORLD * stage_gas))  # mean over workers and micro-steps
         norms.append(reference_step(params, is_shared, acc, mode, 7, step, CLIP, opt))
+        if sched is not None:
+            sched.step()
     return {
-        "params": {n: p.detach().clone() for n, p in named},
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
         "norms": torch.tensor(norms, dtype=torch.float64),
     }
 
@@ -185,7 +229,7 @@ def reference(stage_gas: int, mode: str, scope: str, groups: dict) -> dict:
 def test_workers_equal_single_process(distributed_results, cfg):
     name, stage, gas, mode, scope, gname = cfg
     groups = GROUPS2 if gname == "g2" else GROUPS3
-    ref = reference(gas, mode, scope, groups)
+    ref = reference(gas, mode, scope, groups, name)
     for rank, res in enumerate(distributed_results):
         got = res[name]
         # the global per-group gradient norms (diagonal of the all-reduced Gram matrix)
@@ -197,6 +241,27 @@ def test_workers_equal_single_process(distributed_results, cfg):
         # extra memory: (T-1) partition-sized buffers without accumulation, T with it
         rows = len(groups) - (1 if gas == 1 else 0)
         assert got["extra_over_partition"] == pytest.approx(rows)
+        if name.startswith("frozen"):  # nothing shared: no projection at all
+            assert bool((got["norms"] == 0).all()) and bool((got["coefs"] == 1).all())
+
+
+@pytest.mark.timeout(300)
+def test_deepspeed_steps_the_parameter_groups(distributed_results):
+    """The param groups DeepSpeed's optimizer holds (ZeRO 1 and 3) at step 0 and after each
+    step: train/optim.py's four (or, frozen, two) groups, each at its own peak lr times the
+    warm-up/decay multiplier worked out by hand (2 of 5 steps warm-up: 1/2, 1, 1, 2/3)."""
+    mult = [0.5, 1.0, 1.0, 2 / 3]  # (s + 1) / 2 for s < 2, then (5 - s) / 3
+    for name in sorted(OWN_OPTIMIZER):
+        classes = [("rest", LR, WD), ("rest_no_decay", LR, 0.0)]
+        if not name.startswith("frozen"):
+            classes += [("encoder", ENC_LR, WD), ("encoder_no_decay", ENC_LR, 0.0)]
+        expect = [[(c, lr * m, wd) for c, lr, wd in classes] for m in mult]
+        for res in distributed_results:
+            got = res[name]["settings"]
+            assert [[c for c, _, _ in s] for s in got] == [[c for c, _, _ in e] for e in expect]
+            for s, e in zip(got, expect):
+                for (_, lr, wd), (_, lr_e, wd_e) in zip(s, e):
+                    assert lr == pytest.approx(lr_e, rel=1e-12) and wd == wd_e, (name, s, e)
 
 
 @pytest.mark.timeout(120)

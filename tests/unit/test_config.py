@@ -92,6 +92,10 @@ def test_choices_and_ranges():
         load_config(None, ["trainer.surgery=gradnorm"])
     with pytest.raises(ConfigError, match="trainer.micro_batch=0: must be a positive integer"):
         load_config(None, ["trainer.micro_batch=0"])
+    with pytest.raises(
+        ConfigError, match="model.ner_reduction='max': allowed values are sum, mean"
+    ):
+        load_config(None, ["model.ner_reduction=max"])
     with pytest.raises(ConfigError, match="data.splits: unknown split 'val'"):
         load_config(None, ["data.splits=[train,val]"])
 
@@ -117,6 +121,7 @@ def test_yaml_mapping_replaces_default_override_merges(tmp_path):
         ("timeout_s", -5, "must be a positive integer"),
         ("seed", -2, "must be 0 or more"),
         ("cpus_per_worker", 0, "must be a positive integer"),
+        ("encoder_lr", -0.0001, "expected a number >= 0"),
     ],
 )
 def test_out_of_range_trainer_values_name_key_and_file_line(tmp_path, key, value, expect):

@@ -79,9 +79,11 @@ def test_owner_weights_by_hand():
     )  # occurrences over ranks of the owned rows
 
 
-def test_owner_weighted_losses_sum_to_per_rank_losses():
+@pytest.mark.parametrize("ner_reduction", ["sum", "mean"])
+def test_owner_weighted_losses_sum_to_per_rank_losses(ner_reduction):
     """sum over owners of the weighted losses == sum over ranks of the per-rank losses, per
-    task, on random logits (the heads' own loss functions on both sides)."""
+    task, on random logits (the heads' own loss functions on both sides; NER reduced per title
+    either way, model.ner_reduction)."""
     g = torch.Generator().manual_seed(0)
     rows_all = [0, 3, 5, 7, 9]
     logits = {r: torch.randn(4, generator=g, dtype=torch.float64) for r in rows_all}
@@ -105,6 +107,7 @@ def test_owner_weighted_losses_sum_to_per_rank_losses():
                 torch.stack([tags[int(r)] for r in rows]),
                 c,
                 w[1],
+                ner_reduction,
             ),
             news_class_loss(lg, tg, c, valid[:, 2], w[2]),
         ]

@@ -108,9 +108,11 @@ def test_shapes_losses_and_masks(name, batch):
     }
 
 
-def test_hand_computed_losses(batch):
-    """Eq. 1-3 and 5-8 (+ sentiment) recomputed slot by slot with plain tensor ops."""
-    model = make("mtrec")
+@pytest.mark.parametrize("ner_reduction", ["sum", "mean"])
+def test_hand_computed_losses(batch, ner_reduction):
+    """Eq. 1-3 and 5-8 (+ sentiment) recomputed slot by slot with plain tensor ops; NER per
+    title as eq. 8's sum over its tagged tokens, or their mean (model.ner_reduction)."""
+    model = make("mtrec", ner_reduction=ner_reduction)
     out = model(batch)
     with torch.no_grad():
         cls, hidden = model.encoder(batch.tokens, batch.attention_mask)
@@ -144,15 +146,14 @@ def test_hand_computed_losses(batch):
             torch.testing.assert_close(out.losses[task], torch.stack(ces).mean(), rtol=0, atol=1e-6)
         tagger = model.heads["ner"].linear
         per_title = []
-        for _, u in occ:  # eq. 8: sum over tagged tokens, mean over history titles
+        for _, u in occ:  # eq. 8: sum (or mean) over tagged tokens, mean over history titles
             toks = [t for t in range(batch.ner.shape[1]) if batch.ner[u, t] != -100]
             if toks:
-                per_title.append(
-                    sum(
-                        softmax_ce(tagger.weight @ hidden[u, t] + tagger.bias, int(batch.ner[u, t]))
-                        for t in toks
-                    )
+                total = sum(
+                    softmax_ce(tagger.weight @ hidden[u, t] + tagger.bias, int(batch.ner[u, t]))
+                    for t in toks
                 )
+                per_title.append(total if ner_reduction == "sum" else total / len(toks))
         torch.testing.assert_close(
             out.losses["ner"], torch.stack(per_title).mean(), rtol=0, atol=1e-6
         )
@@ -307,3 +308,33 @@ def test_nrms_heads_and_aux_tasks_ignored_by_baselines(batch):
     a, b = make("bert", seed=3), make("mtrec", seed=3)
     b.load_state_dict(a.state_dict(), strict=False)
     torch.testing.assert_close(a(batch).losses["main"], b(batch).losses["main"], rtol=0, atol=0)
+
+
+def test_ner_reduction_by_hand():
+    """model.ner_reduction on 3 titles x 3 tokens, 2 tags: per title the sum (MTRec eq. 8) or
+    the mean of its tagged tokens' CE, then the occurrence-weighted mean over titles (or the
+    owners' weighted sum under global de-duplication)."""
+    from math import log
+
+    from mtrec_dist.models.heads import ner_loss
+
+    ln2, ln3 = log(2.0), log(3.0)
+    logits = torch.tensor(
+        [
+            [[0.0, 0.0], [log(3.0), 0.0], [5.0, 1.0]],  # CE ln 2 (tag 0), ln 4 (tag 1), ignored
+            [[0.0, log(2.0)], [1.0, 2.0], [3.0, 0.0]],  # CE ln 3 (tag 0), two ignored
+            [[1.0, 0.0], [2.0, 0.0], [0.0, 0.0]],  # no tagged token: excluded
+        ],
+        dtype=torch.float64,
+    )
+    tags = torch.tensor([[0, 1, -100], [0, -100, -100], [-100, -100, -100]])
+    count = torch.tensor([2.0, 1.0, 5.0], dtype=torch.float64)
+    owner = torch.tensor([0.25, 0.5, 0.7], dtype=torch.float64)
+    per_title = {"sum": [3 * ln2, ln3], "mean": [1.5 * ln2, ln3]}  # ln 2 + ln 4 = 3 ln 2
+    for red, (a, b) in per_title.items():
+        got = ner_loss(logits, tags, count, reduction=red)
+        torch.testing.assert_close(got, torch.tensor((2 * a + 1 * b) / 3, dtype=torch.float64))
+        got = ner_loss(logits, tags, count, owner, reduction=red)
+        torch.testing.assert_close(got, torch.tensor(0.25 * a + 0.5 * b, dtype=torch.float64))
+    with pytest.raises(ValueError, match="model.ner_reduction='max'.*sum, mean"):
+        ner_loss(logits, tags, count, reduction="max")

@@ -164,6 +164,9 @@ def test_config_has_the_papers_settings(path):
         assert getattr(cfg.model, key) == value, key
     if _paper(path.stem) == "ebnerd":
         assert cfg.data.format == "ebnerd"
+    if "ner" in tasks:  # MTRec eq. 8 sums a title's token CEs; the default (mean) does not
+        assert re.search(r"^  ner_reduction: sum +# eq\. 8", text, re.M), "pin ner_reduction"
+        assert cfg.model.ner_reduction == "sum"
     if _paper(path.stem) == "classic":
         assert cfg.model.word_dim == 300 and cfg.data.word_vectors.endswith("300d.txt")
 
