@@ -43,7 +43,7 @@ ALLOWED_KEYS = {
     "_comment",
 }
 OWNED_BY_YAML = {
-    "optimizer": "trainer.lr / trainer.weight_decay (AdamW is configured once)",
+    "optimizer": "trainer.lr / encoder_lr / weight_decay (AdamW is configured once)",
     "scheduler": "trainer.warmup_ratio (linear warm-up then decay, configured once)",
     "autotuning": "mtrec tune-deepspeed (DeepSpeed's autotuner calls exit() inside engines)",
 }
