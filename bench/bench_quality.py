@@ -3,23 +3,26 @@
     python bench/bench_quality.py [--out bench/results/quality.json] [--rows mtrec,bert ...]
                                   [--seeds 0 1 2] [--steps 40] [--data DIR] [--work DIR]
 
-The CPU regime, chosen so that the default table (8 rows x 3 seeds) fits about an hour on 2
-cores: measured 80 CPU-minutes for the 24 runs (40 minutes of 2 busy cores; 62 minutes wall on
-a machine shared with other jobs):
+The CPU regime (chosen by the measurements in docs/benchmarks.md, "Learning quality: how the
+regime was chosen"): the full table, 10 rows x 3 seeds, in under an hour of 2 cores:
 
 * data: synthetic MIND ``small`` (seed 0: 20,000 train / 5,000 dev impressions, 8,000 news,
   planted click model), prepared with titles of 20 word pieces and the 20 most recent clicks;
-* encoder: the shipped MiniLM-L6-H384 cut to its first ``--layers`` (2) layers, read with the
-  pooling it was trained with (mean; ``model.pooling=auto``);
-* training: the single-process reference trainer (``train/local.py``, the trainer the
-  distributed one is tested equal to), micro-batch ``--batch`` (32) x 1, ``--steps`` (40)
-  optimizer steps at lr ``--lr`` (2e-4) with 10% warm-up then linear decay, ``--threads`` (2)
-  torch threads, seeds 0..2 (model init, data order, negatives);
+* encoder: the whole shipped MiniLM-L6-H384 (``--encoder-layers 0``), mean pooling, only its
+  top layer trained (``--train-layers 1``) over an exact cache of the five frozen ones
+  (``model.train_layers``, docs/design.md §3.1): a step runs one transformer layer;
+* training: the single-process reference trainer (``train/local.py``), micro-batch
+  ``--batch`` (32) x 1, ``--steps`` (100) optimizer steps, encoder lr ``--encoder-lr`` (2e-5,
+  the papers' rate) and ``--lr`` (1e-3) for the user encoder, heads and the learned score scale
+  (``model.learned_scale``), 10% warm-up then linear decay, NER loss averaged over a title's
+  tokens (``model.ner_reduction=mean``; the ``mtrec ner=sum`` row is eq. 8 as written), seeds
+  0..2 (model init, data order, negatives);
 * curve: dev AUC on the first ``--eval-impressions`` (500) dev impressions every
-  ``--eval-every`` (20) steps; the table on the first ``--final-impressions`` (2,000; 0 = all)
+  ``--eval-every`` (25) steps; the table on the first ``--final-impressions`` (2,000; 0 = all)
   dev impressions, against the ceilings computed on exactly those impressions.
 
-Rows: the default ones are the issue's nine except ``unbert``: UNBERT is a cross-encoder (each
+Rows: the default ones are the eight BERT rows, ``mtrec ner=sum`` and the classic ``nrms`` (its
+word embeddings from scratch, the same steps and lr); not ``unbert``: UNBERT is a cross-encoder (each
 candidate is encoded together with the whole clicked history, ~400 word pieces), so scoring
 even the 500 curve impressions took over 15 minutes on this CPU; run it with ``--rows unbert``.
 The classic baselines (``nrms``, ``naml``, ``lstur``, ``npa``) are rows too (``--rows``); they
@@ -61,6 +64,8 @@ ROWS: dict[str, list[str]] = {
     "mtrec w/o GS": ["model.name=mtrec", "trainer.surgery=none"],
     "mtrec aux_only": ["model.name=mtrec", "trainer.surgery=aux_only"],
     "mtrec pcgrad": ["model.name=mtrec", "trainer.surgery=pcgrad"],
+    # MTRec eq. 8 as written: the NER loss of a title is the SUM of its token losses.
+    "mtrec ner=sum": ["model.name=mtrec", "trainer.surgery=mtrec", "model.ner_reduction=sum"],
     "bert": ["model.name=bert", "trainer.surgery=none"],
     # MINER's objective (eq. 7): main + beta * disagreement, beta = 0.8, in one group.
     "miner max": [*MINER, "model.miner_aggregator=max"],
@@ -73,7 +78,8 @@ ROWS: dict[str, list[str]] = {
     "lstur": ["model.name=lstur", "trainer.surgery=none"],
     "npa": ["model.name=npa", "trainer.surgery=none"],
 }
-DEFAULT_ROWS = [r for r in ROWS if r not in ("unbert", "nrms", "naml", "lstur", "npa")]
+CLASSIC = ("nrms", "naml", "lstur", "npa")  # no BERT: the encoder keys do not apply
+DEFAULT_ROWS = [r for r in ROWS if r not in ("unbert", "naml", "lstur", "npa")]
 ORDERINGS = (["mtrec", "mtrec w/o GS", "bert"], ["miner weighted", "miner mean", "miner max"])
 
 
@@ -98,19 +104,27 @@ def run_one(a: argparse.Namespace, data: Path, row: str, seed: int) -> dict:
         kept = json.loads(done.read_text())
         if kept.get("regime") == _regime(a):
             return kept
+    encoder = [] if row in CLASSIC else [
+        f"model.encoder={a.encoder}",
+        f"model.encoder_layers={a.encoder_layers}",
+        f"model.train_layers={a.train_layers}",
+        f"trainer.encoder_lr={a.encoder_lr}",
+        "model.learned_scale=true",
+    ]  # fmt: skip
     cfg = load_config(
         ROOT / "configs" / "demo.yaml",
         [
             f"data.root={data}",
             f"run_dir={run_dir}",
-            f"model.encoder={a.encoder}",
-            f"model.encoder_layers={a.layers}",
+            f"data.history_len={a.history}",
             f"trainer.micro_batch={a.batch}",
             f"trainer.max_steps={a.steps}",
             "trainer.epochs=1000",  # --steps decides the length, across epochs if needed
             f"trainer.lr={a.lr}",
             f"trainer.seed={seed}",
             "trainer.log_every=0",
+            *encoder,
+            *a.set,
             *ROWS[row],
         ],
     )
@@ -149,11 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--encoder", default="minilm")
-    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--encoder-layers", type=int, default=0, help="keep the first N (0 = all)")
+    ap.add_argument("--train-layers", type=int, default=1, help="model.train_layers")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--eval-every", type=int, default=20)
+    ap.add_argument("--history", type=int, default=20, help="data.history_len")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--lr", type=float, default=1e-3, help="trainer.lr (all but the encoder)")
+    ap.add_argument("--encoder-lr", type=float, default=2e-5, help="trainer.encoder_lr")
+    ap.add_argument("--set", nargs="*", default=[], help="more key=value overrides, every row")
+    ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--eval-impressions", type=int, default=500)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
@@ -167,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         ap.error(f"--rows: unknown {unknown}; allowed: {', '.join(ROWS)}")
+    t_start = time.monotonic()
     data = ensure_data(Path(a.data or Path(a.work) / "data"))
     ceil_curve = quality.ceilings(data, "dev", a.eval_impressions)
     ceil_all = quality.ceilings(data, "dev", a.final_impressions)
@@ -192,17 +211,21 @@ def main(argv: list[str] | None = None) -> int:
         table.append(entry)
     by_row = {e["row"]: e for e in table}
     orderings = [quality.ordering(by_row, o) for o in ORDERINGS if all(n in by_row for n in o)]
-    curves = _mean_curves(runs, rows, ceil_curve["full"]["auc"])
+    content_curve = ceil_curve["content"]["auc"]
+    curves = _mean_curves(runs, rows, content_curve)
+    goals = quality.goals(runs, by_row, content_curve)
     out = Path(a.out)
     png = quality.plot_curves(
         curves,
         out.with_suffix(".png"),
-        f"dev AUC lift fraction vs steps (first {a.eval_impressions} dev impressions, mean of "
-        f"{len(a.seeds)} seeds)\nBERT models: {a.encoder} first {a.layers} layers; batch "
-        f"{a.batch}, lr {a.lr}",
+        f"dev AUC, fraction of the content ceiling's lift (first {a.eval_impressions} dev "
+        f"impressions, mean of {len(a.seeds)} seeds)\nBERT rows: {a.encoder}, top "
+        f"{a.train_layers} layer(s) trained over cached lower ones; batch {a.batch}, lr {a.lr}, "
+        f"encoder lr {a.encoder_lr}",
+        full_ceiling=quality.lift_fraction(ceil_curve["full"]["auc"], content_curve),
     )
     md = quality.markdown_table(table)
-    atomic_write_text(out.with_suffix(".md"), md)
+    atomic_write_text(out.with_suffix(".md"), md + "\n" + quality.goals_markdown(goals))
     atomic_write_json(
         out,
         {
@@ -210,13 +233,18 @@ def main(argv: list[str] | None = None) -> int:
             "regime": _regime(a),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
             "ceiling": {"table_impressions": ceil_all, "curve_impressions": ceil_curve},
+            "wall_s": time.monotonic() - t_start,
+            "run_cpu_s": sum(r["cpu_seconds"] for r in runs),
+            "run_wall_s": sum(r["seconds"] for r in runs),
             "table": table,
             "orderings": orderings,
+            "goals": goals,
             "runs": runs,
             "png": str(png),
         },
     )
     print(md)
+    print(quality.goals_markdown(goals))
     for o in orderings:
         print(
             f"{o['claim']}: {'holds' if o['holds'] else 'does NOT hold'} "
@@ -228,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _mean_curves(runs: list[dict], rows: list[str], ceiling_auc: float) -> dict:
-    """Row -> [(step, mean lift fraction over seeds)] on the curve impressions."""
+    """Row -> [(step, mean lift fraction over seeds)] on the curve impressions (the content
+    ceiling's lift when ``ceiling_auc`` is the content ceiling)."""
     out = {}
     for row in rows:
         pts: dict[int, list[float]] = {}

@@ -93,6 +93,10 @@ class ModelConfig:
     # product of 384-d pretrained vectors starts as a confident random ranking (loss ~2.0-2.3
     # where chance is ln 5 = 1.61) that the first hundreds of steps spend undoing.
     scaled_scores: bool = False
+    # Learn the scale of the click scores (a log-scale parameter, starting at the scale above,
+    # trained at trainer.lr): the NCE loss then measures the ranking rather than a confidence
+    # the model cannot set (docs/design.md §3). Ranks, and so the metrics, never depend on it.
+    learned_scale: bool = False
     # Query dimension of additive attention (200 in MTRec, Appendix A).
     query_dim: int = 200
     # Tasks switched on; the main task is always on.

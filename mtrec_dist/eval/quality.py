@@ -109,9 +109,15 @@ def summarize_runs(values: list[float]) -> dict:
     }
 
 
-def plot_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path, title: str) -> Path:
-    """One line per model: lift fraction (y) against optimizer steps (x); PNG written
-    atomically."""
+def plot_curves(
+    curves: dict[str, list[tuple[int, float]]],
+    path: str | Path,
+    title: str,
+    full_ceiling: float | None = None,
+) -> Path:
+    """One line per model: the fraction of the content ceiling's lift (y) against optimizer
+    steps (x); the content ceiling at 1 and, when given, the full ceiling at ``full_ceiling``
+    (its lift in the same unit). PNG written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,16 +125,18 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path, ti
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(8, 4.8))
     for name, pts in curves.items():
         xs, ys = zip(*pts) if pts else ((), ())
         ax.plot(xs, ys, marker="o", ms=3, label=name)
-    ax.axhline(1.0, color="black", lw=0.8, ls="--", label="planted ceiling")
+    ax.axhline(1.0, color="black", lw=0.8, ls="--", label="content ceiling")
+    if full_ceiling is not None:
+        ax.axhline(full_ceiling, color="black", lw=0.8, ls=":", label="full ceiling")
     ax.axhline(0.0, color="grey", lw=0.6)
     ax.set_xlabel("optimizer steps")
-    ax.set_ylabel("fraction of the ceiling's lift")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_ylabel("fraction of the content ceiling's lift")
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=100)
@@ -146,12 +154,12 @@ def markdown_table(rows: list[dict]) -> str:
         fmt = "{:.1f}" if pct else "{:.4f}"
         return f"{fmt.format(d['mean'] * k)} ± {fmt.format(d['std'] * k)}"
 
-    head = "| row | AUC | MRR | nDCG@5 | nDCG@10 | % of lift | % of content lift | seeds |"
+    head = "| row | % of content lift | % of lift | AUC | MRR | nDCG@5 | nDCG@10 | seeds |"
     lines = [head, "|" + "---|" * 8]
     for r in rows:
         lines.append(
-            f"| {r['row']} | {cell(r['auc'])} | {cell(r['mrr'])} | {cell(r['ndcg@5'])} | "
-            f"{cell(r['ndcg@10'])} | {cell(r['lift'], True)} | {cell(r['content_lift'], True)} "
+            f"| {r['row']} | {cell(r['content_lift'], True)} | {cell(r['lift'], True)} | "
+            f"{cell(r['auc'])} | {cell(r['mrr'])} | {cell(r['ndcg@5'])} | {cell(r['ndcg@10'])} "
             f"| {r['auc']['n']} |"
         )
     return "\n".join(lines) + "\n"
@@ -170,3 +178,81 @@ def ordering(rows: dict[str, dict], names: list[str]) -> dict:
         "std": stds,
         "beyond_noise": all(g > math.hypot(s1, s2) for g, s1, s2 in zip(gaps, stds, stds[1:])),
     }
+
+
+def mean_curve(runs: list[dict], row: str) -> list[tuple[int, float]]:
+    """[(step, mean dev AUC over the row's seeds)] on the curve impressions."""
+    pts: dict[int, list[float]] = {}
+    for r in runs:
+        if r["row"] == row:
+            for p in r["curve"]:
+                pts.setdefault(p["step"], []).append(p["auc"])
+    return [(s, statistics.fmean(v)) for s, v in sorted(pts.items())]
+
+
+# The learning-quality goals (README "Learning quality"): thresholds in one place.
+FLAT_AUC = 0.01  # the last two curve points of every row within this
+MTREC_CONTENT_LIFT = 0.60
+MTREC_OVER_NRMS = 0.03
+MTREC_OVER_UNTRAINED = 0.05
+
+
+def goals(runs: list[dict], rows: dict[str, dict], content_auc: float) -> dict:
+    """Each goal with its measured value and whether it is met, from the runs' curves (mean
+    over seeds, the curve impressions, whose content ceiling is ``content_auc``) and the table
+    rows (``rows[name]["auc"|"content_lift"]`` summaries)."""
+    per_row = {}
+    for name in rows:
+        c = mean_curve(runs, name)
+        first, last = c[0][1], c[-1][1]
+        prev = c[-2][1] if len(c) > 1 else first
+        per_row[name] = {
+            "step0_auc": first,
+            "last_auc": last,
+            "last_step_change": last - prev,
+            "flat": abs(last - prev) <= FLAT_AUC,
+            "gain_over_step0": last - first,
+            "ends_above_step0": last >= first,
+            "content_lift_curve": [(s, lift_fraction(v, content_auc)) for s, v in c],
+        }
+    out: dict = {"rows": per_row, "checks": []}
+
+    def check(name: str, value: float, target: float) -> None:
+        out["checks"].append(
+            {"goal": name, "value": value, "target": target, "met": value >= target}
+        )
+
+    if "mtrec" in rows:
+        check(
+            "MTRec fraction of the content lift",
+            rows["mtrec"]["content_lift"]["mean"],
+            MTREC_CONTENT_LIFT,
+        )
+        check(
+            "MTRec AUC above its untrained model",
+            per_row["mtrec"]["gain_over_step0"],
+            MTREC_OVER_UNTRAINED,
+        )
+        if "nrms" in rows:
+            gap = rows["mtrec"]["auc"]["mean"] - rows["nrms"]["auc"]["mean"]
+            check("MTRec AUC above classic NRMS", gap, MTREC_OVER_NRMS)
+    out["all_rows_flat"] = all(r["flat"] for r in per_row.values())
+    out["no_row_below_step0"] = all(r["ends_above_step0"] for r in per_row.values())
+    return out
+
+
+def goals_markdown(g: dict) -> str:
+    """The goals as a Markdown table plus one line per row curve (flat? above step 0?)."""
+    lines = ["| goal | measured | target | met |", "|---|---|---|---|"]
+    for c in g["checks"]:
+        lines.append(
+            f"| {c['goal']} | {c['value']:+.4f} | {c['target']:.2f} | {'yes' if c['met'] else 'NO'} |"
+        )
+    lines += ["", "| row | step-0 AUC | last AUC | last change | flat (<= 0.01) | above step 0 |"]
+    lines.append("|---|---|---|---|---|---|")
+    for name, r in g["rows"].items():
+        lines.append(
+            f"| {name} | {r['step0_auc']:.4f} | {r['last_auc']:.4f} | {r['last_step_change']:+.4f} "
+            f"| {'yes' if r['flat'] else 'NO'} | {'yes' if r['ends_above_step0'] else 'NO'} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""MTRec and its BERT baselines (MTRec, Findings of ACL 2022: /work/shared/papers/000_*.txt).
+"""MTRec and its BERT baselines (MTRec, Findings of ACL 2022).
 
 One class, configured by four class attributes; the variants of Table 1 are subclasses that
 only set them:
@@ -27,6 +27,8 @@ the trainer's job through ``mtrec_dist.models.outputs.group_losses``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -77,7 +79,14 @@ class MTRec(nn.Module):
         n_category = int(vocab.get("category", 1))
         self.tasks = enabled_aux_tasks(cfg, meta) if self.multi_task else []
         self.user_encoder = build_user_encoder(self.user_kind, D, cfg.query_dim)
-        self.score_scale = 1.0 / D**0.5 if cfg.scaled_scores else 1.0  # model.scaled_scores
+        # Scores r_c . r_u times a scale: fixed (1, or 1/sqrt(D) with model.scaled_scores) or,
+        # with model.learned_scale, a learned log-scale starting there ([1]: DeepSpeed's start-up
+        # broadcast refuses 0-dim parameters). Ranks never depend on it; the NCE loss does.
+        init = 1.0 / D**0.5 if cfg.scaled_scores else 1.0
+        self.log_scale = (
+            nn.Parameter(torch.full((1,), math.log(init))) if cfg.learned_scale else None
+        )
+        self._fixed_scale = init
         self.ner_reduction = cfg.ner_reduction  # sum (eq. 8) | mean over a title's tokens
         self.fusion: MultiFieldFusion | None = None
         if self.multi_field:
@@ -144,12 +153,20 @@ class MTRec(nn.Module):
         """News vectors [U, D] of the batch's unique news (per-news fields only)."""
         return self._encode(batch)[0]
 
+    @property
+    def score_scale(self) -> float:
+        """The current multiplier of the dot products (the evaluator's factored scorer)."""
+        if self.log_scale is None:
+            return self._fixed_scale
+        return float(self.log_scale.detach().exp())
+
     def score_news_vectors(self, news_vecs: torch.Tensor, batch: Batch) -> torch.Tensor:
         """news_vecs [U, D] -> click scores [B, C] (eq. 1-2); masked candidates -inf."""
         hist = news_vecs[batch.hist_idx]  # [B, H, D]
         user = self.user_encoder(hist, batch.hist_mask)  # [B, D]
         cand = news_vecs[batch.cand_idx]  # [B, C, D]
-        scores = torch.einsum("bcd,bd->bc", cand, user) * self.score_scale  # [B, C]
+        scale = self._fixed_scale if self.log_scale is None else self.log_scale.exp()
+        scores = torch.einsum("bcd,bd->bc", cand, user) * scale  # [B, C]
         return scores.masked_fill(~batch.cand_mask, float("-inf"))
 
     def forward(self, batch: Batch) -> TaskOutputs:

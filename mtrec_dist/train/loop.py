@@ -67,6 +67,9 @@ def train_worker(config: dict[str, Any]) -> None:
     log = RunLogger(cfg, rank, total, start_step=pos.step) if rank == 0 else None
     table = NewsTable(cfg.prepared_dir) if global_dedup(cfg, world) else None
 
+    if t.eval_every and pos.step == 0:  # the untrained model: the point a curve starts from
+        _evaluate(engine, model, cfg, log, 0)
+
     # --- loop --------------------------------------------------------------------------
     for epoch in range(pos.epoch, t.epochs):
         skip = pos.batches_done if epoch == pos.epoch else 0
