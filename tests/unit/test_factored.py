@@ -17,9 +17,14 @@ from mtrec_dist.models.mtrec import MTRec, NRMSBert
 N, D = 60, 32  # news rows, vector size of the tiny encoder
 
 
-def _model(scaled: bool = False) -> MTRec:
+def _model(scaled: bool = False, learned: bool = False) -> MTRec:
     torch.manual_seed(0)
-    return MTRec(ModelConfig(encoder="tiny", scaled_scores=scaled), {"vocab": {"category": 3}})
+    cfg = ModelConfig(encoder="tiny", scaled_scores=scaled, learned_scale=learned)
+    model = MTRec(cfg, {"vocab": {"category": 3}})
+    if learned:  # a scale the training moved away from its start
+        with torch.no_grad():
+            model.log_scale.fill_(np.log(0.37))
+    return model
 
 
 def _impressions(rng: np.random.Generator, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -58,10 +63,12 @@ def _flat(imps):
     )
 
 
-@pytest.mark.parametrize("scaled", [False, True])
-def test_factored_scores_and_ranks_equal_the_equations(scaled):
+@pytest.mark.parametrize("scaled,learned", [(False, False), (True, False), (False, True)])
+def test_factored_scores_and_ranks_equal_the_equations(scaled, learned):
     rng = np.random.default_rng(0)
-    model = _model(scaled)
+    model = _model(scaled, learned)
+    if learned:
+        assert model.score_scale == pytest.approx(0.37)
     vectors = rng.standard_normal((N, D)).astype(np.float32)
     vectors[7] = vectors[3]  # two news with one vector: their candidates tie exactly
     imps = _impressions(rng, 200)

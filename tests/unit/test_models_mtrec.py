@@ -338,3 +338,40 @@ def test_ner_reduction_by_hand():
         torch.testing.assert_close(got, torch.tensor(0.25 * a + 0.5 * b, dtype=torch.float64))
     with pytest.raises(ValueError, match="model.ner_reduction='max'.*sum, mean"):
         ner_loss(logits, tags, count, reduction="max")
+
+
+def test_learned_scale_multiplies_the_dot_products_and_trains(tiny_cfg):
+    """model.learned_scale: scores = exp(log_scale) * r_c . r_u, the scale starts where the
+    fixed one is (1, or 1/sqrt(D) with scaled_scores) and the NCE loss gives it a gradient."""
+    import math
+
+    from mtrec_dist.data.prepared import load_manifest
+    from mtrec_dist.data.stream import train_loader
+    from mtrec_dist.models.registry import build_model
+
+    manifest = load_manifest(tiny_cfg().prepared_dir)
+    batch = next(
+        iter(
+            train_loader(
+                tiny_cfg().prepared_dir, rank=0, world_size=1, batch_size=4, epoch=0, seed=0,
+                neg_k=4, history_len=10, loader_workers=0,
+            )
+        )
+    )  # fmt: skip
+    for scaled, start in ((False, 1.0), (True, 1.0 / math.sqrt(32))):
+        torch.manual_seed(0)
+        fixed = build_model(tiny_cfg(f"model.scaled_scores={scaled}"), manifest).eval()
+        torch.manual_seed(0)
+        learned = build_model(
+            tiny_cfg(f"model.scaled_scores={scaled}", "model.learned_scale=true"), manifest
+        ).eval()
+        learned.load_state_dict(fixed.state_dict(), strict=False)
+        assert learned.score_scale == pytest.approx(start)
+        with torch.no_grad():
+            learned.log_scale.fill_(math.log(2.5 * start))
+        ref = fixed(batch).scores
+        out = learned(batch)
+        real = torch.isfinite(ref)
+        torch.testing.assert_close(out.scores[real], 2.5 * ref[real], rtol=1e-5, atol=1e-6)
+        out.losses["main"].backward()
+        assert learned.log_scale.grad is not None and learned.log_scale.grad.abs().item() > 0

@@ -95,8 +95,8 @@ def test_summary_table_and_orderings_by_hand():
     row |= {"lift": quality.summarize_runs([0.25]), "content_lift": quality.summarize_runs([0.5])}
     md = quality.markdown_table([row]).splitlines()
     assert md[2] == (
-        "| x | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 "
-        "| 25.0 ± 0.0 | 50.0 ± 0.0 | 1 |"
+        "| x | 50.0 ± 0.0 | 25.0 ± 0.0 | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 "
+        "| 0.5000 ± 0.0000 | 1 |"
     )
     rows = {
         "a": {"auc": {"mean": 0.70, "std": 0.01}},
@@ -110,7 +110,21 @@ def test_summary_table_and_orderings_by_hand():
     assert o["holds"] is True and o["beyond_noise"] is False  # 0.01 < hypot(0.01, 0.01)
 
 
-def test_a_few_steps_on_planted_data_beat_chance(tiny_cfg):
+@pytest.mark.parametrize(
+    "regime",
+    [
+        ("trainer.lr=2e-4",),
+        # the benchmark's regime: top layer over the cached lower one, two learning rates
+        (
+            "model.train_layers=1",
+            "model.learned_scale=true",
+            "trainer.lr=1e-3",
+            "trainer.encoder_lr=1e-4",
+        ),
+    ],
+    ids=["all-layers", "top-layer-cached"],
+)
+def test_a_few_steps_on_planted_data_beat_chance(tiny_cfg, regime):
     """MTRec on MiniLM's first 2 layers (scaled scores, so it starts at chance rather than
     above it), the tiny planted data, fixed seed: 40 steps take the main loss below chance,
     ln(1 + 4)."""
@@ -122,8 +136,8 @@ def test_a_few_steps_on_planted_data_beat_chance(tiny_cfg):
         "model.scaled_scores=true",
         "model.dropout=0",
         "trainer.max_steps=40",
-        "trainer.lr=2e-4",
         "trainer.log_every=0",
+        *regime,
     )
     train_local(cfg)
     recs = [json.loads(x) for x in (Path(cfg.run_dir) / "train_log.jsonl").read_text().splitlines()]
@@ -153,3 +167,38 @@ def test_train_curve_points_and_the_untrained_model(tiny_cfg):
     assert curve[0]["auc"] == pytest.approx(ref["auc"], abs=1e-12)
     assert curve[0]["mrr"] == pytest.approx(ref["mrr"], abs=1e-12)
     assert curve[-1]["auc"] != curve[0]["auc"]  # the last point scores the trained model
+
+
+def _run(row, curve_aucs):
+    return {"row": row, "curve": [{"step": 10 * i, "auc": a} for i, a in enumerate(curve_aucs)]}
+
+
+def test_goals_by_hand():
+    """Curves averaged over seeds, flatness of the last two points, ends vs step 0, and the
+    three checks against their thresholds, each computed by hand."""
+    runs = [
+        _run("mtrec", [0.56, 0.60, 0.64]),
+        _run("mtrec", [0.58, 0.62, 0.66]),  # mean: 0.57, 0.61, 0.65
+        _run("nrms", [0.50, 0.55, 0.60]),  # last change 0.05: not flat
+        _run("bert", [0.57, 0.56, 0.565]),  # ends below its step 0
+    ]
+    rows = {
+        "mtrec": {"auc": {"mean": 0.64}, "content_lift": {"mean": 0.61}},
+        "nrms": {"auc": {"mean": 0.60}, "content_lift": {"mean": 0.40}},
+        "bert": {"auc": {"mean": 0.56}, "content_lift": {"mean": 0.25}},
+    }
+    g = quality.goals(runs, rows, content_auc=0.75)
+    m = g["rows"]["mtrec"]
+    assert m["step0_auc"] == pytest.approx(0.57) and m["last_auc"] == pytest.approx(0.65)
+    assert m["last_step_change"] == pytest.approx(0.04) and m["flat"] is False
+    assert m["gain_over_step0"] == pytest.approx(0.08) and m["ends_above_step0"] is True
+    assert m["content_lift_curve"][-1][1] == pytest.approx((0.65 - 0.5) / 0.25)
+    assert g["rows"]["bert"]["flat"] is True and g["rows"]["bert"]["ends_above_step0"] is False
+    assert g["all_rows_flat"] is False and g["no_row_below_step0"] is False
+    checks = {c["goal"]: (c["value"], c["met"]) for c in g["checks"]}
+    assert checks["MTRec fraction of the content lift"] == (pytest.approx(0.61), True)
+    assert checks["MTRec AUC above its untrained model"] == (pytest.approx(0.08), True)
+    assert checks["MTRec AUC above classic NRMS"] == (pytest.approx(0.04), True)
+    md = quality.goals_markdown(g)
+    assert "| MTRec AUC above classic NRMS | +0.0400 | 0.03 | yes |" in md
+    assert "| bert | 0.5700 | 0.5650 | +0.0050 | yes | NO |" in md
