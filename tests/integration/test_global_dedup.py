@@ -18,6 +18,7 @@ arrives on rank 1 and equals rank 0's own per-rank gradient of that title's vect
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 
+from mtrec_dist.models import layer_cache
 from mtrec_dist.models.outputs import group_losses
 from tests.gloo_workers import ds_config, free_port, init_gloo_deepspeed
 from tests.surgery_reference import reference_step
@@ -66,7 +68,10 @@ class Case:
     # "" = the DeepSpeed JSON's AdamW; "lrgroups" = the trainers' optimizer (train/optim.py:
     # encoder.* at ENC_LR, the rest at LR, no decay on biases/LayerNorm) and schedule;
     # "frozen" = the same with every encoder.* parameter frozen (reference: train/local.py's
-    # reference_step; nothing shared, so every coefficient is exactly 1)
+    # reference_step; nothing shared, so every coefficient is exactly 1);
+    # "cached" = the trainers' optimizer with model.train_layers=1: the workers read the lower
+    # layer from the per-news cache they built together (docs/design.md §3.1), the reference
+    # computes it (no cache)
     variant: str = ""
 
     @property
@@ -82,6 +87,7 @@ CASES = [
     *[Case("miner", s, "mtrec", "miner") for s in (2, 3)],
     Case("mtrec", 3, "mtrec", "g2", gas=2, variant="lrgroups"),
     Case("mtrec", 2, "mtrec", "g2", variant="frozen"),
+    Case("mtrec", 2, "mtrec", "g2", variant="cached"),
 ]
 ENC_LR = 3e-3
 SCHED_TOTAL, SCHED_WARMUP = 5, 0.4
@@ -122,6 +128,8 @@ def build(cfg, variant: str = ""):
     from mtrec_dist.data.prepared import load_manifest
     from mtrec_dist.models.registry import build_model
 
+    if variant == "cached":
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, train_layers=1))
     torch.manual_seed(1234)
     model = build_model(cfg, load_manifest(cfg.prepared_dir))
     if cfg.model.name == "miner":  # see GROUPS_MINER
@@ -153,6 +161,9 @@ def _train(cfg, table, batches, case: Case, dedup: str) -> dict:
 
     groups, stage = GROUPS[case.groups], case.stage
     model = build(cfg, case.variant)
+    if case.variant == "cached":  # both ranks build the cache together, then read it
+        rank = torch.distributed.get_rank()
+        assert layer_cache.attach(model, cfg.prepared_dir, rank=rank, world=WORLD, progress=False)
     ds = ds_config(stage, MICRO, case.gas, WORLD, (LR, BETAS, EPS, WD), CLIP)
     if case.variant:
         opt, sched = own_optimizer(model)
@@ -313,6 +324,7 @@ def reference(cfg, case: Case) -> dict:
     over ranks and micro-batches; explicit surgery on the shared encoder's flat vectors; AdamW.
     The frozen variant is stepped by the project's own reference trainer instead."""
     model = build(cfg, case.variant)
+    assert model.encoder.cache is None  # the cached variant's reference computes the layer
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     shared = model.shared_parameter_names()
