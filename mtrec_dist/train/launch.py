@@ -128,6 +128,10 @@ def _run_locked(cfg: Config, resume: str | None, overrides: list[str]) -> dict:
     # Ray Train's print patch echoes every worker line twice on the driver (Ray 2.60); the
     # variable is propagated from here to the controller and the workers.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # A restart that cannot get its workers' resources (a node lost, no spare) waits for them
+    # at most trainer.timeout_s, then fails (controller_failure_limit=0 in _fit) instead of
+    # Ray Train's default of retrying every 60 s forever (docs/design.md §6).
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(t.timeout_s))
     run_dir = Path(cfg.run_dir)
     run = {"id": uuid.uuid4().hex, "resume": bool(resume)}  # a new run adopts only its own
     ours = not ray.is_initialized()  # we start Ray, so we stop it (and it dies with us)
@@ -189,7 +193,7 @@ def _fit(cfg: Config, ds: dict, run_dir: Path, run: dict) -> None:
         run_config=RunConfig(
             name=RAY_NAME,
             storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=t.max_failures),
+            failure_config=FailureConfig(max_failures=t.max_failures, controller_failure_limit=0),
         ),
     )
     try:

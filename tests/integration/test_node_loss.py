@@ -7,6 +7,11 @@ removed (its raylet and everything under it killed); with ``trainer.max_failures
 restarts the group on the survivor and the spare, from the newest complete checkpoint. The
 oracle is an uninterrupted run on the same cluster: same per-step losses (each step logged
 once) and the same final weights, bit for bit, with the default dropout.
+
+Then, on the two nodes left (no spare), losing a worker's node again stops the run with one
+clear error once ``trainer.timeout_s`` has passed without the resources for a restart (Ray
+Train's default is to wait for them forever, 60 s at a time), and the newest complete
+checkpoint is intact for a ``--resume`` on a repaired cluster.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 16
@@ -133,3 +138,32 @@ def test_a_lost_node_is_survived_from_the_newest_checkpoint(cluster, tiny_data, 
     a = load_file(str(straight / "export" / "model.safetensors"))
     b = load_file(str(run_dir / "export" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_without_a_spare_node_the_run_stops_with_a_clear_error(cluster, tiny_data, tmp_path):
+    from mtrec_dist.train.checkpoint import newest_complete, read_state
+    from mtrec_dist.train.launch import TrainingFailed, run_training
+
+    while len(cluster.worker_nodes) > 2:  # one CPU per worker, none to spare
+        cluster.remove_node(next(iter(cluster.worker_nodes)))
+    run_dir = tmp_path / "nospare"
+    done, lost = threading.Event(), []
+    watcher = threading.Thread(target=_lose_a_worker_node, args=(cluster, run_dir, done, lost))
+    watcher.start()
+    try:
+        with pytest.raises(TrainingFailed) as e:
+            run_training(_cfg(tiny_data, run_dir))
+    finally:
+        done.set()
+        watcher.join()
+    assert lost, "no node was removed"
+    msg = str(e.value)
+    assert msg.startswith(
+        "training failed on Ray Train's controller: WorkerGroupStartupTimeoutError: The worker "
+        "group startup timed out after 30.0 seconds waiting for 2 workers."
+    ), msg
+    assert msg.endswith(f"(full log: {run_dir / 'logs' / 'train_error.log'})")
+    # the run did not end (no export), and its newest complete checkpoint is readable (the
+    # lost node's worker may finish a step or two before Ray notices it is cut off)
+    step = read_state(newest_complete(run_dir))["position"]["step"]
+    assert lost[0] <= step < STEPS and not (run_dir / "export").exists()
