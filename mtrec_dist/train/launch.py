@@ -8,7 +8,6 @@ only inside workers (ray#50406).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -113,7 +112,7 @@ def _run_locked(cfg: Config, resume: str | None, overrides: list[str]) -> dict:
     import ray
 
     from mtrec_dist.train.dsconfig import describe
-    from mtrec_dist.train.runlock import reap_on_exit
+    from mtrec_dist.train.runlock import reap_at_exit
     from mtrec_dist.train.steps import step_plan
 
     t = cfg.trainer
@@ -134,13 +133,10 @@ def _run_locked(cfg: Config, resume: str | None, overrides: list[str]) -> dict:
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(t.timeout_s))
     run_dir = Path(cfg.run_dir)
     run = {"id": uuid.uuid4().hex, "resume": bool(resume)}  # a new run adopts only its own
-    ours = not ray.is_initialized()  # we start Ray, so we stop it (and it dies with us)
-    local = ours and not os.environ.get("RAY_ADDRESS")
-    with (
-        ray_driver_logs_to(run_dir / RAY_DRIVER_LOG) as driver_log,
-        reap_on_exit() if local else contextlib.nullcontext(),
-    ):
-        if ours:
+    with ray_driver_logs_to(run_dir / RAY_DRIVER_LOG) as driver_log:
+        if not ray.is_initialized():
+            if not os.environ.get("RAY_ADDRESS"):  # a local Ray: it dies with this process
+                reap_at_exit()
             # Workers are not echoed: the console shows rank 0's console.log (train/console.py).
             ray.init(
                 address=os.environ.get("RAY_ADDRESS"),
@@ -148,12 +144,8 @@ def _run_locked(cfg: Config, resume: str | None, overrides: list[str]) -> dict:
                 log_to_driver=False,
                 runtime_env={"env_vars": {"MTREC_QUIET": os.environ.get("MTREC_QUIET", "")}},
             )
-        try:
-            print(f"ray logs: {_ray_logs_dir()} (driver: {driver_log})", flush=True)
-            _fit(cfg, ds, run_dir, run)
-        finally:
-            if ours:
-                ray.shutdown()
+        print(f"ray logs: {_ray_logs_dir()} (driver: {driver_log})", flush=True)
+        _fit(cfg, ds, run_dir, run)
     ckpts = checkpoints_of(cfg.run_dir)
     return {
         "run_dir": cfg.run_dir,
@@ -200,7 +192,11 @@ def _fit(cfg: Config, ds: dict, run_dir: Path, run: dict) -> None:
         with following(run_dir / CONSOLE_FILE):
             trainer.fit()
     except TrainingFailedError as e:
-        raise _training_failed(e, run_dir) from None
+        err = _training_failed(e, run_dir)
+        # Ray's own details, for callers that read them (the tuner's failure table)
+        err.worker_failures = getattr(e, "worker_failures", None)
+        err.controller_failure = getattr(e, "controller_failure", None)
+        raise err from None
 
 
 ERROR_LOG = "logs/train_error.log"  # RUN_DIR/logs/: the full failure, every worker's traceback

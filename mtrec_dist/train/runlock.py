@@ -13,13 +13,14 @@ The descriptor is close-on-exec, so no Ray process started by the driver inherit
 **The local Ray session dies with the driver.** ``ray.init()`` without an address starts Ray's
 processes as children of the driver. Ray ties the GCS and the raylet (and through it the
 workers) to the driver's life, but not its dashboard and runtime-env agents, which outlive a
-killed driver. :func:`reap_on_exit` starts a watcher (this file run as a script, standard
+killed driver. :func:`reap_at_exit` starts a watcher (this file run as a script, standard
 library only) that holds the read end of a pipe whose write end only the driver holds, and
-records the driver's descendants every half second. End of file on that pipe without the
-driver's "done" (the driver died, whatever the signal) makes it stop every recorded process
-still running (SIGTERM, then SIGKILL after 5 s), checking each one's start time so a reused
-pid is never hit. A driver attached to an existing cluster (``RAY_ADDRESS``) starts no watcher:
-that cluster is not ours to stop.
+records the driver's descendants every half second. End of file on that pipe (the driver
+ended, whatever the signal) makes it stop every recorded process still running (SIGTERM,
+then SIGKILL after 5 s), checking each one's start time so a reused pid is never hit. Ray
+stays up for the driver's later runs (a sweep's trials, the demo's evaluation). A driver
+attached to an existing cluster (``RAY_ADDRESS``) starts no watcher: that cluster is not ours
+to stop.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 LOCK_FILE = ".lock"  # RUN_DIR/.lock: {"pid", "host", "started"} of the run writing the folder
-DONE = b"done\n"  # what the driver writes to the watcher's pipe on a normal exit
 POLL_S = 0.5
 KILL_GRACE_S = 5.0
 
@@ -83,26 +83,22 @@ def _holder(path: Path) -> dict:
         return {}
 
 
-@contextlib.contextmanager
-def reap_on_exit() -> Iterator[None]:
-    """For the block, a watcher stops this process's descendants if this process dies."""
-    if not sys.platform.startswith("linux"):  # /proc is how descendants are found
-        yield
+_WATCHER: subprocess.Popen | None = None
+
+
+def reap_at_exit() -> None:
+    """From now until this process ends, however it ends, a watcher stops the processes it
+    started that are still running then (Ray's agents survive a killed driver). Once per
+    process; Linux only (descendants are read from /proc)."""
+    global _WATCHER
+    if _WATCHER is not None or not sys.platform.startswith("linux"):
         return
-    watcher = subprocess.Popen(
+    _WATCHER = subprocess.Popen(
         [sys.executable, "-I", __file__, str(os.getpid())],  # -I: stdlib only
-        stdin=subprocess.PIPE,
+        stdin=subprocess.PIPE,  # our end is closed by the kernel when we exit, never before
         stdout=subprocess.DEVNULL,
         start_new_session=True,  # a Ctrl-C to the driver's group must not stop the watcher
     )
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            watcher.stdin.write(DONE)
-            watcher.stdin.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            watcher.wait(timeout=10)
 
 
 def _proc_table() -> dict[int, tuple[int, int]]:
@@ -138,24 +134,18 @@ def _alive(pid: int, started: int) -> bool:
 
 
 def _watch(driver: int) -> None:
-    """Record ``driver``'s descendants until its pipe closes; if it died, stop them all."""
+    """Record ``driver``'s descendants until its pipe closes (it exited or died), then stop
+    those still running."""
     import select
 
     me = os.getpid()
     seen: dict[int, int] = {}
-    buf = b""
     while True:
         ready, _, _ = select.select([sys.stdin.buffer], [], [], POLL_S)
-        if ready:
-            chunk = os.read(sys.stdin.fileno(), 64)
-            if chunk:
-                buf += chunk
-                continue
-            break  # end of file: the driver exited (or died)
+        if ready and not os.read(sys.stdin.fileno(), 64):
+            break  # end of file: the driver is gone
         seen.update(descendants(driver, _proc_table()))
         seen.pop(me, None)
-    if buf.endswith(DONE):
-        return
     for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 0.0)):
         left = {p: s for p, s in seen.items() if _alive(p, s)}
         for pid in left:
