@@ -163,6 +163,7 @@ def test_resume_after_a_killed_session_equals_the_uninterrupted_run(straight, ki
     from mtrec_dist.train.checkpoint import checkpoint_folder, scan
 
     run_dir = killed["run_dir"]
+    assert KILL_AT <= killed["newest"] < STEPS  # the kill interrupted the run
     # a save interrupted midway (the kill may have left one): ignored, and said so where a
     # person looks
     complete, half = scan(run_dir)
