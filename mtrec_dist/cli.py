@@ -165,10 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mtrec_dist.train.launch import TrainingFailed
+    from mtrec_dist.train.runlock import RunFolderBusy
+
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, RunFolderBusy, TrainingFailed) as e:
         print(f"mtrec {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

@@ -469,6 +469,38 @@ _NON_NEGATIVE = (
     "eval.max_impressions",
     "model.encoder_layers",
 )
+# Model sizes: every one a count of at least 1 (a zero or negative size fails deep inside a
+# worker's model constructor otherwise).
+_POSITIVE_SIZES = (
+    "data.tokenize_batch",
+    "model.query_dim",
+    "model.lora_rank",
+    "model.lora_alpha",
+    "model.miner_k",
+    "model.unbert_max_len",
+    "model.unbert_news_layers",
+    "model.amf_dim",
+    "model.word_dim",
+    "model.cnn_filters",
+    "model.cnn_window",
+    "model.nrms_heads",
+    "model.nrms_head_dim",
+    "model.classic_category_dim",
+    "model.npa_user_dim",
+)
+# Float keys and what each accepts (every float must also be finite): checked at load time so
+# a bad value fails on the driver, not 50 s later inside a worker's optimizer.
+_FLOAT_RULES: dict[str, tuple[typing.Callable[[float], bool], str]] = {
+    "trainer.lr": (lambda v: v > 0, "a learning rate > 0"),
+    "trainer.adam_eps": (lambda v: v > 0, "an AdamW epsilon > 0"),
+    "trainer.weight_decay": (lambda v: v >= 0, "a weight decay >= 0"),
+    "trainer.grad_clip": (lambda v: v >= 0, "a gradient norm >= 0 (0 = no clipping)"),
+    "trainer.warmup_ratio": (lambda v: 0 <= v < 1, "0 <= r < 1"),
+    "model.dropout": (lambda v: v == -1 or 0 <= v < 1, "-1 (the checkpoint's) or 0 <= p < 1"),
+    "model.classic_dropout": (lambda v: 0 <= v < 1, "0 <= p < 1"),
+    "model.lstur_mask_prob": (lambda v: 0 <= v <= 1, "0 <= p <= 1"),
+    "model.miner_beta": (lambda v: v >= 0, "a weight >= 0"),
+}
 
 
 def _get(cfg: Config, dotted: str) -> Any:
@@ -504,6 +536,38 @@ def validate(cfg: Config, where: dict[str, str] | None = None) -> None:
     for split in cfg.data.splits:
         if split not in ("train", "dev", "test"):
             raise ConfigError(f"data.splits: unknown split '{split}'; allowed: train, dev, test")
+    _check_numbers(cfg, loc)
+
+
+def _numeric_keys(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every int/float field, recursively (bools excluded)."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            yield from _numeric_keys(v, f"{f.name}.")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            yield prefix + f.name, v
+
+
+def _check_numbers(cfg: Config, loc: typing.Callable[[str, str], str]) -> None:
+    """Every numeric key has a range: floats finite and within ``_FLOAT_RULES``; integers
+    positive where listed, else 0 or more; gradient-group weights finite and >= 0."""
+    import math
+
+    for key, v in _numeric_keys(cfg):
+        if isinstance(v, float):
+            ok, want = _FLOAT_RULES.get(key, (lambda x: True, "a finite number"))
+            if not math.isfinite(v) or not ok(v):
+                raise ConfigError(f"{loc(key, '')}{key}={v}: expected {want}")
+        elif key in _POSITIVE_SIZES and v <= 0:
+            raise ConfigError(f"{loc(key, '')}{key}={v}: must be a positive integer")
+        elif v < 0:
+            raise ConfigError(f"{loc(key, '')}{key}={v}: must be 0 or more")
+    for group, tasks in cfg.model.groups.items():
+        for task, w in tasks.items():
+            if not (math.isfinite(w) and w >= 0):
+                key = f"model.groups.{group}.{task}"
+                raise ConfigError(f"{loc(key, '')}{key}={w}: expected a task weight >= 0")
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

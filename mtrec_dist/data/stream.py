@@ -599,6 +599,9 @@ class TrainLoader:
             num_workers=self.loader_workers,
             collate_fn=_identity,
             prefetch_factor=4,
+            # its own generator: starting the workers must not draw from the global torch
+            # generator the training step's dropout uses (a resume restores that one exactly)
+            generator=torch.Generator().manual_seed(0),
         )
         yield from dl
 

@@ -17,14 +17,19 @@ one written (a worker killed right after a save), and folders it never recorded 
 retention.
 
 A checkpoint describes itself: ``train_state.json`` holds the position (step, epoch, batches
-consumed), the world size and ZeRO stage (a resume must keep both: DeepSpeed#3810) and the
-resolved config. ``engine.save_checkpoint`` is collective: every rank calls :func:`save` the
-same number of times.
+consumed), the world size and ZeRO stage (a resume must keep both: DeepSpeed#3810), the id of
+the launch that wrote it (a new run adopts only its own checkpoints) and the resolved config.
+``rng/rank_NNNNN.pt`` holds each rank's random generators (torch CPU and CUDA, numpy's and
+Python's global ones): dropout draws from them, so without them a resumed run is not the
+uninterrupted one (docs/design.md §6). ``engine.save_checkpoint`` is collective: every rank
+calls :func:`save` the same number of times.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import random
 import re
 import shutil
 from dataclasses import asdict, dataclass, fields
@@ -38,6 +43,7 @@ DS_TAG = "ds"
 STATE_FILE = "train_state.json"
 COMPLETE = "COMPLETE"
 STATE_KEYS = ("format", "position", "world_size", "zero_stage", "config")
+RNG_DIR = "rng"  # step_XXXXXXXX/rng/rank_NNNNN.pt: one file of generator states per rank
 _NAME = re.compile(r"step_(\d{8})")
 
 
@@ -63,15 +69,34 @@ def scan(run_dir: str | Path) -> tuple[list[Path], list[Path]]:
     return complete, [p for p in found if p not in complete]
 
 
-def newest_complete(run_dir: str | Path, say=print) -> Path | None:
-    """The newest complete checkpoint of the run (None: none); incomplete ones are named."""
+def newest_complete(run_dir: str | Path, say=print, run_id: str | None = None) -> Path | None:
+    """The newest complete checkpoint of the run (None: none); incomplete ones are named.
+
+    With ``run_id`` only checkpoints written by that launch count (a new run never adopts a
+    checkpoint it did not write, e.g. another run's in the same folder); the others are named.
+    """
     complete, incomplete = scan(run_dir)
     if incomplete:
         say(
             f"checkpoints: ignoring incomplete {', '.join(p.name for p in incomplete)} under "
             f"{Path(run_dir) / CKPT_DIR} (no {COMPLETE} marker: the save was interrupted)"
         )
+    if run_id is not None:
+        foreign = [p for p in complete if _run_id_of(p) != run_id]
+        if foreign:
+            say(
+                f"checkpoints: ignoring {', '.join(p.name for p in foreign)} under "
+                f"{Path(run_dir) / CKPT_DIR}: written by another run (this run is new)"
+            )
+        complete = [p for p in complete if p not in foreign]
     return complete[-1] if complete else None
+
+
+def _run_id_of(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / STATE_FILE).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _barrier() -> None:
@@ -81,8 +106,12 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save(engine, cfg: Config, pos: Position, rank: int) -> Path:
-    """Write a complete checkpoint of ``pos`` (collective) and apply retention."""
+def save(engine, cfg: Config, pos: Position, rank: int, run_id: str | None = None) -> Path:
+    """Write a complete checkpoint of ``pos`` (collective) and apply retention.
+
+    A write that fails (disk full, file too large, read-only folder) raises ``OSError`` naming
+    the checkpoint folder before any ``COMPLETE`` marker is written: the previous checkpoint
+    stays the newest complete one, and the half-written folder is ignored by every reader."""
     from mtrec_dist.train.ds_engine import save_engine
 
     folder = checkpoint_folder(cfg.run_dir, pos.step)
@@ -91,7 +120,16 @@ def save(engine, cfg: Config, pos: Position, rank: int) -> Path:
     if rank == 0 and folder.exists():  # an incomplete save of this step before a restart
         shutil.rmtree(folder)
     _barrier()
-    save_engine(engine, folder, DS_TAG)
+    try:
+        save_engine(engine, folder, DS_TAG)
+        save_rng(folder, rank)
+    except (OSError, RuntimeError) as e:  # torch reports a failed write as RuntimeError
+        raise OSError(
+            f"checkpoint {folder}: writing rank {rank}'s files failed ({type(e).__name__}: "
+            f"{_first_line(e)}); the newest complete checkpoint is still "
+            f"{newest_complete(cfg.run_dir, say=lambda _: None)} (free space or fix the "
+            "folder's permissions, then --resume)"
+        ) from e
     _barrier()  # every partition is on disk
     if rank == 0:
         state = {
@@ -99,6 +137,7 @@ def save(engine, cfg: Config, pos: Position, rank: int) -> Path:
             "position": asdict(pos),
             "world_size": engine.world_size,
             "zero_stage": engine.zero_optimization_stage(),
+            "run_id": run_id,
             "config": cfg.to_dict(),
         }
         atomic_write_json(folder / STATE_FILE, state)
@@ -106,6 +145,62 @@ def save(engine, cfg: Config, pos: Position, rank: int) -> Path:
         prune(cfg.run_dir, cfg.trainer.keep_checkpoints)
     _barrier()
     return folder
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def rng_path(folder: Path, rank: int) -> Path:
+    return Path(folder) / RNG_DIR / f"rank_{rank:05d}.pt"
+
+
+def save_rng(folder: Path, rank: int) -> None:
+    """This rank's generator states, atomically (tensors, ints and lists only, so the file
+    loads with ``weights_only=True``)."""
+    import numpy as np
+    import torch
+
+    name, keys, npos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), npos, has_gauss, gauss],
+        "python": list(random.getstate()),
+    }
+    path = rng_path(folder, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def restore_rng(folder: Path, rank: int) -> bool:
+    """Set this rank's generators from ``folder`` (False: the checkpoint has none, it was
+    written before they were saved). Errors name the file."""
+    import numpy as np
+    import torch
+
+    path = rng_path(folder, rank)
+    if not path.is_file():
+        return False
+    try:
+        st = torch.load(path, weights_only=True)
+        name, keys, npos, has_gauss, gauss = st["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), npos, has_gauss, gauss))
+        version, internal, gauss_next = st["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+        torch.set_rng_state(st["torch"])
+        if st["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["cuda"])
+    except Exception as e:  # noqa: BLE001 - any damage is reported with the file's name
+        raise ValueError(
+            f"{path}: not a readable generator-state file ({type(e).__name__}: "
+            f"{_first_line(e)}); expected the file save_rng writes (keys torch, cuda, numpy, "
+            "python)"
+        ) from e
+    return True
 
 
 def prune(run_dir: str | Path, keep: int) -> list[Path]:
@@ -174,12 +269,14 @@ def restore(engine, folder: Path | None) -> Position | None:
     return Position(**state["position"])
 
 
-def export_final(engine, model, cfg: Config, manifest: dict, pos: Position, rank: int) -> None:
+def export_final(
+    engine, model, cfg: Config, manifest: dict, pos: Position, rank: int, run_id: str | None = None
+) -> None:
     """Save a last checkpoint (for zero_to_fp32 and resume) and export the run folder."""
     from mtrec_dist.train.ds_engine import full_state_dict
 
     if cfg.trainer.checkpoint_every == 0 or pos.step % cfg.trainer.checkpoint_every:
-        save(engine, cfg, pos, rank)
+        save(engine, cfg, pos, rank, run_id)
     sd = full_state_dict(engine, model)
     if rank == 0:
         from mtrec_dist.train.export import export_run

@@ -91,6 +91,21 @@ def following(path: str | Path, out: TextIO | None = None) -> Iterator[None]:
         th.join(timeout=10)
 
 
+def say_once(run_dir: str | Path):
+    """A ``say`` for a worker's one-off notes (e.g. the checkpoint reader's "ignoring
+    incomplete step_..."): appended to ``console.log``, which the driver shows, and printed to
+    this process's stderr (Ray's worker log)."""
+
+    def say(line: str) -> None:
+        log = ConsoleLog(run_dir)
+        try:
+            log(line)
+        finally:
+            log.close()
+
+    return say
+
+
 @contextlib.contextmanager
 def ray_driver_logs_to(path: str | Path) -> Iterator[Path]:
     """Send the driver's ``ray`` loggers to ``path`` instead of the console for the block."""

@@ -160,9 +160,10 @@ def _allowed_globals() -> list:
 
 
 class SafeCheckpointEngine:
-    """DeepSpeed's checkpoint engine with ``load`` through ``torch.load(weights_only=True)``.
+    """DeepSpeed's checkpoint engine with ``load`` through ``torch.load(weights_only=True)``
+    and ``save`` errors that name the file.
 
-    Everything else (save, commit, ...) is the wrapped engine's."""
+    Everything else (commit, ...) is the wrapped engine's."""
 
     def __init__(self, inner) -> None:
         self._inner = inner
@@ -172,6 +173,15 @@ class SafeCheckpointEngine:
 
     def load(self, path: str, map_location=None):
         return load_checkpoint_file(path, map_location)
+
+    def save(self, state_dict, path: str):
+        """The wrapped engine's save; a failed write (disk full, file too large, no
+        permission: torch reports some as ``RuntimeError`` without a path) names the file."""
+        try:
+            return self._inner.save(state_dict, path)
+        except (OSError, RuntimeError) as e:
+            text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise OSError(f"{path}: write failed ({type(e).__name__}: {text})") from e
 
 
 def load_checkpoint_file(path: str | Path, map_location=None) -> Any:

@@ -9,6 +9,7 @@ only inside workers (ray#50406).
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 from mtrec_dist.config import Config, ConfigError, load_config
@@ -70,15 +71,31 @@ def checkpoints_of(run_dir: str | Path) -> list[Path]:
     return scan(run_dir)[0]
 
 
+class TrainingFailed(RuntimeError):
+    """A worker (or Ray Train's controller) failed: our one-line message and the full log."""
+
+
 def run_training(
     cfg: Config, resume: str | None = None, overrides: list[str] | None = None
 ) -> dict:
     """Train with ``trainer.num_workers`` Ray Train workers, each a DeepSpeed engine.
 
     With ``resume`` (a run folder) the run's saved config is used, changed only by those
-    ``overrides`` (``key=value``) that are safe on a resume (``SAFE_ON_RESUME``)."""
+    ``overrides`` (``key=value``) that are safe on a resume (``SAFE_ON_RESUME``). The run
+    folder is locked for the whole run (one writer, docs/design.md §6): a second run into it
+    is refused here, before any worker starts."""
+    from mtrec_dist.train.runlock import run_lock
+
+    folder = Path(resume or cfg.run_dir)
+    if resume and not folder.is_dir():
+        raise FileNotFoundError(f"--resume {resume}: no such run folder")
+    with run_lock(folder):
+        return _run_locked(cfg, resume, overrides or [])
+
+
+def _run_locked(cfg: Config, resume: str | None, overrides: list[str]) -> dict:
     if resume:
-        cfg = _resume_config(resume, overrides or [])
+        cfg = _resume_config(resume, overrides)
     elif checkpoints_of(cfg.run_dir):
         raise ConfigError(
             f"run_dir={cfg.run_dir} already holds checkpoints: continue it with "
@@ -89,10 +106,13 @@ def run_training(
     cfg.data.prepared = str(cfg.prepared_dir.resolve())
     cfg.run_dir = str(Path(cfg.run_dir).resolve())
     manifest, ds = validate_for_training(cfg)
+    if resume:
+        _check_resumable(cfg, ds)
 
     import ray
 
     from mtrec_dist.train.dsconfig import describe
+    from mtrec_dist.train.runlock import reap_at_exit
     from mtrec_dist.train.steps import step_plan
 
     t = cfg.trainer
@@ -107,9 +127,16 @@ def run_training(
     # Ray Train's print patch echoes every worker line twice on the driver (Ray 2.60); the
     # variable is propagated from here to the controller and the workers.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # A restart that cannot get its workers' resources (a node lost, no spare) waits for them
+    # at most trainer.timeout_s, then fails (controller_failure_limit=0 in _fit) instead of
+    # Ray Train's default of retrying every 60 s forever (docs/design.md §6).
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(t.timeout_s))
     run_dir = Path(cfg.run_dir)
+    run = {"id": uuid.uuid4().hex, "resume": bool(resume)}  # a new run adopts only its own
     with ray_driver_logs_to(run_dir / RAY_DRIVER_LOG) as driver_log:
         if not ray.is_initialized():
+            if not os.environ.get("RAY_ADDRESS"):  # a local Ray: it dies with this process
+                reap_at_exit()
             # Workers are not echoed: the console shows rank 0's console.log (train/console.py).
             ray.init(
                 address=os.environ.get("RAY_ADDRESS"),
@@ -118,7 +145,7 @@ def run_training(
                 runtime_env={"env_vars": {"MTREC_QUIET": os.environ.get("MTREC_QUIET", "")}},
             )
         print(f"ray logs: {_ray_logs_dir()} (driver: {driver_log})", flush=True)
-        _fit(cfg, ds, run_dir)
+        _fit(cfg, ds, run_dir, run)
     ckpts = checkpoints_of(cfg.run_dir)
     return {
         "run_dir": cfg.run_dir,
@@ -137,9 +164,9 @@ def _ray_logs_dir() -> str:
         return "the Ray session's logs/ folder on each node"
 
 
-def _fit(cfg: Config, ds: dict, run_dir: Path) -> None:
+def _fit(cfg: Config, ds: dict, run_dir: Path, run: dict) -> None:
     """Ray Train's TorchTrainer over ``train_worker``, rank 0's console lines followed."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from mtrec_dist.train.loop import train_worker
@@ -148,7 +175,7 @@ def _fit(cfg: Config, ds: dict, run_dir: Path) -> None:
     storage = run_dir.resolve() / RAY_DIR
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "ds": ds},
+        train_loop_config={"cfg": cfg.to_dict(), "ds": ds, "run": run},
         scaling_config=ScalingConfig(
             num_workers=t.num_workers,
             use_gpu=t.use_gpu,
@@ -158,11 +185,64 @@ def _fit(cfg: Config, ds: dict, run_dir: Path) -> None:
         run_config=RunConfig(
             name=RAY_NAME,
             storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=t.max_failures),
+            failure_config=FailureConfig(max_failures=t.max_failures, controller_failure_limit=0),
         ),
     )
-    with following(run_dir / CONSOLE_FILE):
-        trainer.fit()
+    try:
+        with following(run_dir / CONSOLE_FILE):
+            trainer.fit()
+    except TrainingFailedError as e:
+        err = _training_failed(e, run_dir)
+        # Ray's own details, for callers that read them (the tuner's failure table)
+        err.worker_failures = getattr(e, "worker_failures", None)
+        err.controller_failure = getattr(e, "controller_failure", None)
+        raise err from None
+
+
+ERROR_LOG = "logs/train_error.log"  # RUN_DIR/logs/: the full failure, every worker's traceback
+
+
+def _training_failed(e: Exception, run_dir: Path) -> TrainingFailed:
+    """Ray's error (its own traceback wrapping each worker's) to our one line: the first
+    failing rank's exception, and where the full text was written."""
+    from mtrec_dist.utils import atomic_write_text
+
+    failures = getattr(e, "worker_failures", None) or {}
+    if failures:
+        rank = min(failures)
+        cause = failures[rank]
+        where = f"rank {rank}"
+    else:
+        cause, where = getattr(e, "controller_failure", e), "Ray Train's controller"
+    cause = getattr(cause, "_base_exc", cause)  # Ray's wrapper of a worker's exception
+    text = str(cause).strip()
+    log = run_dir / ERROR_LOG
+    full = [str(e).rstrip("\n")]  # Ray's summary cuts tracebacks short: each one in full
+    full += [f"--- rank {r} ---\n{str(x).rstrip()}" for r, x in sorted(failures.items())]
+    atomic_write_text(log, "\n".join(full) + "\n")
+    first = text.splitlines()[0] if text else ""
+    return TrainingFailed(f"training failed on {where}: {type(cause).__name__}: {first} "
+                          f"(full log: {log})")  # fmt: skip
+
+
+def _check_resumable(cfg: Config, ds: dict) -> None:
+    """What the workers would refuse after start-up, refused here (DeepSpeed#3810): the
+    newest checkpoint's world size and ZeRO stage against this run's."""
+    from mtrec_dist.train.checkpoint import newest_complete, read_state
+
+    folder = newest_complete(cfg.run_dir, say=lambda _: None)
+    state = read_state(folder)
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    if state["world_size"] != cfg.trainer.num_workers:
+        raise ConfigError(
+            f"checkpoint {folder} was written by {state['world_size']} workers, this run has "
+            f"trainer.num_workers={cfg.trainer.num_workers}: keep it for a resume"
+        )
+    if state["zero_stage"] != stage:
+        raise ConfigError(
+            f"checkpoint {folder} used ZeRO-{state['zero_stage']}, the DeepSpeed config "
+            f"{cfg.deepspeed or '(default)'} ZeRO-{stage}: keep the DeepSpeed JSON for a resume"
+        )
 
 
 def _resume_config(run_dir: str, overrides: list[str]) -> Config:

@@ -20,6 +20,31 @@ from mtrec_dist.train.console import ConsoleLog
 from mtrec_dist.utils import Progress
 
 DEV_LOG = "dev_log.jsonl"  # one line per periodic dev evaluation: {"step": s, "auc": ...}
+TRAIN_LOG = "train_log.jsonl"  # one line per optimizer step: {"step": s, "lr": ..., ...}
+
+
+def truncate_log(path: Path, last_step: int) -> None:
+    """Keep only the records of ``path`` (JSON lines with a ``step``) up to ``last_step``,
+    atomically; a torn last line (a crash mid-write) is dropped too."""
+    from mtrec_dist.utils import atomic_write_text
+
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if isinstance(step, int) and step <= last_step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
+
+
+def _records(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x]
 
 
 class RunLogger:
@@ -29,15 +54,25 @@ class RunLogger:
         self.dir = Path(cfg.run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, self.dir / "config.yaml")
-        self.tb = SummaryWriter(str(self.dir / "tb"))
+        # A resumed run (or a restarted worker) continues at start_step + 1: records past it
+        # were written by the run that died and are replaced, not appended to (design.md §6).
+        for name in (TRAIN_LOG, DEV_LOG):
+            truncate_log(self.dir / name, start_step)
+        self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=start_step + 1)
         self.every = max(cfg.trainer.log_every, 1)
+        self.ckpt_every = cfg.trainer.checkpoint_every
         # Lines for a person go to RUN_DIR/console.log, which the driver prints (train/console.py).
         self.say = ConsoleLog(self.dir, echo=False)
         self.bar = Progress("train", total_steps, unit="steps", every=0.0, sink=self.say)
         self.bar.n = start_step
         self.cos: list[tuple[int, float, float]] = []
         self.conflicts = 0
-        self.jsonl = open(self.dir / "train_log.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        for rec in _records(self.dir / TRAIN_LOG):  # the steps kept: the trace goes on
+            cb = rec.get(surgery.COS_BEFORE)
+            if cb is not None:
+                self.conflicts += cb < 0
+                self.cos.append((rec["step"], cb, rec.get(surgery.COS_AFTER, cb)))
+        self.jsonl = open(self.dir / TRAIN_LOG, "a", encoding="utf-8")  # noqa: SIM115
         self.dev_path = self.dir / DEV_LOG
 
     def step(self, step, losses, stats: dict, lr: float, samples: int, titles: int, secs: float):
@@ -59,6 +94,8 @@ class RunLogger:
                 self.tb.add_scalar(k, v, step)
         self.jsonl.write(json.dumps(rec) + "\n")
         self.jsonl.flush()
+        if self.ckpt_every and step % self.ckpt_every == 0:  # on disk before the checkpoint
+            self.tb.flush()
         self.bar.n = step - 1
         if step % self.every == 0:
             short = " ".join(f"{k[5:]}={v:.4f}" for k, v in rec.items() if k.startswith("loss/"))

@@ -30,7 +30,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from mtrec_dist.models import layer_cache
     from mtrec_dist.models.registry import build_model, global_dedup
     from mtrec_dist.train import ds_engine as ds
-    from mtrec_dist.train.checkpoint import export_final, restore, save
+    from mtrec_dist.train.checkpoint import export_final, restore, restore_rng, save
     from mtrec_dist.train.ds_engine import MultiTaskGradients
     from mtrec_dist.train.logging import RunLogger
     from mtrec_dist.train.optim import build_optimizer, build_scheduler
@@ -63,7 +63,12 @@ def train_worker(config: dict[str, Any]) -> None:
         engine, model, list(cfg.model.groups), t.surgery, t.surgery_scope,
         model.shared_parameter_names(), t.seed,
     )  # fmt: skip
-    pos = restore(engine, _resume_folder(cfg.run_dir, rank)) or Position()
+    run = config.get("run", {})  # this launch: its id, and whether it is a --resume
+    run_id = run.get("id")
+    folder = _resume_folder(cfg.run_dir, rank, None if run.get("resume") else run_id)
+    pos = restore(engine, folder) or Position()
+    if folder is not None:  # dropout continues with the generators the step would have had
+        restore_rng(folder, rank)
     log = RunLogger(cfg, rank, total, start_step=pos.step) if rank == 0 else None
     table = NewsTable(cfg.prepared_dir) if global_dedup(cfg, world) else None
 
@@ -72,6 +77,8 @@ def train_worker(config: dict[str, Any]) -> None:
 
     # --- loop --------------------------------------------------------------------------
     for epoch in range(pos.epoch, t.epochs):
+        if pos.step >= total:  # resumed at the end (a finished run): no step past max_steps
+            break
         skip = pos.batches_done if epoch == pos.epoch else 0
         loader = loader_for(cfg, rank=rank, world_size=world, epoch=epoch, skip_batches=skip)
         micro, t0, c0, titles, real, distinct = 0, time.monotonic(), time.process_time(), 0, 0, 0
@@ -106,7 +113,7 @@ def train_worker(config: dict[str, Any]) -> None:
             titles, real, distinct, t0, c0 = 0, 0, 0, time.monotonic(), time.process_time()
             loss_sum = {}
             if t.checkpoint_every and pos.step % t.checkpoint_every == 0:
-                save(engine, cfg, pos, rank)
+                save(engine, cfg, pos, rank, run_id)
             if t.eval_every and pos.step % t.eval_every == 0:
                 _evaluate(engine, model, cfg, log, pos.step)
             if pos.step >= total:
@@ -116,7 +123,7 @@ def train_worker(config: dict[str, Any]) -> None:
         pos = Position(pos.step, epoch + 1, 0, pos.samples)
 
     # --- end -----------------------------------------------------------------------------
-    export_final(engine, model, cfg, manifest, pos, rank)
+    export_final(engine, model, cfg, manifest, pos, rank, run_id)
     if log is not None:
         log.close()
 
@@ -134,13 +141,16 @@ def _mean_over_ranks(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return dict(zip(names, v / dist.get_world_size()))
 
 
-def _resume_folder(run_dir: str, rank: int):
-    """The newest complete checkpoint as rank 0 sees it, the same on every rank."""
+def _resume_folder(run_dir: str, rank: int, run_id: str | None = None):
+    """The newest complete checkpoint as rank 0 sees it, the same on every rank (with
+    ``run_id``: only those that launch wrote). What it ignores reaches the console through
+    ``console.log`` (a worker's own output stays in Ray's logs, docs/design.md §9)."""
     import torch.distributed as dist
 
     from mtrec_dist.train.checkpoint import newest_complete
+    from mtrec_dist.train.console import say_once
 
-    found = [newest_complete(run_dir) if rank == 0 else None]
+    found = [newest_complete(run_dir, say_once(run_dir), run_id) if rank == 0 else None]
     if dist.is_initialized():
         dist.broadcast_object_list(found, src=0)
     return found[0]
@@ -153,7 +163,9 @@ def _evaluate(engine, model, cfg: Config, log, step: int) -> None:
     from mtrec_dist.eval.evaluate import evaluate_model
     from mtrec_dist.train.ds_engine import gathered
 
-    with gathered(model, engine):
+    # fork_rng: evaluating must not move the training generators, or a run resumed from a
+    # checkpoint saved before this evaluation would draw other dropout masks (design.md §6)
+    with gathered(model, engine), torch.random.fork_rng(devices=_cuda_devices(engine)):
         if log is not None:
             model.eval()
             with torch.no_grad():
@@ -168,3 +180,7 @@ def _evaluate(engine, model, cfg: Config, log, step: int) -> None:
             log.metrics(step, metrics)
     if dist.is_initialized():
         dist.barrier()
+
+
+def _cuda_devices(engine) -> list:
+    return [engine.device] if engine.device.type == "cuda" else []

@@ -131,3 +131,49 @@ def test_a_stale_lock_in_our_extensions_folder_fails_within_the_deadline(tmp_pat
     )
     lock.unlink()
     wait_for_build_locks(tmp_path, deadline_s=1.0)  # nothing left to wait on: returns
+
+
+def test_a_write_that_fails_midway_keeps_the_previous_checkpoint(engine, tmp_path):
+    """A checkpoint write hitting EFBIG (RLIMIT_FSIZE, as a full disk would) raises naming the
+    folder and the newest complete checkpoint, which stays the one resumed; resuming from it
+    continues exactly (the next step equals the one taken without the failed save)."""
+    import resource
+
+    from mtrec_dist.config import load_config
+    from mtrec_dist.train.checkpoint import (
+        Position,
+        checkpoint_folder,
+        newest_complete,
+        restore,
+        save,
+        scan,
+    )
+
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(5))
+
+    def one_step() -> dict[str, torch.Tensor]:
+        engine.backward(engine(x).sum())
+        engine.step()
+        return {k: v.clone() for k, v in engine.module.state_dict().items()}
+
+    save(engine, cfg, Position(step=2), rank=0)
+    want = one_step()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256, hard))  # Python ignores SIGXFSZ: EFBIG
+    try:
+        with pytest.raises(OSError) as e:
+            save(engine, cfg, Position(step=4), rank=0)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    two, four = checkpoint_folder(tmp_path, 2), checkpoint_folder(tmp_path, 4)
+    assert str(e.value).startswith(
+        f"checkpoint {four}: writing rank 0's files failed (OSError: {four}/ds/mp_rank_00_model_"
+        "states.pt: write failed (RuntimeError: "
+    )
+    assert f"the newest complete checkpoint is still {two} " in str(e.value)
+    assert scan(tmp_path) == ([two], [four]) and newest_complete(tmp_path) == two
+    pos = restore(engine, newest_complete(tmp_path))
+    assert pos == Position(step=2)
+    got = one_step()
+    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -110,3 +110,57 @@ def test_resume_refuses_each_unsafe_override_by_name(run_folder):
         ConfigError, match=r"cannot change trainer.num_workers \(saved 1, asked 2\)"
     ):
         _resume_config(str(run_folder), ["trainer.num_workers=2"])
+
+
+def test_a_new_run_adopts_only_checkpoints_its_launch_wrote(tmp_path):
+    """Another run's checkpoint in the folder is never resumed by a new run (issue 24)."""
+    mine, other = _make(tmp_path, 4), _make(tmp_path, 6)
+    (mine / STATE_FILE).write_text(json.dumps({"run_id": "mine"}))
+    (other / STATE_FILE).write_text(json.dumps({"run_id": "other"}))
+    said = []
+    assert newest_complete(tmp_path, say=said.append, run_id="mine") == mine
+    assert said == [
+        f"checkpoints: ignoring step_00000006 under {tmp_path / 'checkpoints'}: written by "
+        "another run (this run is new)"
+    ]
+    assert newest_complete(tmp_path, say=said.append, run_id="new") is None
+    assert newest_complete(tmp_path, say=said.append) == other  # --resume: the newest
+
+
+def test_generator_states_round_trip_per_rank(tmp_path):
+    """What a resumed step draws equals what the uninterrupted one drew: torch, numpy and
+    Python's generators, one file per rank, loadable with weights_only=True."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from mtrec_dist.train.checkpoint import restore_rng, rng_path, save_rng
+
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    save_rng(tmp_path, rank=1)
+    want = (torch.rand(5), np.random.rand(5), random.random())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    assert restore_rng(tmp_path, rank=1)
+    got = (torch.rand(5), np.random.rand(5), random.random())
+    assert torch.equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    assert got[2] == want[2]
+    assert rng_path(tmp_path, 1).name == "rank_00001.pt"
+    assert not restore_rng(tmp_path, rank=0)  # a checkpoint without them: nothing to set
+    rng_path(tmp_path, 1).write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match=f"{rng_path(tmp_path, 1)}: not a readable generator"):
+        restore_rng(tmp_path, rank=1)
+
+
+def test_logs_cut_back_to_the_restored_step(tmp_path):
+    """A resumed run continues at step s + 1: later records of the dead run go, torn lines
+    too (train_log.jsonl used to read 1,2,3,4,3,4,5...)."""
+    from mtrec_dist.train.logging import truncate_log
+
+    log = tmp_path / "train_log.jsonl"
+    lines = [json.dumps({"step": s, "loss/main": s / 10}) for s in (1, 2, 3, 4)]
+    log.write_text("\n".join(lines) + '\n{"step": 5, "lo')
+    truncate_log(log, 2)
+    assert log.read_text() == lines[0] + "\n" + lines[1] + "\n"
+    truncate_log(tmp_path / "missing.jsonl", 2)
+    assert not (tmp_path / "missing.jsonl").exists()

@@ -161,3 +161,33 @@ def test_duplicate_yaml_key_is_refused_with_both_lines(tmp_path):
         ConfigError, match=rf"{p}:3: duplicate key 'trainer' \(first given on line 1\)"
     ):
         load_config(p)
+
+
+@pytest.mark.parametrize(
+    "override,expect",
+    [
+        ("trainer.lr=-1", "trainer.lr=-1.0: expected a learning rate > 0"),
+        ("trainer.lr=.nan", "trainer.lr=nan: expected a learning rate > 0"),
+        ("trainer.weight_decay=-0.1", "trainer.weight_decay=-0.1: expected a weight decay >= 0"),
+        ("trainer.adam_eps=0", "trainer.adam_eps=0.0: expected an AdamW epsilon > 0"),
+        ("trainer.grad_clip=.inf", "trainer.grad_clip=inf: expected a gradient norm >= 0 (0 = "
+         "no clipping)"),
+        ("model.dropout=1.5", "model.dropout=1.5: expected -1 (the checkpoint's) or 0 <= p < 1"),
+        ("model.lstur_mask_prob=2", "model.lstur_mask_prob=2.0: expected 0 <= p <= 1"),
+        ("model.query_dim=0", "model.query_dim=0: must be a positive integer"),
+        ("model.groups.aux.ner=-0.3", "model.groups.aux.ner=-0.3: expected a task weight >= 0"),
+    ],
+)  # fmt: skip
+def test_every_numeric_setting_is_range_checked_at_load(override, expect):
+    """Values the loader used to accept and a worker refused ~50 s later (issue 24)."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value) == f"override '{override}': {expect}"
+
+
+def test_float_range_error_names_file_and_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("trainer:\n  epochs: 2\n  lr: -1.0e-3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value) == f"{p}:3: trainer.lr=-0.001: expected a learning rate > 0"
