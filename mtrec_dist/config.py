@@ -492,6 +492,7 @@ _POSITIVE_SIZES = (
 # a bad value fails on the driver, not 50 s later inside a worker's optimizer.
 _FLOAT_RULES: dict[str, tuple[typing.Callable[[float], bool], str]] = {
     "trainer.lr": (lambda v: v > 0, "a learning rate > 0"),
+    "trainer.encoder_lr": (lambda v: v >= 0, "a learning rate >= 0 (0 = trainer.lr)"),
     "trainer.adam_eps": (lambda v: v > 0, "an AdamW epsilon > 0"),
     "trainer.weight_decay": (lambda v: v >= 0, "a weight decay >= 0"),
     "trainer.grad_clip": (lambda v: v >= 0, "a gradient norm >= 0 (0 = no clipping)"),
@@ -500,6 +501,12 @@ _FLOAT_RULES: dict[str, tuple[typing.Callable[[float], bool], str]] = {
     "model.classic_dropout": (lambda v: 0 <= v < 1, "0 <= p < 1"),
     "model.lstur_mask_prob": (lambda v: 0 <= v <= 1, "0 <= p <= 1"),
     "model.miner_beta": (lambda v: v >= 0, "a weight >= 0"),
+}
+
+
+# Integer keys whose meaningful range starts below 0 (every other integer is >= 0).
+_INT_FLOORS: dict[str, tuple[int, str]] = {
+    "model.train_layers": (-1, "0 (all layers), N > 0 (the top N) or -1 (none)"),
 }
 
 
@@ -561,6 +568,9 @@ def _check_numbers(cfg: Config, loc: typing.Callable[[str, str], str]) -> None:
                 raise ConfigError(f"{loc(key, '')}{key}={v}: expected {want}")
         elif key in _POSITIVE_SIZES and v <= 0:
             raise ConfigError(f"{loc(key, '')}{key}={v}: must be a positive integer")
+        elif key in _INT_FLOORS:
+            if v < _INT_FLOORS[key][0]:
+                raise ConfigError(f"{loc(key, '')}{key}={v}: expected {_INT_FLOORS[key][1]}")
         elif v < 0:
             raise ConfigError(f"{loc(key, '')}{key}={v}: must be 0 or more")
     for group, tasks in cfg.model.groups.items():

@@ -10,17 +10,13 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
 from mtrec_dist.config import Config, load_config
 from mtrec_dist.data.prepared import load_manifest
 from mtrec_dist.data.shards import prepare
 from mtrec_dist.data.synthetic import generate
 from mtrec_dist.eval import quality
 from mtrec_dist.eval.evaluate import evaluate
-from mtrec_dist.models import layer_cache
-from mtrec_dist.models.registry import build_model
-from mtrec_dist.train.launch import run_training
+from mtrec_dist.train.launch import build_layer_cache, run_training
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -51,11 +47,8 @@ def run_demo(out: Path, config: str | None = None, overrides: list[str] | None =
 
     regime = describe_regime(cfg)
     print(f"[3/5] cache the frozen encoder layers ({regime})", flush=True)
-    if cfg.model.train_layers != 0:  # here, with a progress bar, rather than in the worker
-        torch.manual_seed(cfg.trainer.seed)
-        model = build_model(cfg, load_manifest(cfg.prepared_dir))
-        layer_cache.build_cache(model.encoder, cfg.prepared_dir, deadline_s=cfg.trainer.timeout_s)
-        del model
+    if cfg.model.train_layers != 0:  # what `mtrec train` does on its driver, done first here
+        build_layer_cache(cfg, load_manifest(cfg.prepared_dir))
     else:
         print("      every layer trains: nothing to cache")
 

@@ -124,6 +124,8 @@ def _run_locked(cfg: Config, resume: str | None, overrides: list[str]) -> dict:
         f"groups={cfg.model.groups}; run_dir={cfg.run_dir}",
         flush=True,
     )
+    if cfg.model.train_layers != 0:
+        build_layer_cache(cfg, manifest)
     # Ray Train's print patch echoes every worker line twice on the driver (Ray 2.60); the
     # variable is propagated from here to the controller and the workers.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
@@ -152,6 +154,28 @@ def _run_locked(cfg: Config, resume: str | None, overrides: list[str]) -> dict:
         "steps": steps,
         "last_checkpoint": str(ckpts[-1]) if ckpts else None,
     }
+
+
+def build_layer_cache(cfg: Config, manifest: dict) -> None:
+    """The frozen encoder layers' per-news cache (docs/design.md §3.1), built here on the
+    driver with a progress bar rather than silently inside the workers (whose output stays in
+    Ray's logs); the workers then find it complete. A worker on a node that cannot see this
+    prepared folder builds its node's own."""
+    import torch
+
+    from mtrec_dist.models import layer_cache
+    from mtrec_dist.models.registry import build_model
+
+    torch.manual_seed(cfg.trainer.seed)
+    model = build_model(cfg, manifest)
+    cache = layer_cache.build_cache(
+        model.encoder, cfg.prepared_dir, deadline_s=cfg.trainer.timeout_s
+    )
+    if cache is not None:
+        gib = cache.states.nbytes / 2**30
+        print(
+            f"layer cache: {cache.folder} ({gib:.2f} GiB, {model.encoder.frozen_layers} frozen layers)"
+        )
 
 
 def _ray_logs_dir() -> str:

@@ -191,3 +191,10 @@ def test_float_range_error_names_file_and_line(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(p)
     assert str(e.value) == f"{p}:3: trainer.lr=-0.001: expected a learning rate > 0"
+
+
+def test_train_layers_takes_minus_one_and_nothing_below():
+    """-1 (whole encoder frozen) is a value, not a negative size; -2 names the allowed ones."""
+    assert load_config(None, ["model.train_layers=-1"]).model.train_layers == -1
+    with pytest.raises(ConfigError, match=r"model.train_layers=-2: expected 0 \(all layers\)"):
+        load_config(None, ["model.train_layers=-2"])
