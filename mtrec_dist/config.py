@@ -535,9 +535,6 @@ def validate(cfg: Config, where: dict[str, str] | None = None) -> None:
             raise ConfigError(f"{loc(key, '')}{key}={_get(cfg, key)}: must be 0 or more")
     if cfg.data.title_len < 3:
         raise ConfigError("data.title_len must be at least 3 ([CLS], one word piece, [SEP])")
-    for key in ("trainer.lr", "trainer.encoder_lr", "trainer.weight_decay"):
-        if _get(cfg, key) < 0:
-            raise ConfigError(f"{loc(key, '')}{key}={_get(cfg, key)}: expected a number >= 0")
     if not 0.0 <= cfg.trainer.warmup_ratio < 1.0:
         raise ConfigError(f"trainer.warmup_ratio={cfg.trainer.warmup_ratio}: expected 0 <= r < 1")
     for split in cfg.data.splits:

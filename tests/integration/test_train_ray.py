@@ -142,6 +142,39 @@ def test_two_workers_equal_single_process_reference(uninterrupted, tiny_data, ze
             assert abs(logged[step][f"loss/{k}"] - v) <= 1e-4 * max(1.0, abs(v)), (step, k)
 
 
+def test_top_layer_over_the_layer_cache_equals_the_reference(
+    ray_session, tiny_data, tmp_path, zero2
+):
+    """model.train_layers=1 through run_training: the driver builds the frozen layer's per-news
+    cache, both workers read it (global de-duplication, ZeRO-2), and the run ends with the
+    weights and losses of the single-process reference, which computes that layer instead."""
+    from mtrec_dist.data.batch import NewsTable
+    from mtrec_dist.data.prepared import load_manifest
+    from mtrec_dist.models import layer_cache
+    from mtrec_dist.models.registry import build_model
+    from mtrec_dist.train.launch import run_training
+
+    extra = ("model.train_layers=1", "trainer.checkpoint_every=0", "trainer.eval_every=0")
+    run_training(_cfg(tiny_data, tmp_path / "top", zero2, *extra))
+    cfg = _cfg(tiny_data, tmp_path / "top", zero2, *extra)
+    ref, ref_losses = _reference(cfg)
+    got = _weights(tmp_path / "top")
+    worst = max((got[k] - ref[k].float()).abs().max().item() for k in ref)
+    assert worst < 1e-4, worst
+    logged = _losses(tmp_path / "top")
+    for step, want in enumerate(ref_losses, start=1):
+        for k, v in want.items():
+            assert abs(logged[step][f"loss/{k}"] - v) <= 1e-4 * max(1.0, abs(v)), (step, k)
+    torch.manual_seed(cfg.trainer.seed)
+    init = build_model(cfg, load_manifest(cfg.prepared_dir))
+    frozen = "encoder.bert.encoder.layer.0.output.dense.weight"
+    top = "encoder.bert.encoder.layer.1.output.dense.weight"
+    assert torch.equal(got[frozen], init.state_dict()[frozen])  # the cached layer stayed
+    assert (got[top] - init.state_dict()[top]).abs().max() > 100 * worst  # the top one trained
+    key = layer_cache.cache_key(init.encoder.bert, 1, NewsTable(cfg.prepared_dir).tokens)
+    assert (layer_cache.cache_folder(cfg.prepared_dir, key) / "COMPLETE").is_file()
+
+
 def test_logged_title_counts_are_those_of_the_global_exchange(uninterrupted, tiny_data, zero2):
     """data.dedup=auto is global here (MTRec, 2 workers): every step logs the titles the
     encoders ran on, W x ceil(U_g / W), and U_g, the distinct news of both ranks' micro-batches,

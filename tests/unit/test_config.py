@@ -121,7 +121,7 @@ def test_yaml_mapping_replaces_default_override_merges(tmp_path):
         ("timeout_s", -5, "must be a positive integer"),
         ("seed", -2, "must be 0 or more"),
         ("cpus_per_worker", 0, "must be a positive integer"),
-        ("encoder_lr", -0.0001, "expected a number >= 0"),
+        ("encoder_lr", -0.0001, "expected a learning rate >= 0 (0 = trainer.lr)"),
     ],
 )
 def test_out_of_range_trainer_values_name_key_and_file_line(tmp_path, key, value, expect):
