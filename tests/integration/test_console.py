@@ -40,9 +40,9 @@ def test_train_console_is_ours(tiny_data, tmp_path):
     # our progress: one line per logged step, in order, and the final one
     steps = [int(m.group(1)) for m in map(re.compile(r"^train: (\d)/4 steps").match, lines) if m]
     assert steps[:4] == [1, 2, 3, 4], console
-    # dev metrics at steps 2 and 4, exactly the values the run logged
+    # dev metrics of the untrained model (step 0), then at steps 2 and 4: the values logged
     dev = [json.loads(x) for x in (run_dir / "dev_log.jsonl").read_text().splitlines()]
-    assert [d["step"] for d in dev] == [2, 4]
+    assert [d["step"] for d in dev] == [0, 2, 4]
     for d in dev:
         want = f"dev @ step {d['step']}: auc={d['auc']:.4f}, mrr={d['mrr']:.4f}"
         assert any(line.startswith(want) for line in lines), (want, console)
