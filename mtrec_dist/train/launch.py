@@ -132,7 +132,8 @@ def _run_locked(cfg: Config, resume: str | None, overrides: list[str]) -> dict:
     # A restart that cannot get its workers' resources (a node lost, no spare) waits for them
     # at most trainer.timeout_s, then fails (controller_failure_limit=0 in _fit) instead of
     # Ray Train's default of retrying every 60 s forever (docs/design.md §6).
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(t.timeout_s))
+    # Set on every run (not setdefault): an earlier run in this process must not leave its value.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(t.timeout_s)
     run_dir = Path(cfg.run_dir)
     run = {"id": uuid.uuid4().hex, "resume": bool(resume)}  # a new run adopts only its own
     with ray_driver_logs_to(run_dir / RAY_DRIVER_LOG) as driver_log:

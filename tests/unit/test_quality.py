@@ -82,7 +82,7 @@ def test_curve_png_written(tmp_path):
         {"a": [(0, 0.0), (10, 0.4)], "b": [(0, 0.05), (10, 0.2)]}, tmp_path / "c.png", "t"
     )
     assert path == tmp_path / "c.png" and path.is_file()
-    assert mpimg.imread(path).shape[:2] == (420, 700)  # 7 x 4.2 inches at 100 dpi
+    assert mpimg.imread(path).shape[:2] == (480, 800)  # 8 x 4.8 inches at 100 dpi
     assert not list(tmp_path.glob("*.tmp.png"))
 
 
