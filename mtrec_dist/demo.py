@@ -11,12 +11,11 @@ import time
 from pathlib import Path
 
 from mtrec_dist.config import Config, load_config
-from mtrec_dist.data.prepared import load_manifest
 from mtrec_dist.data.shards import prepare
 from mtrec_dist.data.synthetic import generate
 from mtrec_dist.eval import quality
 from mtrec_dist.eval.evaluate import evaluate
-from mtrec_dist.train.launch import build_layer_cache, run_training
+from mtrec_dist.train.launch import run_training
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -33,29 +32,26 @@ def run_demo(out: Path, config: str | None = None, overrides: list[str] | None =
     cfg = load_config(config or DEMO_CONFIG, base + list(overrides or []))
     data = Path(cfg.data.root)
 
-    print(f"[1/5] synthetic MIND (small) -> {data}", flush=True)
+    print(f"[1/4] synthetic MIND (small) -> {data}", flush=True)
     if (data / "synth.json").is_file():
         print("      exists, reused")
     else:
         generate(data, scale="small", seed=0)
 
-    print(f"[2/5] prepare -> {cfg.prepared_dir}", flush=True)
+    print(f"[2/4] prepare -> {cfg.prepared_dir}", flush=True)
     if (cfg.prepared_dir / "manifest.json").is_file():
         print("      exists, reused")
     else:
         prepare(cfg)
 
     regime = describe_regime(cfg)
-    print(f"[3/5] cache the frozen encoder layers ({regime})", flush=True)
-    if cfg.model.train_layers != 0:  # what `mtrec train` does on its driver, done first here
-        build_layer_cache(cfg, load_manifest(cfg.prepared_dir))
-    else:
-        print("      every layer trains: nothing to cache")
-
-    print(f"[4/5] train {cfg.model.name} on {cfg.model.encoder} -> {cfg.run_dir}", flush=True)
+    print(
+        f"[3/4] train {cfg.model.name} on {cfg.model.encoder} ({regime}) -> {cfg.run_dir}",
+        flush=True,
+    )
     run_training(cfg)
 
-    print("[5/5] evaluate on the whole dev split", flush=True)
+    print("[4/4] evaluate on the whole dev split", flush=True)
     metrics = evaluate(cfg.run_dir, split="dev", num_workers=1)
     ceilings = quality.ceilings(data, "dev")  # every dev impression, the evaluator's tie rule
     full, content = ceilings["full"], ceilings["content"]
