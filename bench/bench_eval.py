@@ -259,6 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         t0 = time.perf_counter()
         ray.init(
+            address="local",
             num_cpus=min(workers, os.cpu_count() or 1),
             include_dashboard=False,
             log_to_driver=False,

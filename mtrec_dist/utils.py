@@ -58,6 +58,18 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def ray_address() -> str:
+    """The Ray to use: the cluster named by ``RAY_ADDRESS`` (``ray job submit`` sets it), else
+    a new local one.
+
+    ``ray.init()`` without an address attaches to whatever ``/tmp/ray/ray_current_cluster``
+    names, the last ``ray start`` (or Ray test cluster) on the host, even one long dead: a local
+    run would then hang on a stale GCS address or refuse ``num_cpus``. ``"local"`` always
+    starts a fresh Ray that dies with this process (docs/design.md §6).
+    """
+    return os.environ.get("RAY_ADDRESS") or "local"
+
+
 def offsets_of(lengths: np.ndarray) -> np.ndarray:
     """[n + 1] int64 start offsets of ``n`` consecutive slices of a flat array with these
     ``lengths`` (the last entry is the total): slice i is ``flat[out[i] : out[i + 1]]``."""

@@ -19,6 +19,7 @@ import torch
 
 from mtrec_dist.eval.engine import Engine
 from mtrec_dist.eval.run_folder import load_run
+from mtrec_dist.utils import ray_address
 
 
 class EngineActor(Engine):
@@ -65,7 +66,7 @@ class WorkerPool:
         import ray
 
         if not ray.is_initialized():
-            kw: dict[str, Any] = {"include_dashboard": False}
+            kw: dict[str, Any] = {"address": ray_address(), "include_dashboard": False}
             if not os.environ.get("RAY_ADDRESS"):
                 kw["num_cpus"] = min(self.n, os.cpu_count() or 1)
             pkg_root = str(Path(__file__).resolve().parents[2])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mtrec_dist.config import Config, ConfigError, load_config
 from mtrec_dist.train.console import CONSOLE_FILE, RAY_DRIVER_LOG, following, ray_driver_logs_to
+from mtrec_dist.utils import ray_address
 
 RAY_DIR = "ray"  # RUN_DIR/ray/<name>: Ray Train's own run state (checkpoints: checkpoint.py)
 RAY_NAME = "train"
@@ -142,7 +143,7 @@ def _run_locked(cfg: Config, resume: str | None, overrides: list[str]) -> dict:
                 reap_at_exit()
             # Workers are not echoed: the console shows rank 0's console.log (train/console.py).
             ray.init(
-                address=os.environ.get("RAY_ADDRESS"),
+                address=ray_address(),
                 include_dashboard=False,
                 log_to_driver=False,
                 runtime_env={"env_vars": {"MTREC_QUIET": os.environ.get("MTREC_QUIET", "")}},

@@ -164,7 +164,7 @@ def test_three_ray_workers_byte_identical(data, run1):
     base, cfg, manifest = data
     run, metrics, pred = run1
     run3 = copy_run(run, "run3")
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         pred3 = predict(run3, "dev", out=base / "dev3.zip", num_workers=3)
     finally:

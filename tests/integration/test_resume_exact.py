@@ -109,7 +109,7 @@ def test_pcgrad_three_groups_killed_after_checkpoint_resumes_exactly(tiny_data, 
     plan = step_plan(load_manifest(cfg.prepared_dir), 1, cfg.trainer)
     assert plan.batches_per_epoch % ACCUM and plan.total_steps == STEPS
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         straight = tmp_path / "straight"
         run_training(_cfg(tiny_data, straight))
