@@ -222,7 +222,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             (tmp / "zero2.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-            ray.init(address="local", num_cpus=max(a.workers), include_dashboard=False, log_to_driver=False)
+            ray.init(
+                address="local",
+                num_cpus=max(a.workers),
+                include_dashboard=False,
+                log_to_driver=False,
+            )
             try:
                 for w in a.workers:
                     row = out["dedup"][f"{w}x{a.micro}"]
