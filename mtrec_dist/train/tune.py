@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from mtrec_dist.config import Config, ConfigError, load_config, read_yaml_mapping, validate
+from mtrec_dist.train.dsconfig import YAML_OWNED_DS
 from mtrec_dist.train.steps import StepPlan
 from mtrec_dist.utils import atomic_write_json, atomic_write_text, say
 
@@ -61,13 +62,6 @@ DIMENSIONS = (
 )
 SETTINGS = ("global_batch", "warmup_steps", "measure_steps", "max_trials", "memory_limit_mb")
 OFFLOAD_CHOICES = ("none", "cpu")
-# The DeepSpeed fields the YAML owns; the winner's JSON keeps them "auto" (dsconfig.py).
-YAML_OWNED_DS = (
-    "train_batch_size",
-    "train_micro_batch_size_per_gpu",
-    "gradient_accumulation_steps",
-    "gradient_clipping",
-)
 STATE_FILE = "tune_state.json"
 STATUS_ORDER = {"ok": 0, "did not fit": 1, "failed": 2, "rejected": 3}
 CSV_COLUMNS = (
