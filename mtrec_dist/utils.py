@@ -180,7 +180,7 @@ class Progress:
         if self.sink is not None:
             self.sink(line)
         else:
-            print(line, file=sys.stderr, flush=True)
+            say(line, enabled=True)
 
     def close(self, extra: str = "") -> float:
         """Print the final line; return the elapsed seconds."""
