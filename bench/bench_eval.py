@@ -64,7 +64,7 @@ from mtrec_dist.config import Config  # noqa: E402
 from mtrec_dist.eval import engine as E  # noqa: E402
 from mtrec_dist.eval.predict import predict  # noqa: E402
 from mtrec_dist.eval.run_folder import read_manifest  # noqa: E402
-from mtrec_dist.utils import atomic_write_json, peak_rss_mb  # noqa: E402
+from mtrec_dist.utils import atomic_write_json, peak_rss_mb, say  # noqa: E402
 
 LARGE_TEST_IMPRESSIONS = 2_370_727
 TARGET_PER_CORE = 10_000.0  # impressions/s per core, scoring + ranking + writing
@@ -72,7 +72,7 @@ PARTS_PER_WORKER = 4  # the default part size gives every worker at least this m
 
 
 def _say(msg: str) -> None:
-    print(f"[bench_eval] {msg}", file=sys.stderr, flush=True)
+    say(f"[bench_eval] {msg}", enabled=True)
 
 
 def _prepare_small(work: Path) -> Path:

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -56,6 +57,41 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_swap_dir(tmp: str | Path, final: str | Path) -> None:
+    """Put the finished folder ``tmp`` at ``final``, replacing the folder there, if any.
+
+    A folder cannot be renamed over a non-empty one, so the old folder first moves aside
+    (``.<name>.old-<pid>`` beside it) and is deleted once ``tmp`` took its place: a reader sees
+    the old folder or the new one, never a half-written one (docs/design.md §7). A failure
+    between the two renames moves the old folder back, so ``final`` is never left missing.
+    """
+    tmp, final = Path(tmp), Path(final)
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def say(msg: str, enabled: bool | None = None) -> None:
+    """A one-line report for a person on stderr, so that stdout stays parseable.
+
+    ``enabled=None``: shown unless ``MTREC_QUIET`` is set (as in Ray workers); a command with a
+    progress switch of its own passes it.
+    """
+    if enabled is None:
+        enabled = os.environ.get("MTREC_QUIET", "") == ""
+    if enabled:
+        print(msg, file=sys.stderr, flush=True)
 
 
 def ray_address() -> str:
@@ -144,7 +180,7 @@ class Progress:
         if self.sink is not None:
             self.sink(line)
         else:
-            print(line, file=sys.stderr, flush=True)
+            say(line, enabled=True)
 
     def close(self, extra: str = "") -> float:
         """Print the final line; return the elapsed seconds."""

@@ -32,14 +32,15 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from mtrec_dist import utils
 from mtrec_dist.config import Config, ConfigError
 from mtrec_dist.data.batch import PAD_NEWS_ID
 from mtrec_dist.data.prepared import (
@@ -54,7 +55,7 @@ from mtrec_dist.data.shardfile import ShardWriter
 from mtrec_dist.data.tables import DataError, Entity, Impression, News, ReadStats
 from mtrec_dist.data.tokenize import title_entity_order, tokenize_titles
 from mtrec_dist.data.vectors import write_entity_vectors
-from mtrec_dist.utils import Progress, atomic_write_json, peak_rss_mb
+from mtrec_dist.utils import Progress, atomic_swap_dir, atomic_write_json, peak_rss_mb
 
 OPTIONAL_SPLITS = ("test",)
 SPLIT_STATS = (
@@ -420,17 +421,6 @@ def _clean_stale(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 # Splits run in forked worker processes (one split per process): tar writing is pure Python and
 # single-threaded, so two processes halve MIND-large's wall time on 2 cores. The workers inherit
 # the id -> row mapping through fork (copy-on-write), nothing large is pickled.
@@ -510,9 +500,7 @@ def prepare(cfg: Config, progress: bool = True, workers: int | None = None) -> d
     """
     from mtrec_dist.hub import load_tokenizer, tokenizer_fingerprint
 
-    def say(msg: str) -> None:
-        if progress:
-            print(msg, file=sys.stderr, flush=True)
+    say = partial(utils.say, enabled=progress)  # prepare's own switch
 
     t0, cpu0 = time.monotonic(), time.process_time()
     d = cfg.data
@@ -573,7 +561,7 @@ def prepare(cfg: Config, progress: bool = True, workers: int | None = None) -> d
             "config": dataclasses.asdict(d),
         }
         atomic_write_json(tmp / MANIFEST, manifest)
-        _swap_into_place(tmp, out)
+        atomic_swap_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

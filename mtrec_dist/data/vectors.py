@@ -30,7 +30,6 @@ import numpy as np
 from mtrec_dist.data.tables import DataError
 
 ENTITY_FILE = "entity_embedding.vec"
-RELATION_FILE = "relation_embedding.vec"
 ENTITY_VECTORS_NPY = "entity_vectors.npy"
 
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -71,12 +69,6 @@ def _torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
-
-
-def say(msg: str) -> None:
-    """A one-line report on stderr (silenced by MTREC_QUIET, as in Ray workers)."""
-    if os.environ.get("MTREC_QUIET", "") == "":
-        print(msg, file=sys.stderr, flush=True)
 
 
 def run_split(

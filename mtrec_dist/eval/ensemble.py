@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from mtrec_dist.eval.driver import OnPart, SplitRun, iter_parts, result, run_split, say
+from mtrec_dist.eval.driver import OnPart, SplitRun, iter_parts, result, run_split
 from mtrec_dist.eval.engine import data_key
 from mtrec_dist.eval.metrics import METRICS, ranked_impression_metrics, summarize
-from mtrec_dist.utils import atomic_write_json
+from mtrec_dist.utils import atomic_write_json, say
 
 MERGED = ("ids", "sizes", "scores", "labels")  # the per-part arrays an ensemble merges
 

@@ -15,12 +15,12 @@ import numpy as np
 import torch
 
 from mtrec_dist.data.stream import eval_groups, rechunk, take
-from mtrec_dist.eval.driver import OnPart, iter_parts, result, run_split, say
+from mtrec_dist.eval.driver import OnPart, iter_parts, result, run_split
 from mtrec_dist.eval.engine import Engine, encode_news_vectors, index_impressions, labeled_part
 from mtrec_dist.eval.metrics import METRICS, summarize
 from mtrec_dist.eval.pool import WorkerPool
 from mtrec_dist.eval.run_folder import is_labeled, read_manifest, split_info
-from mtrec_dist.utils import atomic_write_json
+from mtrec_dist.utils import atomic_write_json, say
 
 MEMORY_CHUNK = 50_000  # impressions held at once by evaluate_model (like one part)
 

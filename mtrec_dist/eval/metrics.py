@@ -210,21 +210,3 @@ def compute_metrics(labels: np.ndarray, scores: np.ndarray, sizes: np.ndarray) -
 def ranked_metrics(labels: np.ndarray, scores: np.ndarray, sizes: np.ndarray) -> dict:
     """:func:`compute_metrics` under the tie rule: the metrics of the submission's ranks."""
     return summarize(ranked_impression_metrics(labels, scores, sizes))
-
-
-def compute_metrics_lists(labels: list, scores: list) -> dict:
-    """Convenience form: one label list and one score list per impression."""
-    sizes = np.array([len(y) for y in labels], dtype=np.int64)
-    if [len(s) for s in scores] != sizes.tolist():
-        raise ValueError("every impression needs as many scores as labels")
-    flat_y = (
-        np.concatenate([np.asarray(y, dtype=np.float64) for y in labels])
-        if len(labels)
-        else np.zeros(0)
-    )
-    flat_s = (
-        np.concatenate([np.asarray(s, dtype=np.float64) for s in scores])
-        if len(scores)
-        else np.zeros(0)
-    )
-    return compute_metrics(flat_y, flat_s, sizes)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mtrec_dist.eval.driver import OnPart, iter_parts, result, run_split, say
+from mtrec_dist.eval.driver import OnPart, iter_parts, result, run_split
 from mtrec_dist.eval.metrics import ranks_of
 from mtrec_dist.eval.submission import Block, write_prediction_blocks
-from mtrec_dist.utils import atomic_write_json
+from mtrec_dist.utils import atomic_write_json, say
 
 
 def predict(

@@ -25,14 +25,13 @@ from __future__ import annotations
 import re
 import time
 import zipfile
-from collections.abc import Iterable, Iterator, Sequence
-from itertools import chain, islice
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from mtrec_dist.data.tables import DataError
-from mtrec_dist.eval.metrics import compute_metrics, ranks_of, stable_ranks
+from mtrec_dist.eval.metrics import compute_metrics
 from mtrec_dist.utils import atomic_open, offsets_of
 
 PREDICTION_NAME = "prediction.txt"
@@ -44,18 +43,6 @@ ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed entry time: the same predictions give 
 ZIP_LEVEL = 1
 INT = r"(?:0|[1-9][0-9]*)"  # a JSON integer (the scorer json.loads the list): no sign, no 0-padding
 LINE = re.compile(rf"(\S+) \[({INT}(?:,{INT})*)?\]")  # the whole line: id, one space, [v1,...]
-
-
-def ranks_from_scores(scores: Sequence[float] | np.ndarray) -> list[int]:
-    """1-based rank of each candidate (1 = highest score); ties broken by candidate order."""
-    s = np.asarray(scores, dtype=np.float64).reshape(1, -1)
-    return stable_ranks(s)[0].tolist()
-
-
-def ranks_grouped(scores: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """Flat ranks for flat scores of impressions with ``sizes`` candidates (the tie rule of
-    :func:`mtrec_dist.eval.metrics.ranks_of`, which the dev metrics use too)."""
-    return ranks_of(scores, sizes)
 
 
 def format_line(impression_id: str, ranks: Sequence[int]) -> str:
@@ -90,7 +77,6 @@ def _check_ranks(imp: str, ranks: list[int], n_expected: int | None, where: str)
 
 # (ids [n] str, sizes [n], flat ranks [sum sizes]): the unit the writer takes
 Block = tuple[np.ndarray, np.ndarray, np.ndarray]
-LINES_PER_BLOCK = 8192  # lines per block when a per-line stream is written
 _WS = re.compile(r"\s")  # what the leaderboard splits a line on (LINE's \S complement)
 
 
@@ -296,35 +282,6 @@ def _check_lines(
         _check_line(
             str(ids[j]), i, ranks[off[j] : off[j + 1]].tolist(), exp_list, exp_pos, seen, n_exp
         )
-
-
-def _line_blocks(lines: Iterable[tuple[str, Sequence[int]]]) -> Iterator[Block]:
-    """``(id, ranks)`` pairs -> blocks of :data:`LINES_PER_BLOCK` lines."""
-    it = iter(lines)
-    while chunk := list(islice(it, LINES_PER_BLOCK)):
-        ranks = [r.tolist() if isinstance(r, np.ndarray) else list(r) for _, r in chunk]
-        flat = np.asarray(list(chain.from_iterable(ranks)))
-        if flat.size and flat.dtype.kind not in "iu":
-            bad = next(imp for imp, r in zip(chunk, ranks) if np.asarray(r).dtype.kind not in "iu")
-            raise PredictionError(
-                f"impression {bad[0]}: ranks {ranks[chunk.index(bad)][:20]} are not integers"
-            )
-        ids = np.asarray([str(imp) for imp, _ in chunk])
-        yield ids, np.fromiter(map(len, ranks), dtype=np.int64, count=len(chunk)), flat
-
-
-def write_prediction(
-    lines: Iterable[tuple[str, Sequence[int]]],
-    out_zip_path: str | Path,
-    expected_ids: Sequence[str] | None = None,
-    expected_sizes: Sequence[int] | None = None,
-) -> Path:
-    """Validate ``(impression_id, ranks)`` pairs and write them as ``prediction.txt`` in a zip.
-
-    The per-line form of :func:`write_prediction_blocks` (same checks, same errors naming the
-    impression, same atomic write).
-    """
-    return write_prediction_blocks(_line_blocks(lines), out_zip_path, expected_ids, expected_sizes)
 
 
 def _check_order(imp: str, i: int, exp_ids: list[str], exp_pos: dict[str, int], seen: set) -> None:

@@ -28,7 +28,6 @@ calls :func:`save` the same number of times.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -36,7 +35,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from mtrec_dist.config import Config
-from mtrec_dist.utils import atomic_write_json
+from mtrec_dist.utils import atomic_open, atomic_write_json
 
 CKPT_DIR = "checkpoints"  # RUN_DIR/checkpoints/step_XXXXXXXX
 DS_TAG = "ds"
@@ -169,11 +168,8 @@ def save_rng(folder: Path, rank: int) -> None:
         "numpy": [name, torch.from_numpy(keys.astype(np.int64)), npos, has_gauss, gauss],
         "python": list(random.getstate()),
     }
-    path = rng_path(folder, rank)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_open(rng_path(folder, rank), "wb") as f:
+        torch.save(state, f)
 
 
 def restore_rng(folder: Path, rank: int) -> bool:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mtrec_dist.config import Config, ConfigError
+from mtrec_dist.config import Config, ConfigError, TrainerConfig
 
 # Top-level keys this project lets a DeepSpeed JSON set (DeepSpeed itself ignores unknown ones,
 # so a typo there would silently do nothing).
@@ -46,6 +47,20 @@ OWNED_BY_YAML = {
     "optimizer": "trainer.lr / encoder_lr / weight_decay (AdamW is configured once)",
     "scheduler": "trainer.warmup_ratio (linear warm-up then decay, configured once)",
     "autotuning": "mtrec tune-deepspeed (DeepSpeed's autotuner calls exit() inside engines)",
+}
+
+# The DeepSpeed fields whose value the YAML decides: the JSON writes them "auto" (or the same
+# value); resolve_deepspeed fills them in, mtrec tune-deepspeed leaves them "auto" in the
+# winner's JSON. Key -> (the YAML setting that owns it, its value from trainer.* and the world).
+YAML_OWNED_DS: dict[str, tuple[str, Callable[[TrainerConfig, int], Any]]] = {
+    "train_batch_size": (
+        "trainer.micro_batch x trainer.grad_accum x trainer.num_workers",
+        lambda t, world: t.micro_batch * t.grad_accum * world,
+    ),
+    "train_micro_batch_size_per_gpu": ("trainer.micro_batch", lambda t, world: t.micro_batch),
+    "gradient_accumulation_steps": ("trainer.grad_accum", lambda t, world: t.grad_accum),
+    # DeepSpeed defaults to clipping at 1.0; the papers (and trainer.grad_clip=0) do not clip.
+    "gradient_clipping": ("trainer.grad_clip", lambda t, world: t.grad_clip),
 }
 
 DEFAULT_DS = {
@@ -93,17 +108,8 @@ def resolve_deepspeed(cfg: Config, world_size: int | None = None) -> dict:
     _check_sections(ds, src)
     t = cfg.trainer
     world = world_size or t.num_workers
-    want = {
-        "train_micro_batch_size_per_gpu": ("trainer.micro_batch", t.micro_batch),
-        "gradient_accumulation_steps": ("trainer.grad_accum", t.grad_accum),
-        "train_batch_size": (
-            "trainer.micro_batch x trainer.grad_accum x trainer.num_workers",
-            t.micro_batch * t.grad_accum * world,
-        ),
-        # DeepSpeed defaults to clipping at 1.0; the papers (and trainer.grad_clip=0) do not clip.
-        "gradient_clipping": ("trainer.grad_clip", t.grad_clip),
-    }
-    for key, (yaml_key, value) in want.items():
+    for key, (yaml_key, value_of) in YAML_OWNED_DS.items():
+        value = value_of(t, world)
         have = ds.get(key, "auto")
         if have != "auto" and have != value:
             raise ConfigError(

@@ -7,15 +7,13 @@ fine-tuned BERT without this package. ``export/meta.json`` says what produced th
 
 from __future__ import annotations
 
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
 from mtrec_dist.config import Config, dump_config
-from mtrec_dist.utils import atomic_write_json, sha256_file
+from mtrec_dist.utils import atomic_swap_dir, atomic_write_json, sha256_file
 
 
 def _news_encoder(model: torch.nn.Module):
@@ -79,10 +77,5 @@ def export_run(
             "model_sha256": sha256_file(tmp / "model.safetensors"),
         },
     )
-    old = run_dir / ".export.old"
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    atomic_swap_dir(tmp, final)
     return final

@@ -24,6 +24,7 @@ from mtrec_dist.config import Config, dump_config
 from mtrec_dist.models import layer_cache
 from mtrec_dist.models.outputs import group_losses
 from mtrec_dist.train import surgery
+from mtrec_dist.train.logging import step_record
 from mtrec_dist.train.optim import build_optimizer, build_scheduler
 from mtrec_dist.utils import Progress
 
@@ -177,14 +178,14 @@ def _show(bar: Progress, step: int, every: int, rec: dict) -> None:
 
 def _log_record(step: int, stats: dict, lr: float, samples: int, t0: float) -> dict:
     gram = stats["gram"]
-    rec = {"step": step, "lr": lr, "samples": samples, "elapsed_s": time.monotonic() - t0}
-    rec.update({f"loss/{k}": v for k, v in stats["losses"].items()})
+    head = {"samples": samples, "elapsed_s": time.monotonic() - t0}
+    grads: dict[str, float] = {}
     for k, g in enumerate(stats["groups"]):
-        rec[surgery.coef_key(g)] = float(stats["coefficients"][k])
-        rec[surgery.norm_key(g)] = max(float(gram[k, k]), 0.0) ** 0.5
+        grads[surgery.coef_key(g)] = float(stats["coefficients"][k])
+        grads[surgery.norm_key(g)] = max(float(gram[k, k]), 0.0) ** 0.5
     if len(stats["groups"]) >= 2:
-        rec[surgery.COS_BEFORE] = surgery.cosine(gram, 0, 1)
-    return rec
+        grads[surgery.COS_BEFORE] = surgery.cosine(gram, 0, 1)
+    return step_record(step, lr, stats["losses"], grads, head)
 
 
 def _short(rec: dict) -> str:

@@ -12,7 +12,9 @@ per step, like Figure 5 of the MTRec paper (Appendix B).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from mtrec_dist.config import Config, dump_config
 from mtrec_dist.train import surgery
@@ -39,6 +41,28 @@ def truncate_log(path: Path, last_step: int) -> None:
         if isinstance(step, int) and step <= last_step:
             kept.append(line + "\n")
     atomic_write_text(path, "".join(kept))
+
+
+def step_record(
+    step: int,
+    lr: float,
+    losses: Mapping[str, Any],
+    stats: Mapping[str, Any],
+    head: Mapping[str, Any] | None = None,
+) -> dict:
+    """One optimizer step's line of :data:`TRAIN_LOG`: ``step``, ``lr``, ``head`` as given, the
+    task losses as ``loss/<task>`` and every scalar of ``stats`` (the surgery's keys), as floats.
+
+    Both trainers write their steps through this one function, so the distributed run's log and
+    the single-process reference's compare key by key (docs/design.md §4.4).
+    """
+    rec: dict = {"step": step, "lr": lr, **(head or {})}
+    for k, v in losses.items():
+        rec[f"loss/{k}"] = float(v)  # a 0-d tensor (the loop) or a float (the reference)
+    for k, v in stats.items():
+        if isinstance(v, (int, float)):
+            rec[k] = float(v)
+    return rec
 
 
 def _records(path: Path) -> list[dict]:
@@ -76,12 +100,7 @@ class RunLogger:
         self.dev_path = self.dir / DEV_LOG
 
     def step(self, step, losses, stats: dict, lr: float, samples: int, titles: int, secs: float):
-        rec: dict = {"step": step, "lr": lr}
-        for k, v in losses.items():
-            rec[f"loss/{k}"] = float(v.detach())
-        for k, v in stats.items():
-            if isinstance(v, (int, float)):
-                rec[k] = float(v)
+        rec = step_record(step, lr, losses, stats)
         cb, ca = stats.get(surgery.COS_BEFORE), stats.get(surgery.COS_AFTER)
         if cb is not None:
             self.conflicts += cb < 0

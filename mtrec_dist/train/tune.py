@@ -36,11 +36,9 @@ import io
 import itertools
 import json
 import math
-import os
 import re
 import shlex
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -48,8 +46,9 @@ from pathlib import Path
 from typing import Any
 
 from mtrec_dist.config import Config, ConfigError, load_config, read_yaml_mapping, validate
+from mtrec_dist.train.dsconfig import YAML_OWNED_DS
 from mtrec_dist.train.steps import StepPlan
-from mtrec_dist.utils import atomic_write_json, atomic_write_text
+from mtrec_dist.utils import atomic_write_json, atomic_write_text, say
 
 # Dimensions a space may grid over, in the order the table shows them.
 DIMENSIONS = (
@@ -63,13 +62,6 @@ DIMENSIONS = (
 )
 SETTINGS = ("global_batch", "warmup_steps", "measure_steps", "max_trials", "memory_limit_mb")
 OFFLOAD_CHOICES = ("none", "cpu")
-# The DeepSpeed fields the YAML owns; the winner's JSON keeps them "auto" (dsconfig.py).
-YAML_OWNED_DS = (
-    "train_batch_size",
-    "train_micro_batch_size_per_gpu",
-    "gradient_accumulation_steps",
-    "gradient_clipping",
-)
 STATE_FILE = "tune_state.json"
 STATUS_ORDER = {"ok": 0, "did not fit": 1, "failed": 2, "rejected": 3}
 CSV_COLUMNS = (
@@ -504,11 +496,6 @@ def _fingerprint(base: Config, space: Space) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _say(msg: str) -> None:
-    if os.environ.get("MTREC_QUIET", "") == "":
-        print(msg, file=sys.stderr, flush=True)
-
-
 def _clock(s: float) -> str:
     m, sec = divmod(int(max(s, 0)), 60)
     return f"{m // 60}:{m % 60:02d}:{sec:02d}" if m >= 60 else f"{m:02d}:{sec:02d}"
@@ -570,7 +557,7 @@ def run_sweep(
 
     todo = [t for t in trials if t.reject is None and again(t)]
     skipped = sum(1 for t in trials if t.key in done and not again(t))
-    _say(
+    say(
         f"tune: {len(trials)} grid points from {space.path}: {len(todo)} to run, {skipped} done "
         f"before, {sum(1 for t in trials if t.reject)} rejected; out={out}"
     )
@@ -585,7 +572,7 @@ def run_sweep(
         el = time.monotonic() - t_start
         eta = el / ran * (len(todo) - ran)
         what = _result_text(rec)
-        _say(
+        say(
             f"tune: trial {tr.name} ({ran}/{len(todo)}) [{tr.describe()}] {rec['status']}: {what}"
             f"; elapsed {_clock(el)}, ETA {_clock(eta)}"
         )

@@ -17,6 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.oracles import compute_metrics_lists
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,7 +70,6 @@ def test_classic_model_distributed_equals_reference_and_evaluates(
     from mtrec_dist.data.batch import NewsTable, collate
     from mtrec_dist.data.stream import eval_impressions
     from mtrec_dist.eval.evaluate import evaluate
-    from mtrec_dist.eval.metrics import compute_metrics_lists
     from mtrec_dist.eval.run_folder import load_run
     from mtrec_dist.train.launch import run_training
 

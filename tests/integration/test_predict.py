@@ -19,13 +19,14 @@ from mtrec_dist.data.batch import NewsTable
 from mtrec_dist.data.stream import eval_impressions
 from mtrec_dist.eval import engine
 from mtrec_dist.eval.evaluate import evaluate, evaluate_model
-from mtrec_dist.eval.metrics import METRICS, compute_metrics_lists
+from mtrec_dist.eval.metrics import METRICS
 from mtrec_dist.eval.predict import predict
 from mtrec_dist.eval.run_folder import load_run
-from mtrec_dist.eval.submission import ranks_from_scores, score_submission, write_prediction
+from mtrec_dist.eval.submission import score_submission
 from mtrec_dist.models.outputs import TaskOutputs
 from mtrec_dist.models.registry import build_model
 from mtrec_dist.utils import sha256_file
+from tests.oracles import compute_metrics_lists, ranks_from_scores, write_prediction
 
 ROOT = Path(__file__).resolve().parents[2]
 PER_PART = 7  # 100 dev/test impressions -> 15 parts

@@ -10,12 +10,12 @@ from sklearn.metrics import roc_auc_score
 
 from mtrec_dist.eval.metrics import (
     compute_metrics,
-    compute_metrics_lists,
     impression_metrics,
     ranked_impression_metrics,
     ranked_metrics,
     stable_ranks,
 )
+from tests.oracles import compute_metrics_lists
 
 L2 = math.log2
 

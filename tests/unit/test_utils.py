@@ -5,7 +5,14 @@ import stat
 
 import pytest
 
-from mtrec_dist.utils import Progress, _fmt_rate, atomic_open, atomic_write_json
+from mtrec_dist.utils import (
+    Progress,
+    _fmt_rate,
+    atomic_open,
+    atomic_swap_dir,
+    atomic_write_json,
+    say,
+)
 
 
 def test_atomic_open_replaces_only_on_success(tmp_path):
@@ -57,3 +64,57 @@ def test_rate_and_eta_formatting(capsys, monkeypatch):
     err = capsys.readouterr().err
     want = "train: 2/10 steps (20.0%) 2.0 s/step, elapsed 00:04, ETA 00:16"  # clock mocked
     assert err.strip() == want
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_text() for p in folder.rglob("*") if p.is_file()}
+
+
+def _new_folder(path, files):
+    path.mkdir()
+    for name, text in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(text)
+    return path
+
+
+def test_atomic_swap_dir_puts_the_new_folder_in_place(tmp_path):
+    final = tmp_path / "export"
+    atomic_swap_dir(_new_folder(tmp_path / ".t1", {"a.txt": "one", "d/b.txt": "two"}), final)
+    assert _tree(final) == {"a.txt": "one", "d/b.txt": "two"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    # a second swap replaces the old content as a whole: no file of the old folder survives
+    atomic_swap_dir(_new_folder(tmp_path / ".t2", {"c.txt": "three"}), final)
+    assert _tree(final) == {"c.txt": "three"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no side folder left
+
+
+def test_atomic_swap_dir_failing_midway_keeps_the_old_folder(tmp_path, monkeypatch):
+    final = _new_folder(tmp_path / "prepared", {"manifest.json": "old"})
+    tmp = _new_folder(tmp_path / ".tmp", {"manifest.json": "new"})
+    real = os.replace
+    calls = []
+
+    def second_fails(src, dst):  # the old folder moved aside, then the new one cannot move in
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise OSError("disk gone")
+        real(src, dst)
+
+    monkeypatch.setattr("mtrec_dist.utils.os.replace", second_fails)
+    with pytest.raises(OSError, match="disk gone"):
+        atomic_swap_dir(tmp, final)
+    assert _tree(final) == {"manifest.json": "old"}
+    assert _tree(tmp) == {"manifest.json": "new"}  # the caller's to delete
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp", "prepared"]
+
+
+def test_say_goes_to_stderr_unless_quiet(capsys, monkeypatch):
+    monkeypatch.delenv("MTREC_QUIET", raising=False)
+    say("hello")
+    say("not shown", enabled=False)
+    monkeypatch.setenv("MTREC_QUIET", "1")
+    say("quiet")
+    say("shown anyway", enabled=True)
+    out = capsys.readouterr()
+    assert (out.out, out.err) == ("", "hello\nshown anyway\n")
