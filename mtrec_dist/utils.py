@@ -59,15 +59,31 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (a process of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def atomic_swap_dir(tmp: str | Path, final: str | Path) -> None:
     """Put the finished folder ``tmp`` at ``final``, replacing the folder there, if any.
 
     A folder cannot be renamed over a non-empty one, so the old folder first moves aside
     (``.<name>.old-<pid>`` beside it) and is deleted once ``tmp`` took its place: a reader sees
     the old folder or the new one, never a half-written one (docs/design.md §7). A failure
-    between the two renames moves the old folder back, so ``final`` is never left missing.
+    between the two renames moves the old folder back, so ``final`` is never left missing; a
+    side folder left by a killed process is removed by the next swap.
     """
     tmp, final = Path(tmp), Path(final)
+    for side in final.parent.glob(f".{final.name}.old-*"):  # left by a swap that was killed
+        pid = side.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(side, ignore_errors=True)
     if not final.exists():
         os.replace(tmp, final)
         return

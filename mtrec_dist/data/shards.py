@@ -55,7 +55,7 @@ from mtrec_dist.data.shardfile import ShardWriter
 from mtrec_dist.data.tables import DataError, Entity, Impression, News, ReadStats
 from mtrec_dist.data.tokenize import title_entity_order, tokenize_titles
 from mtrec_dist.data.vectors import write_entity_vectors
-from mtrec_dist.utils import Progress, atomic_swap_dir, atomic_write_json, peak_rss_mb
+from mtrec_dist.utils import Progress, atomic_swap_dir, atomic_write_json, peak_rss_mb, pid_alive
 
 OPTIONAL_SPLITS = ("test",)
 SPLIT_STATS = (
@@ -400,16 +400,6 @@ def write_split(
 # prepare
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _clean_stale(out: Path) -> None:
     """Remove temporary folders left by prepares that were killed (their pid is gone)."""
     for p in out.parent.glob(f".{out.name}.tmp-*"):
@@ -417,7 +407,7 @@ def _clean_stale(out: Path) -> None:
             pid = int(p.name.rsplit("-", 1)[1])
         except ValueError:
             continue
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             shutil.rmtree(p, ignore_errors=True)
 
 

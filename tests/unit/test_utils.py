@@ -2,6 +2,8 @@
 
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -107,6 +109,19 @@ def test_atomic_swap_dir_failing_midway_keeps_the_old_folder(tmp_path, monkeypat
     assert _tree(final) == {"manifest.json": "old"}
     assert _tree(tmp) == {"manifest.json": "new"}  # the caller's to delete
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp", "prepared"]
+
+
+def test_atomic_swap_dir_removes_side_folders_of_killed_swaps_only(tmp_path):
+    """A swap killed between its renames leaves ``.<name>.old-<pid>``: the next swap removes it
+    when that pid is gone, and leaves one of a live process (a swap in progress) alone."""
+    final = _new_folder(tmp_path / "export", {"w": "v1"})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that existed and is gone
+    _new_folder(tmp_path / f".export.old-{dead.pid}", {"w": "v0"})
+    live = _new_folder(tmp_path / f".export.old-{os.getppid()}", {"w": "other"})
+    atomic_swap_dir(_new_folder(tmp_path / ".t", {"w": "v2"}), final)
+    assert _tree(final) == {"w": "v2"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["export", live.name])
 
 
 def test_say_goes_to_stderr_unless_quiet(capsys, monkeypatch):
