@@ -19,7 +19,7 @@ lstur_bert     no           no          GRU, last real state (no user-ID embeddi
 from an MTRec run by ``model.name`` alone. Multi-task models compute the auxiliary tasks
 switched on in ``cfg.model.tasks`` (sentiment only where ``meta["has_sentiment"]``).
 
-Pipeline (§2.1): BERT encodes each unique title of the batch once; the [CLS] vector (or its
+Pipeline (MTRec §2.1): BERT encodes each unique title of the batch once; the [CLS] vector (or its
 AMF fusion with category and entities) is the news vector r; the user vector r_u pools the
 clicked news (eq. 1); scores s_j = r_cj . r_u (eq. 2); main loss NCE (eq. 3). Auxiliary
 losses (eq. 5-8) are returned per task; combining them (eq. 9 / 11: groups, lambda = 0.3) is
@@ -164,7 +164,7 @@ class MTRec(NewsRecModel):
 
     @property
     def score_scale(self) -> float:
-        """The current multiplier of the dot products (the evaluator's factored scorer)."""
+        """The current multiplier of the dot products (read by :meth:`fast_scorer`)."""
         if self.log_scale is None:
             return self._fixed_scale
         return float(self.log_scale.detach().exp())
