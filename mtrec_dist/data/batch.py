@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mtrec_dist.data.tasks import CATEGORY, NER, NEWS_COLUMN, NEWS_TASKS, SENTIMENT
+
 NER_TAGS = ("O", "B", "I")
 NER_IGNORE = 255  # in ner.npy: special tokens and padding; becomes -100 in a batch
 PAD_NEWS_ID = "<pad>"
-# Per-news auxiliary tasks, in the column order of ``Batch.aux_weight`` and ``news_valid``.
-NEWS_TASKS = ("category", "ner", "sentiment")
 
 
 class NewsTable:
@@ -130,14 +130,18 @@ class Batch:
         """[U, len(NEWS_TASKS)] bool: the news has a label for the task (category > 0, at least
         one tagged token, a sentiment >= 0), as the task losses in ``models/heads.py`` read
         them; the cross-rank normalisers (``global_batch.exchange_batch``) count with it."""
-        tagged = (self.ner != -100).any(1)  # [U]
-        return torch.stack([self.category > 0, tagged, self.sentiment >= 0], dim=1)
+        has = {
+            CATEGORY: self.category > 0,
+            NER: (self.ner != -100).any(1),
+            SENTIMENT: self.sentiment >= 0,
+        }  # [U] each
+        return torch.stack([has[task] for task in NEWS_TASKS], dim=1)
 
     def owner_weight(self, task: str) -> torch.Tensor | None:
         """[S] explicit loss weights of ``task`` on a global batch; None on a per-rank batch."""
         if not self.global_unique:
             return None
-        return self.aux_weight[:, NEWS_TASKS.index(task)]
+        return self.aux_weight[:, NEWS_COLUMN[task]]
 
 
 def _pad_stack(arrays: list[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,14 +9,15 @@ how many workers share the split, or which one does which unit):
    vectors; :func:`encode_news_vectors` gathers every chunk into one ``[N, D]`` array and checks
    that every needed row was encoded exactly once — the one encoding routine of the sharded
    driver and of the trainer's in-memory evaluation;
-3. **score** impressions against the vectors: MTRec-family models through the factored scorer
-   (:mod:`mtrec_dist.eval.factored`: per-news attention logits, sparse user vectors, sampled
+3. **score** impressions against the vectors: through the model's own fast scorer when it has
+   one (``model.fast_scorer``, docs/design.md §3: MTRec's factored attention in
+   :mod:`mtrec_dist.models.factored`, per-news attention logits, sparse user vectors, sampled
    dot products; no batches), every other bi-encoder through ``model.score_news_vectors`` in
-   batches of similar history length, or, for cross-encoders (``model.cross_encoder``, UNBERT), by
-   ``model(batch).scores`` on (history, candidate chunk) samples. A *part* is a fixed range of
-   the split's impressions (:func:`plan_parts`), read shard group by shard group into flat
-   arrays (:func:`read_part`, :class:`~mtrec_dist.data.stream.Impressions`): the factored
-   scorer takes them as they are, only the batched paths build a ``Sample`` per impression. A
+   batches of similar history length, or, for cross-encoders (``model.cross_encoder``, UNBERT),
+   by ``model(batch).scores`` on (history, candidate chunk) samples. A *part* is a fixed range
+   of the split's impressions (:func:`plan_parts`), read shard group by shard group into flat
+   arrays (:func:`read_part`, :class:`~mtrec_dist.data.stream.Impressions`): the fast scorer
+   takes them as they are, only the batched paths build a ``Sample`` per impression. A
    labeled part also carries the per-impression metrics of the ranks a submission would carry
    (:func:`ranked_impression_metrics`).
 
@@ -38,12 +39,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtrec_dist.data.batch import NER_IGNORE, Batch, NewsTable, Sample, collate
+from mtrec_dist.data.batch import Batch, NewsTable, Sample, collate, news_fields
 from mtrec_dist.data.stream import Impressions, eval_groups, take
-from mtrec_dist.eval.factored import AttentionDotScorer, attention_dot_scorer
 from mtrec_dist.eval.metrics import ranked_impression_metrics
 from mtrec_dist.models import layer_cache
-from mtrec_dist.utils import Progress, atomic_open, atomic_write_bytes, offsets_of
+from mtrec_dist.models.base import FastScorer, NewsRecModel
+from mtrec_dist.utils import Progress, atomic_open, atomic_write_bytes, offsets_of, peak_rss_mb
 
 SCORE_BATCH = 512  # impressions per scoring forward pass (bi-encoder)
 CROSS_CHUNK = 32  # candidates per (history, candidates) sample for cross-encoders
@@ -76,36 +77,18 @@ def data_key(manifest: dict, split: str) -> str:
 
 
 def news_batch(table: NewsTable, rows: np.ndarray) -> Batch:
-    """A :class:`Batch` carrying only the per-news fields of ``rows`` (for ``encode_news``).
-
-    Mirrors :func:`collate`'s per-news part (titles trimmed to the longest one, NER ignore ->
-    -100); the sample side is one masked padding sample.
-    """
-    rows = np.array(rows, dtype=np.int64)  # a writable copy (Ray hands read-only arrays)
-    U = rows.size
-    tokens = np.asarray(table.tokens[rows], dtype=np.int64)  # [U, L_max]
-    attn = tokens != 0
-    L = max(int(attn.sum(1).max()), 1) if U else 1
-    ner = np.asarray(table.ner[rows][:, :L], dtype=np.int64)
-    ner[ner == NER_IGNORE] = -100
-    t = torch.from_numpy
+    """A :class:`Batch` carrying only the per-news fields of ``rows`` (for ``encode_news``):
+    :func:`~mtrec_dist.data.batch.news_fields`, and one masked padding sample."""
     z1 = torch.zeros(1, 1, dtype=torch.long)
     return Batch(
-        news_rows=t(rows),
-        tokens=t(np.ascontiguousarray(tokens[:, :L])),
-        attention_mask=t(np.ascontiguousarray(attn[:, :L]).astype(np.int64)),
-        ner=t(ner),
-        category=t(np.asarray(table.category[rows], dtype=np.int64)),
-        subcategory=t(np.asarray(table.subcategory[rows], dtype=np.int64)),
-        sentiment=t(np.asarray(table.sentiment[rows], dtype=np.int64)),
-        entities=t(np.asarray(table.entities[rows], dtype=np.int64)),
+        **news_fields(table, np.asarray(rows, dtype=np.int64)),
         hist_idx=z1,
         hist_mask=torch.zeros(1, 1, dtype=torch.bool),
         cand_idx=z1.clone(),
         cand_mask=torch.zeros(1, 1, dtype=torch.bool),
         labels=torch.zeros(1, 1),
         sample_mask=torch.zeros(1, dtype=torch.bool),
-        hist_count=torch.zeros(U),
+        hist_count=torch.zeros(len(rows)),
         impression_ids=("",),
         click_pos=torch.full((1,), -1, dtype=torch.long),
     )
@@ -242,9 +225,9 @@ class Engine:
         self.split = split
         self.table = NewsTable(self.prepared)
         self.vectors: np.ndarray | None = None
-        self.factored: AttentionDotScorer | None = None  # built on first use after set_vectors
+        self.factored: FastScorer | None = None  # built on first use after set_vectors
         self.factored_checked = False
-        self.cross = bool(getattr(model, "cross_encoder", False))
+        self.cross: bool = model.cross_encoder  # the stand-ins of the tests declare it too
         layer_cache.attach(
             model, self.prepared, build=False
         )  # a complete cache saves the frozen layers
@@ -269,19 +252,19 @@ class Engine:
         self.vectors = array if array is not None else np.load(path, mmap_mode="r")
         self.factored, self.factored_checked = None, False
 
-    def factored_scorer(self) -> AttentionDotScorer | None:
-        """The factored scorer of MTRec-family models (:mod:`mtrec_dist.eval.factored`), built
-        once per set of vectors; None for every other model."""
+    def factored_scorer(self) -> FastScorer | None:
+        """The model's own fast scorer (``model.fast_scorer``: MTRec's factored attention),
+        built once per set of vectors; None for a model without one and for a plain module
+        outside the model contract (the tests' stand-ins), which take the batched path."""
         if not self.factored_checked and self.vectors is not None and not self.cross:
-            self.factored = attention_dot_scorer(self.model, self.vectors)
+            if isinstance(self.model, NewsRecModel):
+                self.factored = self.model.fast_scorer(self.vectors)
             self.factored_checked = True
         return self.factored
 
     @staticmethod
     def peak_rss_mb() -> float:
         """Peak resident memory of this worker process (MiB): the per-worker memory figure."""
-        from mtrec_dist.utils import peak_rss_mb
-
         return round(peak_rss_mb(), 1)
 
     @staticmethod
@@ -325,7 +308,7 @@ class Engine:
     def score_many(self, imps: Impressions | list[Sample]) -> np.ndarray:
         """Flat scores of many impressions, in impression and candidate order.
 
-        MTRec-family models go through the factored scorer on the flat arrays (no batches, no
+        A model with a fast scorer (MTRec's factored one) scores the flat arrays (no batches, no
         object per impression: every impression is scored on its own by sparse products).
         Other models: :class:`Sample` objects in batches of similar history and candidate
         counts through ``model.score_news_vectors`` / ``model(batch)`` (batches pad to their

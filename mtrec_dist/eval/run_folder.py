@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
-import torch
+from safetensors.torch import load_file
 
+from mtrec_dist.config import Config, ConfigError, load_config
 from mtrec_dist.data import prepared as _prepared
 from mtrec_dist.data.prepared import load_manifest, vocab_fingerprint
+from mtrec_dist.hub import load_tokenizer, tokenizer_fingerprint
+from mtrec_dist.models import registry  # called as registry.build_model (tests replace it)
+from mtrec_dist.models.base import NewsRecModel
+from mtrec_dist.utils import sha256_file
 
 
 def read_manifest(prepared: str | Path) -> dict:
@@ -40,18 +44,12 @@ def is_labeled(manifest: dict, split: str, prepared: str | Path) -> bool:
     return _prepared.is_labeled(manifest, split, prepared)
 
 
-def load_run(run_dir: str | Path) -> tuple[torch.nn.Module, Any, dict, str]:
+def load_run(run_dir: str | Path) -> tuple[NewsRecModel, Config, dict, str]:
     """(model with the exported weights, Config, manifest, sha256 of model.safetensors).
 
     Refuses a checkpoint whose tokenizer or vocabularies differ from the prepared data's
     (ConfigError naming the fix).
     """
-    from safetensors.torch import load_file
-
-    from mtrec_dist.config import load_config
-    from mtrec_dist.models.registry import build_model
-    from mtrec_dist.utils import sha256_file
-
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
     weights = run_dir / "export" / "model.safetensors"
@@ -62,12 +60,12 @@ def load_run(run_dir: str | Path) -> tuple[torch.nn.Module, Any, dict, str]:
     manifest = read_manifest(cfg.prepared_dir)
     check_run_tokenizer(run_dir, cfg, manifest)
     check_run_vocab(run_dir, cfg)
-    model = build_model(cfg, manifest)
+    model = registry.build_model(cfg, manifest)
     model.load_state_dict(load_file(str(weights)), strict=True)
     return model.eval(), cfg, manifest, sha256_file(weights)
 
 
-def run_tokenizer(run_dir: str | Path, cfg: Any) -> dict:
+def run_tokenizer(run_dir: str | Path, cfg: Config) -> dict:
     """The checkpoint's tokenizer fingerprint (``vocab_hash``, maybe ``name``): from
     export/meta.json, else from the configured encoder's tokenizer."""
     meta_path = Path(run_dir) / "export" / "meta.json"
@@ -77,15 +75,11 @@ def run_tokenizer(run_dir: str | Path, cfg: Any) -> dict:
             return tok
         if isinstance(tok, str):
             return {"vocab_hash": tok}
-    from mtrec_dist.hub import load_tokenizer, tokenizer_fingerprint
-
     return tokenizer_fingerprint(load_tokenizer(cfg.model.encoder))
 
 
-def check_run_tokenizer(run_dir: Path, cfg: Any, manifest: dict) -> None:
+def check_run_tokenizer(run_dir: Path, cfg: Config, manifest: dict) -> None:
     """The checkpoint's tokenizer (export/meta.json, else the encoder's) must be the data's."""
-    from mtrec_dist.config import ConfigError
-
     meta_path = run_dir / "export" / "meta.json"
     fp = run_tokenizer(run_dir, cfg)
     want = manifest["tokenizer"]
@@ -100,11 +94,9 @@ def check_run_tokenizer(run_dir: Path, cfg: Any, manifest: dict) -> None:
         )
 
 
-def check_run_vocab(run_dir: Path, cfg: Any) -> None:
+def check_run_vocab(run_dir: Path, cfg: Config) -> None:
     """The checkpoint's category/subcategory/entity vocabularies must be the data's: a model
     trained on another news table reads category and entity ids as other classes."""
-    from mtrec_dist.config import ConfigError
-
     meta_path = run_dir / "export" / "meta.json"
     if not meta_path.is_file():
         return

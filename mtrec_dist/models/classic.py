@@ -20,7 +20,7 @@ Readings where the prepared data differs from the papers' word tokenisation:
   biases alone).
 
 Every model returns the ``main`` NCE loss only (MTRec eq. 3, 1 click + K negatives) and
-implements the model contract of :mod:`mtrec_dist.models.registry`: ``forward(batch) ->
+implements the model contract of :mod:`mtrec_dist.models.base`: ``forward(batch) ->
 TaskOutputs``; bi-encoders (NRMS, NAML, LSTUR) also ``encode_news`` / ``score_news_vectors``
 for the evaluator. NPA's news vectors depend on the user (personalised word attention), so it
 is scored like a cross-encoder (``cross_encoder = True``: the evaluator calls ``forward``).
@@ -33,6 +33,10 @@ from torch import nn
 
 from mtrec_dist.config import ConfigError, ModelConfig
 from mtrec_dist.data.batch import Batch
+from mtrec_dist.data.tasks import MAIN
+from mtrec_dist.data.vectors import word_matrix
+from mtrec_dist.hub import load_tokenizer
+from mtrec_dist.models.base import NewsRecModel
 from mtrec_dist.models.heads import nce_loss
 from mtrec_dist.models.outputs import TaskOutputs
 from mtrec_dist.models.user import AdditiveAttention, masked_softmax
@@ -45,8 +49,6 @@ class WordEmbedding(nn.Module):
 
     def __init__(self, cfg: ModelConfig, meta: dict):
         super().__init__()
-        from mtrec_dist.hub import load_tokenizer
-
         tok = load_tokenizer(cfg.encoder)
         vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
         V = max(i for _, i in vocab) + 1
@@ -57,8 +59,6 @@ class WordEmbedding(nn.Module):
         self.glove_coverage: float | None = None
         with torch.no_grad():
             if path:
-                from mtrec_dist.data.vectors import word_matrix
-
                 words = [""] * V
                 for w, i in vocab:
                     words[i] = w
@@ -130,11 +130,16 @@ def _gru_last(gru: nn.GRU, hist: torch.Tensor, mask: torch.Tensor, h0=None) -> t
     return torch.where((n > 0)[:, None], last, empty)
 
 
-class _BiEncoder(nn.Module):
+class _BiEncoder(NewsRecModel):
     """Shared scaffolding of NRMS / NAML / LSTUR: news vectors once per unique news, a user
     vector per sample, dot-product scores, NCE."""
 
     cross_encoder = False
+    supported_tasks = (MAIN,)
+    global_dedup = False  # the title encoders are not wired to the cross-rank exchange
+    needs_users = False
+    multi_field = False  # NAML's category views are its own, not MTRec's fusion
+    per_title_encoder = False  # trained from scratch: no frozen BERT layers to cache
 
     def encode_news(self, batch: Batch) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -150,7 +155,7 @@ class _BiEncoder(nn.Module):
 
     def forward(self, batch: Batch) -> TaskOutputs:
         scores = self.score_news_vectors(self.encode_news(batch), batch)
-        return TaskOutputs({"main": nce_loss(scores, batch.cand_mask, batch.sample_mask)}, scores)
+        return TaskOutputs({MAIN: nce_loss(scores, batch.cand_mask, batch.sample_mask)}, scores)
 
     def shared_parameter_names(self) -> set[str]:
         """One task only: the news encoder (``encoder.*``) is what a surgery would act on."""
@@ -312,7 +317,7 @@ class LSTUR(_BiEncoder):
         return self.combine(torch.cat([short, long_term], dim=-1))
 
 
-class NPA(nn.Module):
+class NPA(NewsRecModel):
     """NPA (Wu et al., KDD 2019): personalised attention from a user-ID embedding e_u.
 
     News encoder: CNN features c_i of the title words; word query q_w = ReLU(V_w e_u + v_w)
@@ -322,8 +327,12 @@ class NPA(nn.Module):
     through ``forward`` (``cross_encoder = True``).
     """
 
-    cross_encoder = True
+    cross_encoder = True  # personalised word attention: news vectors depend on the user
+    supported_tasks = (MAIN,)
+    global_dedup = False
     needs_users = True  # the registry refuses a prepared folder without user ids
+    multi_field = False
+    per_title_encoder = False
 
     def __init__(self, cfg: ModelConfig, meta: dict, encoder: nn.Module | None = None):
         super().__init__()
@@ -356,7 +365,7 @@ class NPA(nn.Module):
         a = masked_softmax(torch.einsum("bhf,bf->bh", hist, k_d), batch.hist_mask)
         user = torch.einsum("bh,bhf->bf", a, hist)  # [B, F]
         scores = torch.einsum("bcf,bf->bc", cand, user).masked_fill(~batch.cand_mask, float("-inf"))
-        return TaskOutputs({"main": nce_loss(scores, batch.cand_mask, batch.sample_mask)}, scores)
+        return TaskOutputs({MAIN: nce_loss(scores, batch.cand_mask, batch.sample_mask)}, scores)
 
     def shared_parameter_names(self) -> set[str]:
         return {n for n, p in self.named_parameters() if n.startswith("encoder.")}

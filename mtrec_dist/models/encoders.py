@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mtrec_dist import hub
 from mtrec_dist.config import ConfigError, ModelConfig
 from mtrec_dist.models import layer_cache
 from mtrec_dist.models.user import AdditiveAttention
@@ -89,7 +90,7 @@ class NewsEncoder(nn.Module):
 def apply_lora(bert: nn.Module, cfg: ModelConfig) -> nn.Module:
     """Inject LoRA adapters (rank ``cfg.lora_rank``, alpha ``cfg.lora_alpha``) into the modules
     named by ``cfg.lora_targets`` and freeze every other encoder weight (peft does the freeze)."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig, inject_adapter_in_model  # lazy: peft only for model.lora
 
     if cfg.lora_rank <= 0:
         raise ConfigError(f"model.lora_rank={cfg.lora_rank}: must be a positive integer")
@@ -119,9 +120,7 @@ def resolve_pooling(cfg: ModelConfig) -> str:
     """``cfg.pooling`` with ``auto`` replaced by what the checkpoint was trained with."""
     if cfg.pooling != "auto":
         return cfg.pooling
-    from mtrec_dist.hub import checkpoint_pooling
-
-    return checkpoint_pooling(cfg.encoder)
+    return hub.checkpoint_pooling(cfg.encoder)
 
 
 def keep_layers(bert: nn.Module, n: int) -> nn.Module:
@@ -140,9 +139,7 @@ def build_news_encoder(cfg: ModelConfig, encoder: nn.Module | None = None) -> Ne
     """The model's news encoder: ``encoder`` if given, else ``hub.load_encoder(cfg.encoder, cfg.dropout)``
     cut to ``cfg.encoder_layers``; LoRA applied when ``cfg.lora``."""
     if encoder is None:
-        from mtrec_dist.hub import load_encoder
-
-        encoder = keep_layers(load_encoder(cfg.encoder, cfg.dropout), cfg.encoder_layers)
+        encoder = keep_layers(hub.load_encoder(cfg.encoder, cfg.dropout), cfg.encoder_layers)
     if cfg.lora:
         encoder = apply_lora(encoder, cfg)
     return NewsEncoder(encoder, resolve_pooling(cfg), cfg.train_layers)

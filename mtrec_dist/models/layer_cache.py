@@ -34,6 +34,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -41,7 +42,12 @@ from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
 from mtrec_dist.config import ConfigError
+from mtrec_dist.data.batch import NewsTable
+from mtrec_dist.models.base import NewsRecModel
 from mtrec_dist.utils import Progress, atomic_write_json
+
+if TYPE_CHECKING:  # encoders imports this module: a runtime import would be a cycle
+    from mtrec_dist.models.encoders import NewsEncoder
 
 CACHE_FORMAT = 1
 CHUNK_ROWS = 512  # news per build chunk (one forward pass of the frozen part)
@@ -164,11 +170,9 @@ def cache_folder(prepared: str | Path, key: str) -> Path:
     return Path(prepared) / "layer_cache" / key[:16]
 
 
-def open_cache(encoder: nn.Module, prepared: str | Path) -> PrefixCache | None:
+def open_cache(encoder: NewsEncoder, prepared: str | Path) -> PrefixCache | None:
     """The complete cache of ``encoder``'s frozen part on ``prepared``'s news table, else None."""
-    from mtrec_dist.data.batch import NewsTable
-
-    k = getattr(encoder, "frozen_layers", None)
+    k = encoder.frozen_layers
     if k is None:
         return None
     key = cache_key(encoder.bert, k, NewsTable(prepared).tokens)
@@ -206,7 +210,7 @@ def _try_claim(path: Path) -> bool:
 
 
 def build_cache(
-    encoder: nn.Module,
+    encoder: NewsEncoder,
     prepared: str | Path,
     *,
     rank: int = 0,
@@ -223,9 +227,7 @@ def build_cache(
     done once its ``chunks/NNNNNN.done`` exists (written after its rows were flushed), so a
     build that was killed resumes; a claim left by a dead process on this host is taken over.
     Raises TimeoutError naming the folder and the missing chunks after ``deadline_s``."""
-    from mtrec_dist.data.batch import NewsTable
-
-    k = getattr(encoder, "frozen_layers", None)
+    k = encoder.frozen_layers
     if k is None:
         return None
     bert = encoder.bert
@@ -332,10 +334,11 @@ def attach(
 ) -> PrefixCache | None:
     """Give ``model.encoder`` the cache of its frozen part on ``prepared`` (built when missing
     and ``build``; the evaluator only opens a complete one). A model whose encoder trains every
-    layer, or has no such encoder, is left alone. The frozen weights never change, so a cache
-    already attached for the same prepared folder is kept."""
-    enc = getattr(model, "encoder", None)
-    if getattr(enc, "frozen_layers", None) is None:
+    layer, or has no such encoder (no ``pretrained_encoder()``, or a plain module outside the
+    model contract, such as the evaluator tests' stand-ins), is left alone. The frozen weights
+    never change, so a cache already attached for the same prepared folder is kept."""
+    enc = model.pretrained_encoder() if isinstance(model, NewsRecModel) else None
+    if enc is None or enc.frozen_layers is None:
         return None
     if enc.cache is not None and enc.cache.prepared == Path(prepared):
         return enc.cache

@@ -1,6 +1,6 @@
 """MINER: multi-interest matching over a BERT news encoder (Li et al., ACL 2022).
 
-Paper: /work/shared/papers/004_fd601574b4bdd003.txt, §3. Pieces and where they live:
+Paper: MINER (Li et al., ACL 2022), §3. Pieces and where they live:
 
 - news encoder (§3.2): BERT's [CLS] output of the title, as in MTRec -> :meth:`MINER.encode_news`.
 - poly attention (§3.3, eq. 1-2): K learnable context codes ``c_k`` (dimension
@@ -55,21 +55,19 @@ from torch import nn
 from mtrec_dist.config import ConfigError, ModelConfig
 from mtrec_dist.data.batch import Batch
 from mtrec_dist.data.global_batch import gather_news_ids, gather_news_vectors
-from mtrec_dist.models.encoders import build_news_encoder
+from mtrec_dist.data.tasks import DISAGREEMENT, MAIN
+from mtrec_dist.hub import load_tokenizer
+from mtrec_dist.models.base import NewsRecModel
+from mtrec_dist.models.encoders import NewsEncoder, build_news_encoder
 from mtrec_dist.models.heads import nce_loss
 from mtrec_dist.models.outputs import TaskOutputs
 from mtrec_dist.models.user import masked_softmax
 
 AGGREGATORS = ("max", "mean", "weighted")
 # Registry default gradient groups for MINER: L = L_NCE + beta * L_D (eq. 7, beta = 0.8).
-DEFAULT_GROUPS: dict[str, dict[str, float]] = {"main": {"main": 1.0, "disagreement": 0.8}}
+DEFAULT_GROUPS: dict[str, dict[str, float]] = {MAIN: {MAIN: 1.0, DISAGREEMENT: 0.8}}
 RANDOM_CATEGORY_DIM = 300  # GloVe's dimension in the paper (§4.1)
 _EPS = 1e-8
-
-
-def default_groups(beta: float = 0.8) -> dict[str, dict[str, float]]:
-    """The MINER objective (eq. 7) as gradient groups with ``beta = model.miner_beta``."""
-    return {"main": {"main": 1.0, "disagreement": float(beta)}}
 
 
 def category_table(cfg: ModelConfig, meta: dict, word_embeddings: torch.Tensor) -> torch.Tensor:
@@ -82,8 +80,6 @@ def category_table(cfg: ModelConfig, meta: dict, word_embeddings: torch.Tensor) 
                 f"manifest news.vocab.category={n_cat} but meta['names']['category'] "
                 f"lists {len(names)} names"
             )
-        from mtrec_dist.hub import load_tokenizer
-
         tok = load_tokenizer(cfg.encoder)
         table = torch.zeros(len(names), word_embeddings.shape[1])
         for i, name in enumerate(names):
@@ -157,7 +153,7 @@ def _load_older_names(module, state_dict, prefix, *_args) -> None:
         state_dict[key] = state_dict[key].reshape(1)
 
 
-class MINER(nn.Module):
+class MINER(NewsRecModel):
     """MINER bi-encoder (paper §3). See the module docstring for equations and readings.
 
     Tasks: ``main`` (NCE) and ``disagreement`` (eq. 3). ``model.tasks.disagreement: false``
@@ -167,8 +163,12 @@ class MINER(nn.Module):
     """
 
     cross_encoder = False
+    supported_tasks = (MAIN, DISAGREEMENT)
     # Bi-encoder: data.dedup=global encodes each title of the global batch once (module docstring).
     global_dedup = True
+    needs_users = False
+    multi_field = False
+    per_title_encoder = True  # one NewsEncoder pass per title: train_layers can cache (§3.1)
 
     def __init__(self, cfg: ModelConfig, meta: dict, encoder: nn.Module | None = None):
         super().__init__()
@@ -185,7 +185,7 @@ class MINER(nn.Module):
         Q = int(cfg.query_dim)
         self.K = int(cfg.miner_k)
         self.aggregator = cfg.miner_aggregator
-        self.disagreement = bool(cfg.tasks.get("disagreement", True))
+        self.disagreement = bool(cfg.tasks.get(DISAGREEMENT, True))
         self.category_bias = bool(cfg.miner_category_bias)
         self.poly = PolyAttention(D, Q, self.K, self.category_bias)  # eq. 1, 2, 5
         self.register_load_state_dict_pre_hook(_load_older_names)
@@ -219,10 +219,13 @@ class MINER(nn.Module):
         real = batch.sample_mask.to(disagreement.dtype)  # [B]
         main = nce_loss(scores, batch.cand_mask, batch.sample_mask)
         # mean over real samples; 0 (still on the graph) when there is none
-        losses = {"main": main}
+        losses = {MAIN: main}
         if self.disagreement:
-            losses["disagreement"] = (disagreement * real).sum() / real.sum().clamp_min(1.0)
+            losses[DISAGREEMENT] = (disagreement * real).sum() / real.sum().clamp_min(1.0)
         return TaskOutputs(losses=losses, scores=scores)
+
+    def pretrained_encoder(self) -> NewsEncoder:
+        return self.encoder
 
     def shared_parameter_names(self) -> set[str]:
         """Parameters both tasks (main, disagreement) depend on: the encoder, the poly attention
@@ -240,19 +243,6 @@ class MINER(nn.Module):
         if self.aggregator == "mean":
             return s.mean(dim=-1)
         return (torch.softmax(a, dim=-1) * s).sum(-1)
-
-    def score_interests(self, interests: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-        """Score of explicit interest vectors [..., K, D] against candidates [..., D] -> [...].
-
-        The direct form of eq. 4 + aggregation (used by tests and for reading); :meth:`_match`
-        computes the same numbers without materialising the interest vectors.
-        """
-        s = torch.einsum("...kd,...d->...k", interests, cand)
-        a = None
-        if self.aggregator == "weighted":
-            q = F.gelu(self.target_proj(cand))
-            a = torch.einsum("...kd,...d->...k", interests, q)
-        return self.aggregate(s, a)
 
     def _match(
         self, news_vecs: torch.Tensor, category: torch.Tensor, batch: Batch

@@ -19,7 +19,7 @@ lstur_bert     no           no          GRU, last real state (no user-ID embeddi
 from an MTRec run by ``model.name`` alone. Multi-task models compute the auxiliary tasks
 switched on in ``cfg.model.tasks`` (sentiment only where ``meta["has_sentiment"]``).
 
-Pipeline (§2.1): BERT encodes each unique title of the batch once; the [CLS] vector (or its
+Pipeline (MTRec §2.1): BERT encodes each unique title of the batch once; the [CLS] vector (or its
 AMF fusion with category and entities) is the news vector r; the user vector r_u pools the
 clicked news (eq. 1); scores s_j = r_cj . r_u (eq. 2); main loss NCE (eq. 3). Auxiliary
 losses (eq. 5-8) are returned per task; combining them (eq. 9 / 11: groups, lambda = 0.3) is
@@ -30,13 +30,23 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
 from mtrec_dist.config import ConfigError, ModelConfig
-from mtrec_dist.data.batch import NEWS_TASKS, Batch
+from mtrec_dist.data.batch import Batch
 from mtrec_dist.data.global_batch import gather_news_vectors
-from mtrec_dist.models.encoders import MultiFieldFusion, build_news_encoder, name_embeddings
+from mtrec_dist.data.tasks import CATEGORY, MAIN, NER, NEWS_COLUMN, NEWS_TASKS, SENTIMENT
+from mtrec_dist.hub import load_tokenizer
+from mtrec_dist.models.base import NewsRecModel
+from mtrec_dist.models.encoders import (
+    MultiFieldFusion,
+    NewsEncoder,
+    build_news_encoder,
+    name_embeddings,
+)
+from mtrec_dist.models.factored import AttentionDotScorer
 from mtrec_dist.models.heads import (
     SENTIMENT_CLASSES,
     NewsClassifier,
@@ -46,29 +56,30 @@ from mtrec_dist.models.heads import (
     news_class_loss,
 )
 from mtrec_dist.models.outputs import TaskOutputs
-from mtrec_dist.models.user import build_user_encoder
-
-AUX_TASKS = NEWS_TASKS
+from mtrec_dist.models.user import AttentionUserEncoder, build_user_encoder
 
 
 def enabled_aux_tasks(cfg: ModelConfig, meta: dict) -> list[str]:
     """Auxiliary tasks switched on in ``cfg.tasks`` that the data can feed (sentiment needs
     ``meta["has_sentiment"]``; the registry turns that case into a ConfigError first)."""
-    tasks = [t for t in AUX_TASKS if cfg.tasks.get(t, False)]
-    if not meta.get("has_sentiment", False) and "sentiment" in tasks:
-        tasks.remove("sentiment")
+    tasks = [t for t in NEWS_TASKS if cfg.tasks.get(t, False)]
+    if not meta.get("has_sentiment", False) and SENTIMENT in tasks:
+        tasks.remove(SENTIMENT)
     return tasks
 
 
-class MTRec(nn.Module):
+class MTRec(NewsRecModel):
     """Bi-encoder news recommender with optional multi-task heads and multi-field fusion."""
 
     cross_encoder = False
+    supported_tasks = (MAIN, *NEWS_TASKS)
     # Bi-encoder: title vectors do not depend on the sample, so data.dedup=global can encode
     # each title of the global batch once and exchange the vectors across ranks.
     global_dedup = True
-    multi_task = True  # False: single-task baseline, cfg.model.tasks ignored
+    needs_users = False
     multi_field = False  # True: attentive multi-field fusion (eq. 4)
+    per_title_encoder = True  # one NewsEncoder pass per title: train_layers can cache (§3.1)
+    multi_task = True  # False: single-task baseline, cfg.model.tasks ignored
     user_kind = "attention"  # attention | nrms | gru (mtrec_dist.models.user)
 
     def __init__(self, cfg: ModelConfig, meta: dict, encoder: nn.Module | None = None):
@@ -105,12 +116,12 @@ class MTRec(nn.Module):
             if cfg.amf_init_from_encoder and names:
                 self._init_amf_from_encoder(cfg, names)
         self.heads = nn.ModuleDict()
-        if "category" in self.tasks:
-            self.heads["category"] = NewsClassifier(D, n_category)
-        if "ner" in self.tasks:
-            self.heads["ner"] = TokenTagger(D)
-        if "sentiment" in self.tasks:
-            self.heads["sentiment"] = NewsClassifier(D, SENTIMENT_CLASSES)
+        if CATEGORY in self.tasks:
+            self.heads[CATEGORY] = NewsClassifier(D, n_category)
+        if NER in self.tasks:
+            self.heads[NER] = TokenTagger(D)
+        if SENTIMENT in self.tasks:
+            self.heads[SENTIMENT] = NewsClassifier(D, SENTIMENT_CLASSES)
 
     # ------------------------------------------------------------------ AMF initialisation
 
@@ -120,8 +131,6 @@ class MTRec(nn.Module):
         embeddings of the category name / entity surface form (see ``name_embeddings``: mean
         word piece, fixed seeded random projection to amf_dim). Row 0 (unknown / none) keeps
         its random init."""
-        from mtrec_dist.hub import load_tokenizer
-
         assert self.fusion is not None
         tok = load_tokenizer(cfg.encoder)
         fields = [("category", self.fusion.category_emb)]
@@ -155,7 +164,7 @@ class MTRec(nn.Module):
 
     @property
     def score_scale(self) -> float:
-        """The current multiplier of the dot products (the evaluator's factored scorer)."""
+        """The current multiplier of the dot products (read by :meth:`fast_scorer`)."""
         if self.log_scale is None:
             return self._fixed_scale
         return float(self.log_scale.detach().exp())
@@ -169,30 +178,52 @@ class MTRec(nn.Module):
         scores = torch.einsum("bcd,bd->bc", cand, user) * scale  # [B, C]
         return scores.masked_fill(~batch.cand_mask, float("-inf"))
 
+    def fast_scorer(self, vectors: np.ndarray) -> AttentionDotScorer | None:
+        """MTRec's scores (eq. 1-2) factored over the news rows (``models/factored.py``): the
+        attention logit of every news once, then sparse products per impression. None when a
+        subclass scores otherwise or its user encoder is not exactly additive attention
+        (``nrms_bert``, ``lstur_bert``): the evaluator then batches ``score_news_vectors``."""
+        if type(self).score_news_vectors is not MTRec.score_news_vectors:
+            return None
+        if type(self.user_encoder) is not AttentionUserEncoder:
+            return None
+        return AttentionDotScorer(self.user_encoder.attention, self.score_scale, vectors)
+
     def forward(self, batch: Batch) -> TaskOutputs:
         vecs, cls, hidden = self._encode(batch)  # this rank's titles (its share when global)
         if batch.global_unique:  # every rank's owned vectors -> the global unique rows
             vecs = gather_news_vectors(vecs, batch.global_unique)  # [U_g, D]
         scores = self.score_news_vectors(vecs, batch)  # [B, C]
-        losses = {"main": nce_loss(scores, batch.cand_mask, batch.sample_mask)}
+        losses = {MAIN: nce_loss(scores, batch.cand_mask, batch.sample_mask)}
         count = batch.hist_count.to(cls.dtype)  # [U]
-        valid = batch.news_valid()  # [U, 3] in NEWS_TASKS order
-        if "category" in self.heads:  # eq. 5-6
-            logits = self.heads["category"](cls)  # [U, n_category]
-            losses["category"] = news_class_loss(
-                logits, batch.category, count, valid[:, 0], batch.owner_weight("category")
+        valid = batch.news_valid()  # [U, len(NEWS_TASKS)], columns NEWS_COLUMN[task]
+        if CATEGORY in self.heads:  # eq. 5-6
+            logits = self.heads[CATEGORY](cls)  # [U, n_category]
+            losses[CATEGORY] = news_class_loss(
+                logits,
+                batch.category,
+                count,
+                valid[:, NEWS_COLUMN[CATEGORY]],
+                batch.owner_weight(CATEGORY),
             )
-        if "ner" in self.heads:  # eq. 7-8
-            tags = self.heads["ner"](hidden)
-            losses["ner"] = ner_loss(
-                tags, batch.ner, count, batch.owner_weight("ner"), self.ner_reduction
+        if NER in self.heads:  # eq. 7-8
+            tags = self.heads[NER](hidden)
+            losses[NER] = ner_loss(
+                tags, batch.ner, count, batch.owner_weight(NER), self.ner_reduction
             )
-        if "sentiment" in self.heads:  # EBNeRD poster: sentiment classification on [CLS]
-            logits = self.heads["sentiment"](cls)  # [U, 3]
-            losses["sentiment"] = news_class_loss(
-                logits, batch.sentiment, count, valid[:, 2], batch.owner_weight("sentiment")
+        if SENTIMENT in self.heads:  # EBNeRD poster: sentiment classification on [CLS]
+            logits = self.heads[SENTIMENT](cls)  # [U, 3]
+            losses[SENTIMENT] = news_class_loss(
+                logits,
+                batch.sentiment,
+                count,
+                valid[:, NEWS_COLUMN[SENTIMENT]],
+                batch.owner_weight(SENTIMENT),
             )
         return TaskOutputs(losses=losses, scores=scores)
+
+    def pretrained_encoder(self) -> NewsEncoder:
+        return self.encoder
 
     def shared_parameter_names(self) -> set[str]:
         """Trainable encoder parameters (all of BERT, or only the LoRA adapters when the base
@@ -207,6 +238,7 @@ class BERT(MTRec):
     """BERT baseline (Table 1): main task only; cfg.model.tasks is ignored."""
 
     multi_task = False
+    supported_tasks = (MAIN,)
 
 
 class MTRecAMF(MTRec):
@@ -219,6 +251,7 @@ class BertAMF(MTRec):
     """BERT+AMF (Table 1): single task, news vector fused by eq. 4; tasks ignored."""
 
     multi_task = False
+    supported_tasks = (MAIN,)
     multi_field = True
 
 
@@ -226,6 +259,7 @@ class NRMSBert(MTRec):
     """NRMS+BERT (Table 1, Wu et al. 2021b): self-attentive user encoder; single task."""
 
     multi_task = False
+    supported_tasks = (MAIN,)
     user_kind = "nrms"
 
 
@@ -233,4 +267,5 @@ class LSTURBert(MTRec):
     """LSTUR+BERT (Table 1): GRU user encoder without user-ID embedding; single task."""
 
     multi_task = False
+    supported_tasks = (MAIN,)
     user_kind = "gru"

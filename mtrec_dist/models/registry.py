@@ -10,17 +10,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from torch import nn
+import torch
 
 from mtrec_dist.config import TWO_GROUP_SURGERY, Config, ConfigError
+from mtrec_dist.data.batch import NewsTable, collate
 from mtrec_dist.data.prepared import require_users, vocab_names
+from mtrec_dist.data.tasks import ALL_TASKS, SENTIMENT, SWITCHABLE_TASKS
 from mtrec_dist.data.vectors import ENTITY_VECTORS_NPY
+from mtrec_dist.hub import resolve_encoder
+from mtrec_dist.models.base import NewsRecModel
 from mtrec_dist.models.classic import LSTUR, NAML, NPA, NRMS
 from mtrec_dist.models.miner import MINER
 from mtrec_dist.models.mtrec import BERT, BertAMF, LSTURBert, MTRec, MTRecAMF, NRMSBert
 from mtrec_dist.models.unbert import UNBERT
 
-TASKS = ("category", "ner", "sentiment", "disagreement")  # switchable; "main" is always on
 _AGGREGATORS = {
     "model.miner_aggregator": ("max", "mean", "weighted"),
     "model.unbert_aggregator": ("nsep", "mean", "attention"),
@@ -29,7 +32,7 @@ _AGGREGATORS = {
 }
 
 
-MODELS: dict[str, type[nn.Module]] = {
+MODELS: dict[str, type[NewsRecModel]] = {
     "mtrec": MTRec,
     "bert": BERT,
     "mtrec_amf": MTRecAMF,
@@ -53,22 +56,22 @@ def validate_model_config(cfg: Config, manifest: dict) -> None:
     if m.name not in MODEL_NAMES:
         raise ConfigError(f"model.name={m.name!r}: allowed values are {', '.join(MODEL_NAMES)}")
     for task in m.tasks:
-        if task not in TASKS:
+        if task not in SWITCHABLE_TASKS:
             raise ConfigError(
-                f"model.tasks.{task}: unknown task; allowed: {', '.join(TASKS)} (main is always on)"
+                f"model.tasks.{task}: unknown task; allowed: {', '.join(SWITCHABLE_TASKS)} "
+                "(main is always on)"
             )
     news = manifest.get("news", {})
-    if m.tasks.get("sentiment", False) and not news.get("has_sentiment", False):
+    if m.tasks.get(SENTIMENT, False) and not news.get("has_sentiment", False):
         raise ConfigError(
             "model.tasks.sentiment=true but the prepared dataset has no sentiment labels "
             "(manifest news.has_sentiment=false); set model.tasks.sentiment=false"
         )
-    known = ("main",) + TASKS
     for group, members in m.groups.items():
         for task in members:
-            if task not in known:
+            if task not in ALL_TASKS:
                 raise ConfigError(
-                    f"model.groups.{group}.{task}: unknown task; allowed: {', '.join(known)}"
+                    f"model.groups.{group}.{task}: unknown task; allowed: {', '.join(ALL_TASKS)}"
                 )
     for key, allowed in _AGGREGATORS.items():
         value = getattr(m, key.split(".", 1)[1])
@@ -83,7 +86,7 @@ def validate_model_config(cfg: Config, manifest: dict) -> None:
     for key in ("word_dim", "cnn_filters", "cnn_window", "nrms_heads", "nrms_head_dim"):
         if getattr(m, key) <= 0:
             raise ConfigError(f"model.{key}={getattr(m, key)}: must be a positive integer")
-    if getattr(MODELS[m.name], "needs_users", False):
+    if MODELS[m.name].needs_users:
         # LSTUR / NPA size their user-ID tables from news.vocab.users: refuse a folder
         # prepared before user ids were recorded instead of training every sample as user 0.
         require_users(manifest, cfg.prepared_dir, f"model.name={m.name}")
@@ -91,7 +94,7 @@ def validate_model_config(cfg: Config, manifest: dict) -> None:
         raise ConfigError(f"data.word_vectors={cfg.data.word_vectors!r}: no such file")
     global_dedup(cfg, cfg.trainer.num_workers)  # data.dedup=global on a model without it
     if m.train_layers != 0:
-        layered = [n for n, c in MODELS.items() if issubclass(c, (MTRec, MINER))]
+        layered = [n for n, c in MODELS.items() if c.per_title_encoder]
         if m.name not in layered:
             raise ConfigError(
                 f"model.train_layers={m.train_layers}: model.name={m.name} does not encode "
@@ -107,8 +110,6 @@ def validate_model_config(cfg: Config, manifest: dict) -> None:
             raise ConfigError(
                 f"model.train_layers={m.train_layers}: allowed 0 (all), N > 0 (top N), -1 (none)"
             )
-    from mtrec_dist.hub import resolve_encoder
-
     resolve_encoder(m.encoder)  # missing folder / not BERT-family -> error naming model.encoder
 
 
@@ -116,23 +117,23 @@ def global_dedup(cfg: Config, world_size: int) -> bool:
     """``data.dedup`` resolved: True when titles are encoded once per GLOBAL micro-batch and
     exchanged across ranks (``mtrec_dist.data.global_batch``).
 
-    Only bi-encoders whose class sets ``global_dedup`` (the MTRec family and MINER) can: a
+    Only bi-encoders that declare ``global_dedup`` (the MTRec family and MINER) can: a
     cross-encoder (UNBERT) encodes a title together with its sample, and the classic models'
     news encoders are not wired to the exchange. ``auto`` = global when ``world_size`` > 1 and
     the model supports it; ``global`` on any other model is a ConfigError.
     """
-    supported = bool(getattr(MODELS[cfg.model.name], "global_dedup", False))
+    supported = MODELS[cfg.model.name].global_dedup
     if cfg.data.dedup == "global" and not supported:
         raise ConfigError(
             f"data.dedup=global: model.name={cfg.model.name} cannot exchange title vectors "
             "across ranks (only these models can: "
-            f"{', '.join(n for n, c in MODELS.items() if getattr(c, 'global_dedup', False))}); "
+            f"{', '.join(n for n, c in MODELS.items() if c.global_dedup)}); "
             "set data.dedup=rank or auto"
         )
     return supported and world_size > 1 and cfg.data.dedup in ("auto", "global")
 
 
-def build_model(cfg: Config, manifest: dict) -> nn.Module:
+def build_model(cfg: Config, manifest: dict) -> NewsRecModel:
     """Validate ``cfg.model`` against the manifest, then build ``MODELS[cfg.model.name]``.
 
     ``meta`` = ``manifest["news"]``; the vocabulary names (category names, entity surface
@@ -149,17 +150,13 @@ def build_model(cfg: Config, manifest: dict) -> nn.Module:
     meta.setdefault("word_vectors", cfg.data.word_vectors)  # classic models' GloVe file
     if "entity_vector_matrix" not in meta and cfg.model.amf_entity_vectors:
         ev = cfg.prepared_dir / "vocab" / ENTITY_VECTORS_NPY
-        if getattr(cls, "multi_field", False) and ev.is_file():
+        if cls.multi_field and ev.is_file():
             meta["entity_vector_matrix"] = np.load(ev, allow_pickle=False)
     return cls(cfg.model, meta)
 
 
-def computed_tasks(model: nn.Module, prepared_dir) -> list[str]:
+def computed_tasks(model: NewsRecModel, prepared_dir) -> list[str]:
     """Task losses ``model`` returns, read off one all-padding batch (the models' own answer)."""
-    import torch
-
-    from mtrec_dist.data.batch import NewsTable, collate
-
     batch = collate([], NewsTable(prepared_dir), batch_size=1)
     was = model.training
     model.eval()
@@ -169,7 +166,7 @@ def computed_tasks(model: nn.Module, prepared_dir) -> list[str]:
     return tasks
 
 
-def resolve_groups(cfg: Config, model: nn.Module) -> dict[str, dict[str, float]]:
+def resolve_groups(cfg: Config, model: NewsRecModel) -> dict[str, dict[str, float]]:
     """``cfg.model.groups`` restricted to the tasks ``model`` computes; checked against the surgery.
 
     A group none of whose tasks the model computes (the default ``aux`` group with ``bert`` or

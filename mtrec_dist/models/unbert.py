@@ -1,6 +1,6 @@
 """UNBERT: user-news matching BERT, a cross-encoder (Zhang et al., IJCAI 2021).
 
-Paper: /work/shared/papers/002_25145280c3e746a4.txt, §3. One BERT input per (sample, candidate)
+Paper: UNBERT (Zhang et al., IJCAI 2021), §3. One BERT input per (sample, candidate)
 pair (§3.2)::
 
     [CLS] candidate pieces [SEP] [NSEP] title_1 pieces [NSEP] title_2 pieces ... [SEP]
@@ -61,9 +61,12 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from mtrec_dist import hub
 from mtrec_dist.config import ConfigError, ModelConfig
 from mtrec_dist.data.batch import Batch
-from mtrec_dist.models.encoders import build_news_encoder
+from mtrec_dist.data.tasks import MAIN
+from mtrec_dist.models.base import NewsRecModel
+from mtrec_dist.models.encoders import NewsEncoder, build_news_encoder, keep_layers
 from mtrec_dist.models.heads import nce_loss
 from mtrec_dist.models.outputs import TaskOutputs
 from mtrec_dist.models.user import masked_softmax
@@ -148,13 +151,18 @@ def build_pair_inputs(
     return PairInputs(ids, ttype, nseg, attn, span, n_titles)
 
 
-class UNBERT(nn.Module):
+class UNBERT(NewsRecModel):
     """UNBERT cross-encoder (paper §3); equations, input layout and readings in the module
     docstring. Inputs longer than ``min(model.unbert_max_len, max_position_embeddings)`` drop
     the oldest clicked titles first (never the candidate). Only the ``main`` task exists.
     """
 
-    cross_encoder = True
+    cross_encoder = True  # one BERT input per (sample, candidate) pair
+    supported_tasks = (MAIN,)
+    global_dedup = False  # a title is encoded together with its sample: nothing to exchange
+    needs_users = False
+    multi_field = False
+    per_title_encoder = False  # no title is encoded alone: no per-news layer cache
 
     def __init__(self, cfg: ModelConfig, meta: dict, encoder: nn.Module | None = None):
         super().__init__()
@@ -164,10 +172,7 @@ class UNBERT(nn.Module):
                 f"{', '.join(AGGREGATORS)}"
             )
         if encoder is None:
-            from mtrec_dist.hub import load_encoder
-            from mtrec_dist.models.encoders import keep_layers
-
-            encoder = keep_layers(load_encoder(cfg.encoder, cfg.dropout), cfg.encoder_layers)
+            encoder = keep_layers(hub.load_encoder(cfg.encoder, cfg.dropout), cfg.encoder_layers)
         bcfg = encoder.config
         self.max_len = min(int(cfg.unbert_max_len), int(bcfg.max_position_embeddings))
         if self.max_len < 4:
@@ -230,6 +235,9 @@ class UNBERT(nn.Module):
         # exactly-zero gradient (eq. 10's two-way softmax per pair is where the paper needs one).
         self.click = nn.Linear(width, 1, bias=False)
 
+    def pretrained_encoder(self) -> NewsEncoder:
+        return self.encoder
+
     def shared_parameter_names(self) -> set[str]:
         """The trainable encoder parameters (UNBERT has one task, so nothing else is shared)."""
         return {
@@ -283,10 +291,10 @@ class UNBERT(nn.Module):
             zero = torch.zeros(1, dtype=torch.long, device=batch.cand_mask.device)
             s = self.pair_scores(build_pair_inputs(batch, zero, zero, self.nsep_id, self.max_len))
             scores = torch.full((B, C), float("-inf"), device=s.device, dtype=s.dtype)
-            return TaskOutputs(losses={"main": 0.0 * s.sum()}, scores=scores)
+            return TaskOutputs(losses={MAIN: 0.0 * s.sum()}, scores=scores)
         inputs = build_pair_inputs(batch, pair_b, pair_c, self.nsep_id, self.max_len)
         s = self.pair_scores(inputs)  # [P]
         scores = torch.full((B, C), float("-inf"), device=s.device, dtype=s.dtype)
         scores = scores.index_put((pair_b, pair_c), s)  # [B, C]
         main = nce_loss(scores, batch.cand_mask, batch.sample_mask)
-        return TaskOutputs(losses={"main": main}, scores=scores)
+        return TaskOutputs(losses={MAIN: main}, scores=scores)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mtrec_dist.config import TrainerConfig
+from mtrec_dist.models.base import NewsRecModel
 
 # Canonical group order: identical on every rank, and the first group present is the one whose
 # lr is logged as ``lr`` (trainer.lr's schedule whenever a head or user-encoder parameter trains).
@@ -38,21 +39,22 @@ def linear_warmup_decay(total_steps: int, warmup_ratio: float):
 
 
 def pretrained_encoder_params(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters of the pretrained language model: all of ``model.encoder`` when it is the
-    BERT-family ``NewsEncoder`` (MTRec family, MINER, UNBERT; LoRA adapters included) or a
-    transformers ``PreTrainedModel`` (names start with ``encoder.``; docs/design.md §3).
+    """The parameters of the pretrained language model: what a registered model names as its
+    ``pretrained_encoder()`` (the BERT-family ``NewsEncoder`` of the MTRec family, MINER and
+    UNBERT, LoRA adapters included; names start with ``encoder.``, docs/design.md §3).
 
     The classic word-embedding models (NRMS, NAML, LSTUR, NPA) also name their title encoder
     ``encoder``, but it is trained from scratch (GloVe rows at most), so it is not pretrained:
-    it gets ``trainer.lr`` with the rest of the model, and this returns []."""
-    from transformers import PreTrainedModel
+    it gets ``trainer.lr`` with the rest of the model, and this returns []. A plain module
+    outside the model contract (the ZeRO tests' toy model) counts its child ``encoder`` when
+    that is a transformers ``PreTrainedModel``."""
+    if isinstance(model, NewsRecModel):
+        enc = model.pretrained_encoder()
+        return [] if enc is None else list(enc.parameters())
+    from transformers import PreTrainedModel  # lazy: transformers is slow to import
 
-    from mtrec_dist.models.encoders import NewsEncoder
-
-    enc = getattr(model, "encoder", None)
-    if isinstance(enc, (NewsEncoder, PreTrainedModel)):
-        return list(enc.parameters())
-    return []
+    enc = dict(model.named_children()).get("encoder")
+    return list(enc.parameters()) if isinstance(enc, PreTrainedModel) else []
 
 
 def no_decay_params(model: nn.Module) -> list[nn.Parameter]:

@@ -23,6 +23,7 @@ from mtrec_dist.eval.metrics import METRICS
 from mtrec_dist.eval.predict import predict
 from mtrec_dist.eval.run_folder import load_run
 from mtrec_dist.eval.submission import score_submission
+from mtrec_dist.models.mtrec import MTRec
 from mtrec_dist.models.outputs import TaskOutputs
 from mtrec_dist.models.registry import build_model
 from mtrec_dist.utils import sha256_file
@@ -621,12 +622,11 @@ def test_prediction_equals_per_impression_scores_ranked_by_scipy(data, run1):
     from scipy.stats import rankdata
 
     from mtrec_dist.data.batch import collate
-    from mtrec_dist.eval.factored import attention_dot_scorer
 
     base, cfg, manifest = data
     run, _, pred = run1
     model, *_ = load_run(run)
-    assert attention_dot_scorer(model, np.zeros((3, model.encoder.hidden_size))) is not None
+    assert model.fast_scorer(np.zeros((3, model.encoder.hidden_size))) is not None
     table = NewsTable(cfg.prepared_dir)
     want, sizes, all_tied = [], set(), 0
     with torch.no_grad():
@@ -650,7 +650,7 @@ def test_factored_and_general_paths_write_the_same_file(data, run1, monkeypatch)
     model takes) gives the same prediction.txt as the factored MTRec scorer."""
     base, cfg, manifest = data
     run, _, pred = run1
-    monkeypatch.setattr(engine, "attention_dot_scorer", lambda model, vectors: None)
+    monkeypatch.setattr(MTRec, "fast_scorer", lambda model, vectors: None)
     general = predict(copy_run(run, "run_general"), "test", out=base / "general.zip", num_workers=1)
     assert _txt(general) == _txt(pred)
     assert general.read_bytes() == pred.read_bytes()

@@ -9,9 +9,9 @@ import torch
 from scipy.stats import rankdata
 
 from mtrec_dist.config import ModelConfig
-from mtrec_dist.eval import factored
-from mtrec_dist.eval.factored import attention_dot_scorer
 from mtrec_dist.eval.metrics import ranks_of
+from mtrec_dist.models import factored
+from mtrec_dist.models.base import NewsRecModel
 from mtrec_dist.models.mtrec import MTRec, NRMSBert
 
 N, D = 60, 32  # news rows, vector size of the tiny encoder
@@ -74,7 +74,7 @@ def test_factored_scores_and_ranks_equal_the_equations(scaled, learned):
     imps = _impressions(rng, 200)
     imps[0] = (np.zeros(0, np.int64), np.array([5, 3, 7, 3, 9]))  # empty history: all score 0
     imps[1] = (np.array([4, 4, 4]), np.array([3, 7, 1, 7, 3, 2]))  # one news clicked 3 times
-    scorer = attention_dot_scorer(model, vectors)
+    scorer = model.fast_scorer(vectors)
     assert scorer is not None
     hist, hist_len, cand, sizes = _flat(imps)
     got = scorer.scores(hist, hist_len, cand, sizes)
@@ -108,11 +108,11 @@ def test_scores_do_not_depend_on_the_chunking(monkeypatch):
     model = _model()
     vectors = rng.standard_normal((N, D)).astype(np.float32)
     imps = _impressions(rng, 100)
-    whole = attention_dot_scorer(model, vectors).scores(*_flat(imps))
+    whole = model.fast_scorer(vectors).scores(*_flat(imps))
     monkeypatch.setattr(factored, "CHUNK", 7)  # (the per-news logits keep their fixed chunks)
-    chunked = attention_dot_scorer(model, vectors).scores(*_flat(imps))
+    chunked = model.fast_scorer(vectors).scores(*_flat(imps))
     assert np.array_equal(whole, chunked)  # every impression is scored on its own
-    alone = [attention_dot_scorer(model, vectors).scores(*_flat([i])) for i in imps[:10]]
+    alone = [model.fast_scorer(vectors).scores(*_flat([i])) for i in imps[:10]]
     assert np.array_equal(np.concatenate(alone), whole[: sum(a.size for a in alone)])
 
 
@@ -120,14 +120,14 @@ def test_other_models_keep_the_general_path():
     vectors = np.zeros((N, D), dtype=np.float32)
     torch.manual_seed(0)
     cfg = ModelConfig(encoder="tiny")
-    assert attention_dot_scorer(NRMSBert(cfg, {}), vectors) is None  # self-attentive user
+    assert NRMSBert(cfg, {}).fast_scorer(vectors) is None  # self-attentive user
 
     class Rescored(MTRec):  # a subclass with its own scores is not MTRec's equations
         def score_news_vectors(self, news_vecs, batch):
             return super().score_news_vectors(news_vecs, batch) * 2
 
-    assert attention_dot_scorer(Rescored(cfg, {}), vectors) is None
-    assert attention_dot_scorer(torch.nn.Linear(2, 2), vectors) is None
+    assert Rescored(cfg, {}).fast_scorer(vectors) is None
+    assert NewsRecModel().fast_scorer(vectors) is None  # the contract's default
 
 
 def test_csr_index_equals_numpy_unique():

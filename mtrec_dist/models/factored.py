@@ -1,4 +1,4 @@
-"""Scoring MTRec-family models from cached news vectors without a user-encoder pass per slot.
+"""MTRec's fast scorer: scores from cached news vectors without a user-encoder pass per slot.
 
 MTRec's user vector is additive attention over the clicked news vectors (eq. 1), its score a
 dot product (eq. 2)::
@@ -18,12 +18,13 @@ tensor is built, so no batching by length is needed.
 Given the per-news logits (computed over the whole news table in fixed chunks, so the same on
 every worker), every score is a function of its impression alone (each softmax row, sparse row
 and sampled dot product is computed on its own), so the scores do not depend on how
-impressions are grouped into chunks, parts or workers. They equal ``model.score_news_vectors`` up to float32 rounding
-(other summation order); the evaluator's tests compare both.
+impressions are grouped into chunks, parts or workers. They equal ``model.score_news_vectors``
+up to float32 rounding (other summation order); the tests compare both.
 
-Which models: those whose ``score_news_vectors`` is MTRec's own and whose user encoder is
-exactly the additive-attention one (``mtrec``, ``bert``, ``mtrec_amf``, ``bert_amf``);
-:func:`attention_dot_scorer` returns None for every other model, which keeps the general path.
+Which models: the evaluator asks the model (``NewsRecModel.fast_scorer``, docs/design.md §3).
+``MTRec.fast_scorer`` builds an :class:`AttentionDotScorer` when its ``score_news_vectors`` is
+MTRec's own and its user encoder is exactly the additive-attention one (``mtrec``, ``bert``,
+``mtrec_amf``, ``bert_amf``); every other model answers None and takes the general path.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import warnings
 import numpy as np
 import torch
 
+from mtrec_dist.models.user import AdditiveAttention
 from mtrec_dist.utils import offsets_of
 
 CHUNK = 8192  # impressions per sparse product (bounds the [chunk, D] user vectors' memory)
@@ -67,9 +69,10 @@ def _sparse_csr(crow, col, values, size: tuple[int, int]) -> torch.Tensor:
 
 
 class AttentionDotScorer:
-    """Scores of MTRec-family models from the news vectors ``[N, D]`` (see the module text)."""
+    """Scores of MTRec-family models from the news vectors ``[N, D]`` (see the module text);
+    a :class:`~mtrec_dist.models.base.FastScorer`."""
 
-    def __init__(self, attention: torch.nn.Module, scale: float, vectors: np.ndarray):
+    def __init__(self, attention: AdditiveAttention, scale: float, vectors: np.ndarray):
         """``attention``: the model's ``AdditiveAttention`` (``proj``, ``query``); ``scale``:
         the model's ``score_scale``; ``vectors``: every news row's vector (rows not needed may
         be anything finite)."""
@@ -130,19 +133,3 @@ class AttentionDotScorer:
         pattern = _sparse_csr(crow, col, torch.zeros(col.numel()), (n, n_news))
         s = torch.sparse.sampled_addmm(pattern, users, self.vectors.T, beta=0.0).values()
         return (s[inv] * self.scale).numpy()
-
-
-def attention_dot_scorer(model: torch.nn.Module, vectors: np.ndarray) -> AttentionDotScorer | None:
-    """The factored scorer for ``model``, or None when its scores are not MTRec's additive
-    attention + dot product (then the evaluator calls ``model.score_news_vectors``)."""
-    from mtrec_dist.models.mtrec import MTRec
-    from mtrec_dist.models.user import AdditiveAttention, AttentionUserEncoder
-
-    if not isinstance(model, MTRec):
-        return None
-    if type(model).score_news_vectors is not MTRec.score_news_vectors:
-        return None
-    user = model.user_encoder
-    if type(user) is not AttentionUserEncoder or type(user.attention) is not AdditiveAttention:
-        return None
-    return AttentionDotScorer(user.attention, model.score_scale, vectors)
