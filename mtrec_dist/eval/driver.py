@@ -1,20 +1,23 @@
 """The steps ``mtrec evaluate`` and ``mtrec predict`` share: a split scored part by part on the
 workers, with every intermediate result in the run folder so a restart redoes nothing
-(docs/design.md §8.3 Parts and resume).
+(docs/design.md §8.3 Parts and resume). :func:`score_split` takes a list of runs: one run is
+the list of one, several are an ensemble (:mod:`mtrec_dist.eval.ensemble`: their mean scores).
 
 1. **Index** the split (one pass over its shards, one shard per work unit): impression ids,
    candidate counts and the news rows the split needs (history ∪ candidates). Cached in
    ``eval/<split>/index-<data key[:16]>-v<PART_FORMAT>.npz`` (it depends on the data only).
-2. **Encode** those news once (bi-encoders, :func:`~mtrec_dist.eval.engine.encode_news_vectors`)
+2. **Encode** those news once (bi-encoders, :func:`encode_news_vectors`, docs/design.md §8.4)
    into ``eval/<split>/news_vectors-<model sha256[:16]>.npy`` (+ a ``.json`` sidecar); a cache
    hit encodes nothing. Cross-encoders (UNBERT) skip this step.
 3. **Score** the impressions in fixed parts of ``eval.impressions_per_part`` (part k = the
    split's impressions ``[k P, (k+1) P)`` in behaviors order, whatever the number of workers),
    each written atomically to ``eval/<split>/parts/part-NNNNN.npz``. A part whose stored key
    (model, data, bounds, format) matches is skipped on a restart.
-4. **Merge**: :func:`iter_parts` reads the parts in order, checked against the index; the
-   drivers (:mod:`~mtrec_dist.eval.evaluate`, :mod:`~mtrec_dist.eval.predict`) average their
-   metrics or write ``prediction.zip``.
+4. **Merge**: :meth:`SplitScores.parts` reads the parts in order, checked against the index
+   (the runs' mean for an ensemble); :mod:`~mtrec_dist.eval.evaluate` averages their metrics,
+   :mod:`~mtrec_dist.eval.predict` writes ``prediction.zip``.
+
+Imports run one way: predict/evaluate → driver → pool, ensemble → engine (docs/design.md §8.1).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,9 +42,11 @@ from mtrec_dist.eval.engine import (
     atomic_save_npy,
     atomic_save_npz,
     data_key,
-    encode_news_vectors,
+    encode_chunks,
     plan_parts,
 )
+from mtrec_dist.eval.ensemble import COMBINE, check_ensemble, mean_parts
+from mtrec_dist.eval.metrics import ranked_impression_metrics
 from mtrec_dist.eval.pool import WorkerPool
 from mtrec_dist.eval.run_folder import is_labeled, load_run, split_info
 from mtrec_dist.utils import Progress, atomic_write_json
@@ -69,6 +74,85 @@ def _torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def score_split(
+    run_dir: str | Path | Sequence[str | Path],
+    split: str,
+    num_workers: int | None,
+    need_labels: bool,
+    on_part: OnPart | None = None,
+) -> SplitScores:
+    """Steps 1-3 (:func:`run_split`) of each run in turn, the runs given as one folder or a
+    list. Several runs are checked first (:func:`~mtrec_dist.eval.ensemble.check_ensemble`:
+    nothing is scored on a refusal; a single run is checked by ``load_run``), then their
+    split's impressions compared."""
+    runs = as_runs(run_dir)
+    if len(runs) > 1:
+        check_ensemble(runs, split)
+    done = [run_split(r, split, num_workers, need_labels, on_part) for r in runs]
+    a = done[0].index
+    for run, r in zip(runs[1:], done[1:]):
+        if not (
+            np.array_equal(a["ids"], r.index["ids"])
+            and np.array_equal(a["sizes"], r.index["sizes"])
+        ):
+            raise RuntimeError(f"{runs[0]} and {run}: the split's impressions differ")
+    return SplitScores(runs, done, with_metrics=need_labels)
+
+
+@dataclass
+class SplitScores:
+    """A split's scores from one run, or the mean of several (an ensemble), as the merge
+    reads them: ``parts()`` are parts in the split's order, each with ``ids``, ``sizes``,
+    ``scores`` and, on a labeled split read for metrics, ``labels`` and ``metrics``."""
+
+    runs: list[Path]
+    splits: list[SplitRun]  # each run's steps 1-3, in the order of ``runs``
+    with_metrics: bool  # an ensemble's mean parts get their metrics (a run's parts have them)
+
+    @property
+    def ensemble(self) -> bool:
+        return len(self.runs) > 1
+
+    @property
+    def index(self) -> dict[str, np.ndarray]:
+        """The split's index (every run's is the same; checked by :func:`score_split`)."""
+        return self.splits[0].index
+
+    @property
+    def candidates_missing_news(self) -> int:
+        return _missing_news(self.splits[0])
+
+    def parts(self) -> Iterator[dict[str, np.ndarray]]:
+        if not self.ensemble:
+            yield from iter_parts(self.splits[0])
+            return
+        for d in mean_parts(self.runs, [iter_parts(r) for r in self.splits]):
+            if self.with_metrics:
+                d["metrics"] = ranked_impression_metrics(d["labels"], d["scores"], d["sizes"])
+            yield d
+
+    def record(self, stats: dict) -> dict:
+        """The record of this call: a run's own figures (:func:`result`), or for an ensemble
+        the runs, how they were combined and each run's figures."""
+        if not self.ensemble:
+            return result(self.splits[0], stats)
+        out = dict(stats)
+        out["runs"] = [str(r) for r in self.runs]
+        out["combine"] = COMBINE
+        out["per_run"] = [result(r, {"run": str(p)}) for p, r in zip(self.runs, self.splits)]
+        return out
+
+
+def as_runs(run_dir: str | Path | Sequence[str | Path]) -> list[Path]:
+    """One run folder or several -> a list of paths."""
+    if isinstance(run_dir, (str, Path)):
+        return [Path(run_dir)]
+    runs = [Path(r) for r in run_dir]
+    if not runs:
+        raise ValueError("no run folder given")
+    return runs
 
 
 def run_split(
@@ -116,19 +200,19 @@ def run_split(
                 index = _load_index(
                     pool, len(info["shards"]), split, out_dir / f"index-{dkey[:16]}"
                 )
-            if not getattr(model, "cross_encoder", False):
+            if not model.cross_encoder:
                 with stage("encode"):
                     base = out_dir / f"news_vectors-{model_sha[:16]}"
                     meta = {"model_sha256": model_sha, "data_key": dkey}
                     table = NewsTable(prepared)
                     vec_path, enc = _encode_cached(pool, table, index["rows"], cfg, base, meta)
                     stats.update(enc)
-                    pool.broadcast("set_vectors", str(vec_path))
+                    pool.set_vectors(str(vec_path))
             with stage("score"):
                 key = f"{model_sha}:{dkey}"
                 stats.update(_score_parts(pool, parts, out_dir, labeled, key, on_part))
             # workers that did no work in this call (all cached) report nothing
-            stats["worker_peak_rss_mb"] = pool.broadcast("peak_rss_mb") if pool.started else []
+            stats["worker_peak_rss_mb"] = pool.peak_rss_mb()
     finally:
         pool.close()
     stats["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
@@ -145,7 +229,7 @@ def _load_index(pool: WorkerPool, n: int, split: str, base: Path) -> dict[str, n
             return {k: z[k] for k in ("ids", "sizes", "rows")}
     prog = Progress(f"index {split}", n, unit="shards")
     res: list[dict] = [{}] * n
-    for i, r in pool.map("index_shard", [(k,) for k in range(n)]):
+    for i, r in pool.index_shards(range(n)):
         res[i] = r
         prog.update()
     prog.close()
@@ -168,11 +252,45 @@ def _encode_cached(
         old = json.loads(side.read_text(encoding="utf-8"))
         if all(old.get(k) == v for k, v in meta.items()):
             return vec_path, {"news_needed": int(rows.size), "news_encoded": 0, "cache": "hit"}
-    vectors, stats = encode_news_vectors(pool.map, table, rows, cfg.eval.encode_batch)
+    vectors, stats = encode_news_vectors(pool, table, rows, cfg.eval.encode_batch)
     atomic_save_npy(vec_path, vectors)
     stats["cache"] = "miss"
     atomic_write_json(side, {**meta, **stats})
     return vec_path, stats
+
+
+def encode_news_vectors(
+    pool: WorkerPool, table: NewsTable, rows: np.ndarray, encode_batch: int, progress: bool = True
+) -> tuple[np.ndarray, dict]:
+    """Encode ``rows`` once on the pool's workers -> (vectors ``[N, D]``, stats), docs/design.md
+    §8.4: the run's evaluation and the trainer's in-memory one share this bookkeeping, so a
+    row encoded twice or a needed one not at all is an error in both. Rows not needed stay
+    zero; work units are :func:`~mtrec_dist.eval.engine.encode_chunks`."""
+    chunks = encode_chunks(table, rows, encode_batch)
+    prog = Progress("encode news", int(rows.size), unit="titles") if progress else None
+    vectors: np.ndarray | None = None
+    counts = np.zeros(len(table), dtype=np.int64)  # how often each row was encoded
+    for _, (done, vecs) in pool.encode(chunks):
+        if vectors is None:
+            vectors = np.zeros((len(table), vecs.shape[1]), dtype=np.float32)
+        vectors[done] = vecs
+        np.add.at(counts, done, 1)
+        if prog is not None:
+            prog.update(int(done.size))
+    if prog is not None:
+        prog.close()
+    if vectors is None:
+        vectors = np.zeros((len(table), 1), dtype=np.float32)
+    needed = np.zeros(len(table), dtype=bool)
+    needed[rows] = True
+    if (counts > 1).any() or not np.array_equal(counts > 0, needed):
+        raise RuntimeError(
+            f"news encoding bookkeeping failed: {int((counts > 1).sum())} rows encoded twice, "
+            f"{int((needed & (counts == 0)).sum())} needed rows not encoded"
+        )
+    stats = {"news_needed": int(rows.size), "news_encoded": int(counts.sum())}
+    stats["max_encodes_per_news"] = int(counts.max()) if counts.size else 0
+    return vectors, stats
 
 
 def _part_valid(path: Path, key: str) -> bool:
@@ -206,7 +324,7 @@ def _score_parts(
     prog.n = total - sum(p.count for p in todo)
     args = [(p, labeled, str(_part_path(part_dir, p)), keys[p.index]) for p in todo]
     written = 0
-    for _, n_imp in pool.map("score_part_to", args):
+    for _, n_imp in pool.score_parts_to(args):
         written += 1
         prog.update(n_imp)
         if on_part is not None:
@@ -232,10 +350,12 @@ def iter_parts(r: SplitRun) -> Iterator[dict[str, np.ndarray]]:
 
 
 def result(r: SplitRun, stats: dict) -> dict:
-    """The record of a driver call: its own figures plus the run's (workers, cache, timings)."""
+    """The record of one run's call: its own figures plus the run's (workers, cache, timings)."""
     out = dict(stats)
     out.update(r.stats)
-    out["candidates_missing_news"] = int(
-        r.split_info.get("stats", {}).get("candidates_missing_news", 0)
-    )
+    out["candidates_missing_news"] = _missing_news(r)
     return out
+
+
+def _missing_news(r: SplitRun) -> int:
+    return int(r.split_info.get("stats", {}).get("candidates_missing_news", 0))

@@ -6,7 +6,7 @@ how many workers share the split, or which one does which unit):
 
 1. **index** a shard: impression ids, candidate counts, the news rows it needs;
 2. **encode** a chunk of news rows (titles of similar length, :func:`encode_chunks`) into
-   vectors; :func:`encode_news_vectors` gathers every chunk into one ``[N, D]`` array and checks
+   vectors; the driver's ``encode_news_vectors`` gathers every chunk into one ``[N, D]`` array and checks
    that every needed row was encoded exactly once — the one encoding routine of the sharded
    driver and of the trainer's in-memory evaluation;
 3. **score** impressions against the vectors: through the model's own fast scorer when it has
@@ -30,7 +30,7 @@ import hashlib
 import io
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -44,7 +44,7 @@ from mtrec_dist.data.stream import Impressions, eval_groups, take
 from mtrec_dist.eval.metrics import ranked_impression_metrics
 from mtrec_dist.models import layer_cache
 from mtrec_dist.models.base import FastScorer, NewsRecModel
-from mtrec_dist.utils import Progress, atomic_open, atomic_write_bytes, offsets_of, peak_rss_mb
+from mtrec_dist.utils import atomic_open, atomic_write_bytes, offsets_of, peak_rss_mb
 
 SCORE_BATCH = 512  # impressions per scoring forward pass (bi-encoder)
 CROSS_CHUNK = 32  # candidates per (history, candidates) sample for cross-encoders
@@ -102,44 +102,6 @@ def encode_chunks(table: NewsTable, rows: np.ndarray, encode_batch: int) -> list
     order = np.lexsort((rows, lengths))
     rows = rows[order]
     return [rows[i : i + encode_batch] for i in range(0, rows.size, encode_batch)]
-
-
-MapFn = Callable[[str, list[tuple]], Iterator[tuple[int, Any]]]
-
-
-def encode_news_vectors(
-    map_fn: MapFn, table: NewsTable, rows: np.ndarray, encode_batch: int, progress: bool = True
-) -> tuple[np.ndarray, dict]:
-    """Encode ``rows`` once through ``map_fn("encode", ...)`` -> (vectors ``[N, D]``, stats).
-
-    ``map_fn`` is a worker pool's ``map`` (one local engine or Ray actors); rows not needed
-    stay zero. Raises if a row was encoded twice or a needed one not at all.
-    """
-    chunks = encode_chunks(table, rows, encode_batch)
-    prog = Progress("encode news", int(rows.size), unit="titles") if progress else None
-    vectors: np.ndarray | None = None
-    counts = np.zeros(len(table), dtype=np.int64)  # how often each row was encoded
-    for _, (done, vecs) in map_fn("encode", [(c,) for c in chunks]):
-        if vectors is None:
-            vectors = np.zeros((len(table), vecs.shape[1]), dtype=np.float32)
-        vectors[done] = vecs
-        np.add.at(counts, done, 1)
-        if prog is not None:
-            prog.update(int(done.size))
-    if prog is not None:
-        prog.close()
-    if vectors is None:
-        vectors = np.zeros((len(table), 1), dtype=np.float32)
-    needed = np.zeros(len(table), dtype=bool)
-    needed[rows] = True
-    if (counts > 1).any() or not np.array_equal(counts > 0, needed):
-        raise RuntimeError(
-            f"news encoding bookkeeping failed: {int((counts > 1).sum())} rows encoded twice, "
-            f"{int((needed & (counts == 0)).sum())} needed rows not encoded"
-        )
-    stats = {"news_needed": int(rows.size), "news_encoded": int(counts.sum())}
-    stats["max_encodes_per_news"] = int(counts.max()) if counts.size else 0
-    return vectors, stats
 
 
 # ============================================================================ parts

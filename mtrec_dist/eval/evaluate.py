@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from mtrec_dist.data.stream import eval_groups, rechunk, take
-from mtrec_dist.eval.driver import OnPart, iter_parts, result, run_split
-from mtrec_dist.eval.engine import Engine, encode_news_vectors, index_impressions, labeled_part
+from mtrec_dist.eval.driver import OnPart, encode_news_vectors, score_split
+from mtrec_dist.eval.engine import Engine, index_impressions, labeled_part
 from mtrec_dist.eval.metrics import METRICS, summarize
 from mtrec_dist.eval.pool import WorkerPool
 from mtrec_dist.eval.run_folder import is_labeled, read_manifest, split_info
@@ -37,21 +37,25 @@ def evaluate(
     (single-class impressions), ``no_click_skipped``, ``candidates_missing_news`` (candidates
     not in news.tsv, scored as the empty title), ``news_encoded`` (0 on a cache hit).
     ``on_part(k)`` is called after the k-th part newly scored (see ``driver.run_split``).
-    Several run folders: the metrics of their mean scores
-    (:func:`mtrec_dist.eval.ensemble.evaluate_ensemble`; no metrics.json written).
+    Several run folders: the metrics of their mean scores, ranked by the same tie rule (==
+    ``mtrec score`` of ``mtrec predict``'s file for the same runs); no metrics.json written,
+    the ensemble having no run folder of its own.
     """
-    from mtrec_dist.eval.ensemble import as_runs, evaluate_ensemble
-
-    runs = as_runs(run_dir)
-    if len(runs) > 1:
-        return evaluate_ensemble(runs, split, num_workers, on_part)
-    r = run_split(runs[0], split, num_workers, need_labels=True, on_part=on_part)
-    per = np.concatenate([d["metrics"] for d in iter_parts(r)]) if r.parts else np.zeros((0, 4))
-    res = result(r, summarize(per))
+    s = score_split(run_dir, split, num_workers, need_labels=True, on_part=on_part)
+    per = [d["metrics"] for d in s.parts()]
+    res = s.record(summarize(np.concatenate(per) if per else np.zeros((0, 4))))
     res["split"] = split
-    atomic_write_json(r.out_dir / "metrics.json", res)
-    say(f"{split}: " + ", ".join(f"{m} {res[m]:.4f}" for m in METRICS))
+    res["candidates_missing_news"] = s.candidates_missing_news  # a run's record has it already
+    if s.ensemble:
+        say(f"{split} (mean of {len(s.runs)} runs): " + _line(res))
+        return res
+    atomic_write_json(s.splits[0].out_dir / "metrics.json", res)
+    say(f"{split}: " + _line(res))
     return res
+
+
+def _line(res: dict) -> str:
+    return ", ".join(f"{m} {res[m]:.4f}" for m in METRICS)
 
 
 def evaluate_model(
@@ -88,9 +92,7 @@ def evaluate_model(
                 )
             )
             pool = WorkerPool.in_process(eng)
-            vectors, enc = encode_news_vectors(
-                pool.map, eng.table, rows, encode_batch, progress=False
-            )
+            vectors, enc = encode_news_vectors(pool, eng.table, rows, encode_batch, progress=False)
             eng.set_vectors(None, vectors)
             stats["news_encoded"] = enc["news_encoded"]
         per = [labeled_part(chunk, eng.score_many(chunk))["metrics"] for chunk in chunks()]

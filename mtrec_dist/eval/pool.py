@@ -1,25 +1,33 @@
 """Evaluation workers: one :class:`~mtrec_dist.eval.engine.Engine` in this process, or several
-as Ray actors dealt work by Ray's own ``ray.util.ActorPool``.
+as Ray actors dealt work by Ray's own ``ray.util.ActorPool`` (docs/design.md §8.1).
 
 Ray is started here (a local instance, CPUs capped to the workers asked for) only when no Ray
 is running; on a running cluster with fewer CPUs than workers each actor asks for a fraction of
 a CPU. Every actor computes with one torch thread, so results do not depend on the workers.
 Workers start on the first call that has work: a restarted run whose parts are all done starts
-none; ``broadcast`` calls made before that are replayed on the new workers.
+none; :meth:`WorkerPool.set_vectors` calls made before that are replayed on the new workers.
+
+The pool's methods are the work the driver deals out, one per :class:`Engine` method; each
+names the engine method it runs (``Engine.encode``, ...), which an actor calls on itself
+(:meth:`EngineActor.call`), so a renamed engine method is an error where it is named, not a
+string that fails on a worker.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from mtrec_dist.eval.engine import Engine
+from mtrec_dist.eval.engine import Engine, PartSpec
 from mtrec_dist.eval.run_folder import load_run
 from mtrec_dist.utils import ray_address
+
+EngineFn = Callable[..., Any]  # an Engine method taken from the class: fn(engine, *args)
 
 
 class EngineActor(Engine):
@@ -30,13 +38,15 @@ class EngineActor(Engine):
         model, cfg, _, _ = load_run(run_dir)
         super().__init__(model, cfg.prepared_dir, split)
 
-    def call(self, i: int, method: str, args: tuple) -> tuple[int, Any]:
-        """``(i, method(*args))``: the work unit's index travels with its result."""
-        return i, getattr(self, method)(*args)
+    def call(self, i: int, fn: EngineFn, args: tuple) -> tuple[int, Any]:
+        """``(i, fn(self, *args))``: the work unit's index travels with its result (Ray's
+        ``map_unordered`` returns results in completion order)."""
+        return i, fn(self, *args)
 
 
 class WorkerPool:
-    """Runs Engine methods on the workers; ``map`` yields results in completion order."""
+    """Runs Engine methods on the workers; the maps yield ``(i, result)`` of work unit ``i``
+    in completion order."""
 
     def __init__(self, n: int, run_dir: Path | None, split: str, local: Callable[[], Engine]):
         """``n`` workers; with ``n == 1`` the engine built by ``local()`` in this process."""
@@ -44,12 +54,85 @@ class WorkerPool:
         self.local: Engine | None = None
         self.actors: list = []
         self.started = self.started_ray = False
-        self.pending: list[tuple[str, tuple]] = []
+        self.vectors_path: str | None = None  # replayed on workers started later
 
     @classmethod
     def in_process(cls, engine: Engine) -> WorkerPool:
         """A pool of one: ``engine`` itself (the trainer's in-memory evaluation)."""
         return cls(1, None, engine.split, lambda: engine)
+
+    # ------------------------------------------------------------------ the work
+
+    def index_shards(self, shards: Iterable[int]) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """:meth:`Engine.index_shard` of each shard; ``i`` is the shard's position."""
+        return self._map(Engine.index_shard, [(k,) for k in shards])
+
+    def encode(
+        self, chunks: list[np.ndarray]
+    ) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray]]]:
+        """:meth:`Engine.encode` of each chunk of news rows."""
+        return self._map(Engine.encode, [(c,) for c in chunks])
+
+    def score_parts_to(
+        self, parts: list[tuple[PartSpec, bool, str, str]]
+    ) -> Iterator[tuple[int, int]]:
+        """:meth:`Engine.score_part_to` of each ``(spec, labeled, path, key)``."""
+        return self._map(Engine.score_part_to, parts)
+
+    def set_vectors(self, path: str) -> None:
+        """Every worker, started or to come, memory-maps the news vectors at ``path``."""
+        self.vectors_path = path
+        if self.started:
+            self._each(Engine.set_vectors, path)
+
+    def peak_rss_mb(self) -> list[float]:
+        """Each started worker's peak resident memory (MiB); none before a start."""
+        if not self.started:
+            return []
+        if self.local is not None:
+            return [self.local.peak_rss_mb()]
+        ray = _ray()
+        return ray.get([a.peak_rss_mb.remote() for a in self.actors])
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds used so far by this process plus every started Ray worker (a worker
+        in this process is this process): differences give a stage's CPU time."""
+        own = Engine.cpu_seconds()
+        if not self.actors:
+            return own
+        ray = _ray()
+        return own + sum(ray.get([a.cpu_seconds.remote() for a in self.actors]))
+
+    def close(self) -> None:
+        if self.actors:
+            ray = _ray()
+            for a in self.actors:
+                ray.kill(a)
+            self.actors = []
+            if self.started_ray:
+                ray.shutdown()
+
+    # ------------------------------------------------------------------ dealing it out
+
+    def _map(self, fn: EngineFn, arglists: list[tuple]) -> Iterator[tuple[int, Any]]:
+        """Yield ``(i, fn(worker, *arglists[i]))`` as each finishes."""
+        if not arglists:
+            return
+        self._start()
+        if self.local is not None:
+            for i, args in enumerate(arglists):
+                yield i, fn(self.local, *args)
+            return
+        pool = _ray().util.ActorPool(self.actors)
+        work = list(enumerate(arglists))
+        yield from pool.map_unordered(lambda a, v: a.call.remote(v[0], fn, v[1]), work)
+
+    def _each(self, fn: EngineFn, *args: Any) -> list[Any]:
+        """``fn(worker, *args)`` on every started worker; their results."""
+        if self.local is not None:
+            return [fn(self.local, *args)]
+        ray = _ray()
+        return [r for _, r in ray.get([a.call.remote(0, fn, args) for a in self.actors])]
 
     def _start(self) -> None:
         if self.started:
@@ -59,12 +142,11 @@ class WorkerPool:
             self.local = self.make_local()
         else:
             self.actors = self._start_actors()
-        for method, args in self.pending:
-            self.broadcast(method, *args)
+        if self.vectors_path is not None:
+            self._each(Engine.set_vectors, self.vectors_path)
 
     def _start_actors(self) -> list:
-        import ray
-
+        ray = _ray()
         if not ray.is_initialized():
             kw: dict[str, Any] = {"address": ray_address(), "include_dashboard": False}
             if not os.environ.get("RAY_ADDRESS"):
@@ -77,49 +159,10 @@ class WorkerPool:
         actor = ray.remote(num_cpus=min(1.0, cpus / self.n))(EngineActor)
         return [actor.remote(str(self.run_dir), self.split) for _ in range(self.n)]
 
-    def map(self, method: str, arglists: list[tuple]) -> Iterator[tuple[int, Any]]:
-        """Yield ``(i, result)`` of ``method(*arglists[i])`` as each finishes."""
-        if not arglists:
-            return
-        self._start()
-        if self.local is not None:
-            fn = getattr(self.local, method)
-            for i, args in enumerate(arglists):
-                yield i, fn(*args)
-            return
-        from ray.util import ActorPool
 
-        pool = ActorPool(self.actors)
-        work = list(enumerate(arglists))
-        yield from pool.map_unordered(lambda a, v: a.call.remote(v[0], method, v[1]), work)
+def _ray() -> Any:
+    """Ray, imported on first use on purpose: it takes seconds to import and only a pool of
+    several workers needs it (one worker, the trainer's evaluation and the tests run without)."""
+    import ray  # brings ray.util.ActorPool
 
-    def broadcast(self, method: str, *args: Any) -> list[Any]:
-        """``method(*args)`` on every started worker; their results (none before a start)."""
-        if not self.started:
-            self.pending.append((method, args))
-            return []
-        if self.local is not None:
-            return [getattr(self.local, method)(*args)]
-        import ray
-
-        return ray.get([getattr(a, method).remote(*args) for a in self.actors])
-
-    def cpu_seconds(self) -> float:
-        """CPU seconds used so far by this process plus every started Ray worker (a worker
-        in this process is this process): differences give a stage's CPU time."""
-        own = Engine.cpu_seconds()
-        if not self.actors:
-            return own
-        import ray
-
-        return own + sum(ray.get([a.cpu_seconds.remote() for a in self.actors]))
-
-    def close(self) -> None:
-        if self.actors:
-            import ray
-
-            for a in self.actors:
-                ray.kill(a)
-            self.actors = []
-            if self.started_ray:
-                ray.shutdown()
+    return ray

@@ -1,6 +1,7 @@
 """``mtrec predict``: the leaderboard's ``prediction.zip`` for a split, from a run folder.
 
-Scores come from the shared steps of :mod:`mtrec_dist.eval.driver`; each impression's ranks
+Scores come from the shared steps of :mod:`mtrec_dist.eval.driver` (one run, or the mean of
+several: an ensemble, :mod:`mtrec_dist.eval.ensemble`); each impression's ranks
 follow the tie rule of the dev metrics (:func:`mtrec_dist.eval.metrics.ranks_of`), and its id is
 written as the exact string the data stream gave.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtrec_dist.eval.driver import OnPart, iter_parts, result, run_split
+from mtrec_dist.eval.driver import OnPart, score_split
 from mtrec_dist.eval.metrics import ranks_of
 from mtrec_dist.eval.submission import Block, write_prediction_blocks
 from mtrec_dist.utils import atomic_write_json, say
@@ -30,26 +31,28 @@ def predict(
 
     Also writes ``eval/<split>/prediction.json``, a record of how the file was made (model,
     data, per-stage seconds, per-worker memory). ``on_part`` as in ``driver.run_split``.
-    Several run folders: the ensemble of their mean scores
-    (:func:`mtrec_dist.eval.ensemble.predict_ensemble`; its record goes next to ``out``).
+    Several run folders: the ranks of their mean scores; the ensemble has no run folder of its
+    own, so its record goes next to ``out`` (``<out stem>.json``: runs, per-run figures).
     """
-    from mtrec_dist.eval.ensemble import as_runs, predict_ensemble
-
-    runs = as_runs(run_dir)
-    if len(runs) > 1:
-        return predict_ensemble(runs, split, out, num_workers, on_part)
-    r = run_split(runs[0], split, num_workers, need_labels=False, on_part=on_part)
-    idx = r.index
+    s = score_split(run_dir, split, num_workers, need_labels=False, on_part=on_part)
+    n = int(s.index["ids"].size)
     t0, c0 = time.perf_counter(), time.process_time()
     merge: dict[str, float] = {}
-    path = write_ranks(iter_parts(r), out, idx, merge)
-    stats = result(r, {"split": split, "impressions": int(idx["ids"].size), "out": str(path)})
+    path = write_ranks(s.parts(), out, s.index, merge)
+    stats = {"split": split, "impressions": n, "out": str(path)}
     total = time.perf_counter() - t0
+    if s.ensemble:
+        stats["seconds"] = {"merge": round(total, 3)}
+        stats["merge_seconds"] = merge_stages(total, merge)
+        atomic_write_json(path.with_name(path.stem + ".json"), s.record(stats))
+        say(f"wrote {path} ({n} impressions, mean of {len(s.runs)} runs)")
+        return path
+    stats = s.record(stats)
     stats["seconds"]["merge"] = round(total, 3)
     stats["cpu_seconds"]["merge"] = round(time.process_time() - c0, 3)  # this process only
     stats["merge_seconds"] = merge_stages(total, merge)
-    atomic_write_json(r.out_dir / "prediction.json", stats)
-    say(f"wrote {path} ({idx['ids'].size} impressions)")
+    atomic_write_json(s.splits[0].out_dir / "prediction.json", stats)
+    say(f"wrote {path} ({n} impressions)")
     return path
 
 
