@@ -7,14 +7,18 @@ fine-tuned BERT without this package. ``export/meta.json`` says what produced th
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from mtrec_dist.config import Config, dump_config
+from mtrec_dist.data.prepared import vocab_fingerprint
+from mtrec_dist.hub import load_tokenizer, quiet_transformers
 from mtrec_dist.utils import atomic_write_json, sha256_file
 
 
@@ -26,7 +30,6 @@ def _news_encoder(model: torch.nn.Module):
         return None
     if not any("lora_" in n for n, _ in enc.named_parameters()):
         return enc
-    import copy
 
     merged = copy.deepcopy(enc)
     for module in merged.modules():
@@ -50,11 +53,6 @@ def export_run(
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Export weights, encoder and meta into ``cfg.run_dir/export`` atomically (folder swap)."""
-    from safetensors.torch import save_file
-
-    from mtrec_dist.data.prepared import vocab_fingerprint
-    from mtrec_dist.hub import load_tokenizer, quiet_transformers
-
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")

@@ -12,8 +12,10 @@ import math
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from mtrec_dist.config import TrainerConfig
+from mtrec_dist.models.encoders import NewsEncoder
 
 # Canonical group order: identical on every rank, and the first group present is the one whose
 # lr is logged as ``lr`` (trainer.lr's schedule whenever a head or user-encoder parameter trains).
@@ -45,10 +47,6 @@ def pretrained_encoder_params(model: nn.Module) -> list[nn.Parameter]:
     The classic word-embedding models (NRMS, NAML, LSTUR, NPA) also name their title encoder
     ``encoder``, but it is trained from scratch (GloVe rows at most), so it is not pretrained:
     it gets ``trainer.lr`` with the rest of the model, and this returns []."""
-    from transformers import PreTrainedModel
-
-    from mtrec_dist.models.encoders import NewsEncoder
-
     enc = getattr(model, "encoder", None)
     if isinstance(enc, (NewsEncoder, PreTrainedModel)):
         return list(enc.parameters())
