@@ -2,6 +2,10 @@
 
 Every subcommand that reads data takes ``--config FILE`` plus ``key.sub=value`` overrides, the
 same way ``launch/train.py`` does, so a command line can be copied between them.
+
+The subcommands that train, prepare or evaluate import their module inside the subcommand:
+those pull torch, transformers and the models (seconds), which ``mtrec --help``, ``mtrec
+synth`` and ``mtrec score`` never need.
 """
 
 from __future__ import annotations
@@ -12,6 +16,10 @@ import sys
 from pathlib import Path
 
 from mtrec_dist.config import ConfigError, load_config
+from mtrec_dist.data.synthetic import generate
+from mtrec_dist.eval.submission import score_submission
+from mtrec_dist.train.errors import TrainingFailed
+from mtrec_dist.train.runlock import RunFolderBusy
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -20,8 +28,6 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_synth(a: argparse.Namespace) -> int:
-    from mtrec_dist.data.synthetic import generate
-
     info = generate(a.out, scale=a.scale, seed=a.seed)
     print(json.dumps({k: v for k, v in info.items() if k != "users"}, indent=2))
     print(f"wrote synthetic MIND ({a.scale}) to {a.out}/{{train,dev,test,truth}}")
@@ -29,6 +35,7 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
 
 def cmd_prepare(a: argparse.Namespace) -> int:
+    # lazy: pulls torch and pyarrow (seconds); `mtrec --help` must not
     from mtrec_dist.data.shards import prepare
 
     cfg = load_config(a.config, a.overrides)
@@ -41,15 +48,17 @@ def cmd_prepare(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    cfg = load_config(a.config, a.overrides)  # a config mistake fails before the slow import
+    # lazy: pulls torch, transformers and the models (seconds); `mtrec --help` must not
     from mtrec_dist.train.launch import run_training
 
-    cfg = load_config(a.config, a.overrides)
     result = run_training(cfg, resume=a.resume, overrides=a.overrides)
     print(json.dumps(result, indent=2))
     return 0
 
 
 def cmd_tune(a: argparse.Namespace) -> int:
+    # lazy: pulls torch, transformers and the models (seconds); `mtrec --help` must not
     from mtrec_dist.train.tune import run_sweep
 
     res = run_sweep(a.config, a.space, a.overrides, out=a.out, retry_failed=a.retry_failed)
@@ -72,6 +81,7 @@ def _runs(a: argparse.Namespace) -> str | list[str]:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
+    # lazy: pulls torch, transformers and the models (seconds); `mtrec --help` must not
     from mtrec_dist.eval.evaluate import evaluate
 
     metrics = evaluate(_runs(a), split=a.split, num_workers=a.workers)
@@ -80,6 +90,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
+    # lazy: pulls torch, transformers and the models (seconds); `mtrec --help` must not
     from mtrec_dist.eval.predict import predict
 
     out = predict(_runs(a), split=a.split, out=a.out, num_workers=a.workers)
@@ -88,13 +99,12 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 
 def cmd_score(a: argparse.Namespace) -> int:
-    from mtrec_dist.eval.submission import score_submission
-
     print(json.dumps(score_submission(a.pred, a.truth), indent=2))
     return 0
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
+    # lazy: pulls torch, transformers and the models (seconds); `mtrec --help` must not
     from mtrec_dist.demo import run_demo
 
     run_demo(Path(a.out), config=a.config, overrides=a.overrides)
@@ -165,9 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mtrec_dist.train.launch import TrainingFailed
-    from mtrec_dist.train.runlock import RunFolderBusy
-
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

@@ -10,6 +10,7 @@ came from), so a typo never silently trains with a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from mtrec_dist.utils import atomic_write_text
 
 # Gradient surgery methods (train/surgery.py implements one function per name).
 SURGERY_METHODS = ("none", "mtrec", "pcgrad", "aux_only")
@@ -556,8 +559,6 @@ def _numeric_keys(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any]
 def _check_numbers(cfg: Config, loc: typing.Callable[[str, str], str]) -> None:
     """Every numeric key has a range: floats finite and within ``_FLOAT_RULES``; integers
     positive where listed, else 0 or more; gradient-group weights finite and >= 0."""
-    import math
-
     for key, v in _numeric_keys(cfg):
         if isinstance(v, float):
             ok, want = _FLOAT_RULES.get(key, (lambda x: True, "a finite number"))
@@ -579,6 +580,4 @@ def _check_numbers(cfg: Config, loc: typing.Callable[[str, str], str]) -> None:
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Write the fully resolved config (every key) as YAML, atomically."""
-    from mtrec_dist.utils import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

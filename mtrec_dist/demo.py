@@ -15,6 +15,7 @@ from mtrec_dist.data.shards import prepare
 from mtrec_dist.data.synthetic import generate
 from mtrec_dist.eval import quality
 from mtrec_dist.eval.evaluate import evaluate
+from mtrec_dist.hub import load_encoder
 from mtrec_dist.train.launch import run_training
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -86,8 +87,6 @@ def run_demo(out: Path, config: str | None = None, overrides: list[str] | None =
 def describe_regime(cfg: Config) -> str:
     """One line naming what trains, e.g. 'top 1 of 6 MiniLM layers trained over cached lower
     layers, encoder lr 2e-05, lr 0.001, 100 steps of 32'."""
-    from mtrec_dist.hub import load_encoder
-
     n = cfg.model.encoder_layers or load_encoder(cfg.model.encoder).config.num_hidden_layers
     k = cfg.model.train_layers
     name = {"minilm": "MiniLM"}.get(cfg.model.encoder, cfg.model.encoder)

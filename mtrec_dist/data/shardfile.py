@@ -225,7 +225,7 @@ class ShardWriter:
             raise ValueError(f"impression {imp_id}: expected one label per candidate")
         if self._tar is None:
             path = self.root / (shard_pattern(self.split) % (self.start_shard + len(self.entries)))
-            import webdataset as wds  # here: readers never need it
+            import webdataset as wds  # lazy: only writers need it (~1 s); readers never do
 
             self._tar = wds.TarWriter(str(path), encoder=False, mtime=0)
             self._path = path

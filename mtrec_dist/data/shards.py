@@ -39,9 +39,11 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from mtrec_dist import utils
 from mtrec_dist.config import Config, ConfigError
+from mtrec_dist.data import ebnerd, mind
 from mtrec_dist.data.batch import PAD_NEWS_ID
 from mtrec_dist.data.prepared import (
     FORMAT_VERSION,
@@ -55,6 +57,7 @@ from mtrec_dist.data.shardfile import ShardWriter
 from mtrec_dist.data.tables import DataError, Entity, Impression, News, ReadStats
 from mtrec_dist.data.tokenize import title_entity_order, tokenize_titles
 from mtrec_dist.data.vectors import write_entity_vectors
+from mtrec_dist.hub import load_tokenizer, tokenizer_fingerprint
 from mtrec_dist.utils import Progress, atomic_swap_dir, atomic_write_json, peak_rss_mb, pid_alive
 
 OPTIONAL_SPLITS = ("test",)
@@ -95,8 +98,6 @@ def _count_lines(path: Path) -> int | None:
 
 
 def _mind_source(root: Path) -> _Source:
-    from mtrec_dist.data import mind
-
     def news(folders: list[tuple[str, Path]], stats: ReadStats) -> Iterator[News]:
         for _, folder in folders:
             yield from mind.read_news(folder / "news.tsv", stats)
@@ -111,15 +112,11 @@ def _mind_source(root: Path) -> _Source:
 
 
 def _ebnerd_source(root: Path) -> _Source:
-    from mtrec_dist.data import ebnerd
-
     def news(folders: list[tuple[str, Path]], stats: ReadStats) -> Iterator[News]:
         yield from ebnerd.read_articles(ebnerd.articles_path(root), stats)
 
     def count(folder: Path) -> int | None:
         try:
-            import pyarrow.parquet as pq
-
             return int(pq.ParquetFile(folder / "behaviors.parquet").metadata.num_rows)
         except Exception:  # the count only feeds the ETA
             return None
@@ -488,7 +485,6 @@ def prepare(cfg: Config, progress: bool = True, workers: int | None = None) -> d
     ``workers``: processes writing shards, one split each (default: 2, or fewer where there are
     fewer splits or CPU cores). The output is byte-identical for any number of workers.
     """
-    from mtrec_dist.hub import load_tokenizer, tokenizer_fingerprint
 
     say = partial(utils.say, enabled=progress)  # prepare's own switch
 

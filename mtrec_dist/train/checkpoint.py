@@ -34,7 +34,13 @@ import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
+import torch
+import torch.distributed as dist
+
 from mtrec_dist.config import Config
+from mtrec_dist.train.ds_engine import full_state_dict, load_engine, save_engine
+from mtrec_dist.train.export import export_run
 from mtrec_dist.utils import atomic_open, atomic_write_json
 
 CKPT_DIR = "checkpoints"  # RUN_DIR/checkpoints/step_XXXXXXXX
@@ -99,8 +105,6 @@ def _run_id_of(folder: Path) -> str | None:
 
 
 def _barrier() -> None:
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.barrier()
 
@@ -111,8 +115,6 @@ def save(engine, cfg: Config, pos: Position, rank: int, run_id: str | None = Non
     A write that fails (disk full, file too large, read-only folder) raises ``OSError`` naming
     the checkpoint folder before any ``COMPLETE`` marker is written: the previous checkpoint
     stays the newest complete one, and the half-written folder is ignored by every reader."""
-    from mtrec_dist.train.ds_engine import save_engine
-
     folder = checkpoint_folder(cfg.run_dir, pos.step)
     if (folder / COMPLETE).is_file():  # resumed at this very step: nothing new to save
         return folder
@@ -158,9 +160,6 @@ def rng_path(folder: Path, rank: int) -> Path:
 def save_rng(folder: Path, rank: int) -> None:
     """This rank's generator states, atomically (tensors, ints and lists only, so the file
     loads with ``weights_only=True``)."""
-    import numpy as np
-    import torch
-
     name, keys, npos, has_gauss, gauss = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -175,9 +174,6 @@ def save_rng(folder: Path, rank: int) -> None:
 def restore_rng(folder: Path, rank: int) -> bool:
     """Set this rank's generators from ``folder`` (False: the checkpoint has none, it was
     written before they were saved). Errors name the file."""
-    import numpy as np
-    import torch
-
     path = rng_path(folder, rank)
     if not path.is_file():
         return False
@@ -246,7 +242,6 @@ def restore(engine, folder: Path | None) -> Position | None:
     """Load the engine from a checkpoint folder; return its Position (None when there is none)."""
     if folder is None:
         return None
-    from mtrec_dist.train.ds_engine import load_engine
 
     state = read_state(folder)
     if state["world_size"] != engine.world_size:
@@ -269,14 +264,10 @@ def export_final(
     engine, model, cfg: Config, manifest: dict, pos: Position, rank: int, run_id: str | None = None
 ) -> None:
     """Save a last checkpoint (for zero_to_fp32 and resume) and export the run folder."""
-    from mtrec_dist.train.ds_engine import full_state_dict
-
     if cfg.trainer.checkpoint_every == 0 or pos.step % cfg.trainer.checkpoint_every:
         save(engine, cfg, pos, rank, run_id)
     sd = full_state_dict(engine, model)
     if rank == 0:
-        from mtrec_dist.train.export import export_run
-
         # The module keys (not the state dict's) decide which weights the export holds.
         export_run(model, cfg, manifest, pos.step, state_dict=sd)
     _barrier()

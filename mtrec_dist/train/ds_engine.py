@@ -58,6 +58,13 @@ groups. ``stats['surgery/extra_bytes']`` reports it.
 Not supported (raises): CPU/NVMe offload, pipeline parallelism, ``managed_gradient_accumulation:
 false``. fp16 dynamic loss scaling is not tested (the coefficients are scale-invariant, but an
 overflow in a non-final group is not detected).
+
+Importing DeepSpeed
+-------------------
+``deepspeed`` is imported inside the functions that use it, never at the top: the Ray driver
+imports this module (``launch`` → ``loop`` → here) and must not import deepspeed (ray#50406, see
+``launch.py``), the import takes seconds, and :func:`initialize` must set
+``TORCH_EXTENSIONS_DIR`` before it.
 """
 
 from __future__ import annotations
@@ -65,6 +72,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import pickle
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -76,6 +85,7 @@ import torch
 import torch.distributed as dist
 
 from mtrec_dist.train import surgery
+from mtrec_dist.utils import peak_rss_mb
 
 SHM_OP = "deepspeed_shm_comm"
 
@@ -121,7 +131,7 @@ def wait_for_build_locks(
 
 
 def _no_shm_build() -> None:
-    import deepspeed.ops
+    import deepspeed.ops  # lazy: deepspeed only in workers, see the module docstring
 
     table = deepspeed.ops.__dict__.get("__compatible_ops__")
     if table is None:  # not probed yet: do not probe (it runs compilers); only shm is read
@@ -137,6 +147,7 @@ def initialize(model: torch.nn.Module, optimizer, scheduler, ds_config: dict, de
     folder = extensions_dir()
     os.environ["TORCH_EXTENSIONS_DIR"] = str(folder)
     wait_for_build_locks(folder, deadline_s)
+    # lazy: imported after TORCH_EXTENSIONS_DIR is set (above); workers only (module docstring)
     import deepspeed
 
     _no_shm_build()
@@ -152,6 +163,7 @@ def initialize(model: torch.nn.Module, optimizer, scheduler, ds_config: dict, de
 
 def _allowed_globals() -> list:
     """The non-tensor types DeepSpeed writes into a ZeRO checkpoint (0.19.8)."""
+    # lazy: deepspeed only in workers, see the module docstring
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -186,9 +198,6 @@ class SafeCheckpointEngine:
 
 def load_checkpoint_file(path: str | Path, map_location=None) -> Any:
     """``torch.load(weights_only=True)`` with the DeepSpeed allow-list; errors name the file."""
-    import pickle
-    import re
-
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -226,13 +235,14 @@ def gathered(model: torch.nn.Module, engine):
     """Context in which every parameter is whole on every rank (collective under ZeRO-3)."""
     if engine.zero_optimization_stage() != 3:
         return contextlib.nullcontext()
-    import deepspeed
+    import deepspeed  # lazy: deepspeed only in workers, see the module docstring
 
     return deepspeed.zero.GatheredParameters(list(model.parameters()))
 
 
 def full_state_dict(engine, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """fp32 weights gathered from DeepSpeed's partitions (collective); the dict on rank 0 only."""
+    # lazy: deepspeed only in workers, see the module docstring
     from deepspeed.utils import safe_get_full_fp32_param
 
     stage = engine.zero_optimization_stage()
@@ -248,7 +258,7 @@ def full_state_dict(engine, model: torch.nn.Module) -> dict[str, torch.Tensor] |
 
 
 def _gather(p: torch.nn.Parameter) -> torch.Tensor:
-    import deepspeed
+    import deepspeed  # lazy: deepspeed only in workers, see the module docstring
 
     with deepspeed.zero.GatheredParameters([p]):
         return p.detach().clone()
@@ -258,7 +268,6 @@ def peak_memory_mb(engine) -> float:
     """Peak accelerator memory of this worker, else its peak resident memory (MiB)."""
     if engine.device.type == "cuda":
         return torch.cuda.max_memory_allocated(engine.device) / 2**20
-    from mtrec_dist.utils import peak_rss_mb
 
     return peak_rss_mb()
 
@@ -466,6 +475,7 @@ class MultiTaskGradients:
         them for those passes: the transient memory of the full parameters, as the PRs do."""
         if self.stage != 3 or t == 0:
             return contextlib.nullcontext()
+        # lazy: deepspeed only in workers, see the module docstring
         import deepspeed
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 

@@ -160,7 +160,7 @@ def _check_sections(ds: dict, src: str) -> None:
 
 def _validate_zero_section(zero: dict, src: str) -> None:
     """Let DeepSpeed's own pydantic model reject a misspelt zero_optimization key."""
-    try:
+    try:  # lazy: the driver validates here but imports deepspeed only for this (ray#50406)
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
     except Exception:  # pragma: no cover - deepspeed import can fail on exotic drivers
         return

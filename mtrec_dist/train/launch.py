@@ -3,7 +3,9 @@
 Nothing heavy happens here before validation: the config, the DeepSpeed JSON (``"auto"``
 filled, contradictions named), the prepared data and the model/task choices are checked on the
 driver so that a mistake fails in seconds, not after workers start. ``deepspeed`` is imported
-only inside workers (ray#50406).
+only inside workers (ray#50406). ``ray`` is imported inside the functions that start the run
+(``import ray.train`` alone takes seconds): validation, ``checkpoints_of`` and the resume checks
+(which the unit tests call on their own) never import it.
 """
 
 from __future__ import annotations
@@ -12,9 +14,21 @@ import os
 import uuid
 from pathlib import Path
 
-from mtrec_dist.config import Config, ConfigError, load_config
+import torch
+
+from mtrec_dist.config import Config, ConfigError, load_config, parse_override
+from mtrec_dist.data.prepared import check_tokenizer, load_manifest, split_info
+from mtrec_dist.hub import load_tokenizer, tokenizer_fingerprint
+from mtrec_dist.models import layer_cache
+from mtrec_dist.models.registry import build_model, resolve_groups
+from mtrec_dist.train.checkpoint import newest_complete, read_state, scan
 from mtrec_dist.train.console import CONSOLE_FILE, RAY_DRIVER_LOG, following, ray_driver_logs_to
-from mtrec_dist.utils import ray_address
+from mtrec_dist.train.dsconfig import describe, resolve_deepspeed
+from mtrec_dist.train.errors import TrainingFailed
+from mtrec_dist.train.loop import train_worker
+from mtrec_dist.train.runlock import reap_at_exit, run_lock
+from mtrec_dist.train.steps import step_plan
+from mtrec_dist.utils import atomic_write_text, ray_address
 
 RAY_DIR = "ray"  # RUN_DIR/ray/<name>: Ray Train's own run state (checkpoints: checkpoint.py)
 RAY_NAME = "train"
@@ -39,11 +53,6 @@ def validate_for_training(cfg: Config) -> tuple[dict, dict]:
     """(manifest, resolved DeepSpeed dict) or a clear error naming the key to fix.
 
     Side effect: ``cfg.model.groups`` is narrowed to the groups the model computes."""
-    from mtrec_dist.data.prepared import check_tokenizer, load_manifest, split_info
-    from mtrec_dist.hub import load_tokenizer, tokenizer_fingerprint
-    from mtrec_dist.models.registry import build_model, resolve_groups
-    from mtrec_dist.train.dsconfig import resolve_deepspeed
-
     ds = resolve_deepspeed(cfg)
     manifest = load_manifest(cfg.prepared_dir)
     check_tokenizer(manifest, tokenizer_fingerprint(load_tokenizer(cfg.model.encoder)))
@@ -67,13 +76,7 @@ def validate_for_training(cfg: Config) -> tuple[dict, dict]:
 
 def checkpoints_of(run_dir: str | Path) -> list[Path]:
     """The run's complete checkpoints, oldest first (incomplete ones are never listed)."""
-    from mtrec_dist.train.checkpoint import scan
-
     return scan(run_dir)[0]
-
-
-class TrainingFailed(RuntimeError):
-    """A worker (or Ray Train's controller) failed: our one-line message and the full log."""
 
 
 def run_training(
@@ -85,8 +88,6 @@ def run_training(
     ``overrides`` (``key=value``) that are safe on a resume (``SAFE_ON_RESUME``). The run
     folder is locked for the whole run (one writer, docs/design.md §6): a second run into it
     is refused here, before any worker starts."""
-    from mtrec_dist.train.runlock import run_lock
-
     folder = Path(resume or cfg.run_dir)
     if resume and not folder.is_dir():
         raise FileNotFoundError(f"--resume {resume}: no such run folder")
@@ -110,11 +111,7 @@ def _run_locked(cfg: Config, resume: str | None, overrides: list[str]) -> dict:
     if resume:
         _check_resumable(cfg, ds)
 
-    import ray
-
-    from mtrec_dist.train.dsconfig import describe
-    from mtrec_dist.train.runlock import reap_at_exit
-    from mtrec_dist.train.steps import step_plan
+    import ray  # lazy: only once validation passed (module docstring)
 
     t = cfg.trainer
     plan = step_plan(manifest, t.num_workers, t)
@@ -163,11 +160,6 @@ def build_layer_cache(cfg: Config, manifest: dict) -> None:
     driver with a progress bar rather than silently inside the workers (whose output stays in
     Ray's logs); the workers then find it complete. A worker on a node that cannot see this
     prepared folder builds its node's own."""
-    import torch
-
-    from mtrec_dist.models import layer_cache
-    from mtrec_dist.models.registry import build_model
-
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(cfg, manifest)
     cache = layer_cache.build_cache(
@@ -182,7 +174,7 @@ def build_layer_cache(cfg: Config, manifest: dict) -> None:
 
 def _ray_logs_dir() -> str:
     """Ray's log folder on this node (where every worker's and actor's output stays)."""
-    import ray
+    import ray  # lazy: only once validation passed (module docstring)
 
     try:
         return str(ray._private.worker.global_worker.node.get_logs_dir_path())
@@ -192,10 +184,9 @@ def _ray_logs_dir() -> str:
 
 def _fit(cfg: Config, ds: dict, run_dir: Path, run: dict) -> None:
     """Ray Train's TorchTrainer over ``train_worker``, rank 0's console lines followed."""
+    # lazy: only once validation passed (module docstring)
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from mtrec_dist.train.loop import train_worker
 
     t = cfg.trainer
     storage = run_dir.resolve() / RAY_DIR
@@ -231,8 +222,6 @@ ERROR_LOG = "logs/train_error.log"  # RUN_DIR/logs/: the full failure, every wor
 def _training_failed(e: Exception, run_dir: Path) -> TrainingFailed:
     """Ray's error (its own traceback wrapping each worker's) to our one line: the first
     failing rank's exception, and where the full text was written."""
-    from mtrec_dist.utils import atomic_write_text
-
     failures = getattr(e, "worker_failures", None) or {}
     if failures:
         rank = min(failures)
@@ -254,8 +243,6 @@ def _training_failed(e: Exception, run_dir: Path) -> TrainingFailed:
 def _check_resumable(cfg: Config, ds: dict) -> None:
     """What the workers would refuse after start-up, refused here (DeepSpeed#3810): the
     newest checkpoint's world size and ZeRO stage against this run's."""
-    from mtrec_dist.train.checkpoint import newest_complete, read_state
-
     folder = newest_complete(cfg.run_dir, say=lambda _: None)
     state = read_state(folder)
     stage = int(ds.get("zero_optimization", {}).get("stage", 0))
@@ -273,8 +260,6 @@ def _check_resumable(cfg: Config, ds: dict) -> None:
 
 def _resume_config(run_dir: str, overrides: list[str]) -> Config:
     """The saved config of ``run_dir`` with the safe ``overrides`` applied; others refused."""
-    from mtrec_dist.config import parse_override
-
     saved = Path(run_dir) / "config.yaml"
     if not saved.is_file():
         raise FileNotFoundError(f"--resume {run_dir}: {saved} is missing (not a run folder)")

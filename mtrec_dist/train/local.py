@@ -21,11 +21,17 @@ from pathlib import Path
 import torch
 
 from mtrec_dist.config import Config, dump_config
+from mtrec_dist.data.prepared import check_tokenizer, load_manifest
+from mtrec_dist.data.stream import loader_for
+from mtrec_dist.hub import load_tokenizer, tokenizer_fingerprint
 from mtrec_dist.models import layer_cache
 from mtrec_dist.models.outputs import group_losses
+from mtrec_dist.models.registry import build_model, resolve_groups
 from mtrec_dist.train import surgery
+from mtrec_dist.train.export import export_run
 from mtrec_dist.train.logging import step_record
 from mtrec_dist.train.optim import build_optimizer, build_scheduler
+from mtrec_dist.train.steps import epoch_micro_batches, step_plan
 from mtrec_dist.utils import Progress
 
 
@@ -99,13 +105,6 @@ def train_local(
     ``on_step(step, model)`` runs once before the first update (step 0) and after every
     optimizer step (the quality benchmark measures its learning curves there; the model is put
     back in train mode afterwards)."""
-    from mtrec_dist.data.prepared import check_tokenizer, load_manifest
-    from mtrec_dist.data.stream import loader_for
-    from mtrec_dist.hub import load_tokenizer, tokenizer_fingerprint
-    from mtrec_dist.models.registry import build_model, resolve_groups
-    from mtrec_dist.train.export import export_run
-    from mtrec_dist.train.steps import epoch_micro_batches, step_plan
-
     manifest = load_manifest(cfg.prepared_dir)
     check_tokenizer(manifest, tokenizer_fingerprint(load_tokenizer(cfg.model.encoder)))
     torch.manual_seed(cfg.trainer.seed)

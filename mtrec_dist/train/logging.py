@@ -16,10 +16,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from torch.utils.tensorboard import SummaryWriter
+
 from mtrec_dist.config import Config, dump_config
 from mtrec_dist.train import surgery
 from mtrec_dist.train.console import ConsoleLog
-from mtrec_dist.utils import Progress
+from mtrec_dist.utils import Progress, atomic_write_text
 
 DEV_LOG = "dev_log.jsonl"  # one line per periodic dev evaluation: {"step": s, "auc": ...}
 TRAIN_LOG = "train_log.jsonl"  # one line per optimizer step: {"step": s, "lr": ..., ...}
@@ -28,8 +30,6 @@ TRAIN_LOG = "train_log.jsonl"  # one line per optimizer step: {"step": s, "lr": 
 def truncate_log(path: Path, last_step: int) -> None:
     """Keep only the records of ``path`` (JSON lines with a ``step``) up to ``last_step``,
     atomically; a torn last line (a crash mid-write) is dropped too."""
-    from mtrec_dist.utils import atomic_write_text
-
     if not path.is_file():
         return
     kept = []
@@ -73,8 +73,6 @@ def _records(path: Path) -> list[dict]:
 
 class RunLogger:
     def __init__(self, cfg: Config, rank: int, total_steps: int, start_step: int = 0):
-        from torch.utils.tensorboard import SummaryWriter
-
         self.dir = Path(cfg.run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, self.dir / "config.yaml")
@@ -148,10 +146,10 @@ class RunLogger:
 
 
 def plot_cosine(trace: list[tuple[int, float, float]], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # lazy: only the end of a surgery run plots; ~0.7 s to import
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after use("Agg") (no display on workers)
 
     steps = [s for s, _, _ in trace]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), sharey=True)

@@ -13,28 +13,36 @@ import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from mtrec_dist.config import Config, config_from_dict
+from mtrec_dist.data.batch import NewsTable
+from mtrec_dist.data.global_batch import exchange_batch
+from mtrec_dist.data.prepared import load_manifest
+from mtrec_dist.data.stream import loader_for
+from mtrec_dist.eval.evaluate import evaluate_model
+from mtrec_dist.models import layer_cache
 from mtrec_dist.models.outputs import group_losses
-from mtrec_dist.train.checkpoint import Position
+from mtrec_dist.models.registry import build_model, global_dedup
+from mtrec_dist.train import ds_engine as ds
+from mtrec_dist.train.checkpoint import (
+    Position,
+    export_final,
+    newest_complete,
+    restore,
+    restore_rng,
+    save,
+)
+from mtrec_dist.train.console import say_once
+from mtrec_dist.train.ds_engine import MultiTaskGradients, gathered
+from mtrec_dist.train.logging import RunLogger
+from mtrec_dist.train.optim import build_optimizer, build_scheduler
+from mtrec_dist.train.steps import epoch_micro_batches, step_plan
 
 
 def train_worker(config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker (``train_loop_per_worker``)."""
-    import ray.train
-
-    from mtrec_dist.data.batch import NewsTable
-    from mtrec_dist.data.global_batch import exchange_batch
-    from mtrec_dist.data.prepared import load_manifest
-    from mtrec_dist.data.stream import loader_for
-    from mtrec_dist.models import layer_cache
-    from mtrec_dist.models.registry import build_model, global_dedup
-    from mtrec_dist.train import ds_engine as ds
-    from mtrec_dist.train.checkpoint import export_final, restore, restore_rng, save
-    from mtrec_dist.train.ds_engine import MultiTaskGradients
-    from mtrec_dist.train.logging import RunLogger
-    from mtrec_dist.train.optim import build_optimizer, build_scheduler
-    from mtrec_dist.train.steps import epoch_micro_batches, step_plan
+    import ray.train  # lazy: the driver imports this module before validating (launch.py)
 
     cfg: Config = config_from_dict(config["cfg"])
     ctx = ray.train.get_context()
@@ -133,8 +141,6 @@ def _mean_over_ranks(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     batch's, not rank 0's share, and under data.dedup=global a per-news loss on one rank covers
     only the titles it owns, so only the mean equals data.dedup=rank's (collective: every rank
     calls it at every step)."""
-    import torch.distributed as dist
-
     names = sorted(losses)
     v = torch.stack([losses[k].detach().float() for k in names])
     dist.all_reduce(v)
@@ -145,11 +151,6 @@ def _resume_folder(run_dir: str, rank: int, run_id: str | None = None):
     """The newest complete checkpoint as rank 0 sees it, the same on every rank (with
     ``run_id``: only those that launch wrote). What it ignores reaches the console through
     ``console.log`` (a worker's own output stays in Ray's logs, docs/design.md §9)."""
-    import torch.distributed as dist
-
-    from mtrec_dist.train.checkpoint import newest_complete
-    from mtrec_dist.train.console import say_once
-
     found = [newest_complete(run_dir, say_once(run_dir), run_id) if rank == 0 else None]
     if dist.is_initialized():
         dist.broadcast_object_list(found, src=0)
@@ -158,11 +159,6 @@ def _resume_folder(run_dir: str, rank: int, run_id: str | None = None):
 
 def _evaluate(engine, model, cfg: Config, log, step: int) -> None:
     """Periodic dev metrics on rank 0 (every rank joins the gathers under ZeRO-3)."""
-    import torch.distributed as dist
-
-    from mtrec_dist.eval.evaluate import evaluate_model
-    from mtrec_dist.train.ds_engine import gathered
-
     # fork_rng: evaluating must not move the training generators, or a run resumed from a
     # checkpoint saved before this evaluation would draw other dropout masks (design.md §6)
     with gathered(model, engine), torch.random.fork_rng(devices=_cuda_devices(engine)):

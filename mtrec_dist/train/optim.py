@@ -12,6 +12,7 @@ import math
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from mtrec_dist.config import TrainerConfig
 from mtrec_dist.models.base import NewsRecModel
@@ -51,7 +52,6 @@ def pretrained_encoder_params(model: nn.Module) -> list[nn.Parameter]:
     if isinstance(model, NewsRecModel):
         enc = model.pretrained_encoder()
         return [] if enc is None else list(enc.parameters())
-    from transformers import PreTrainedModel  # lazy: transformers is slow to import
 
     enc = dict(model.named_children()).get("encoder")
     return list(enc.parameters()) if isinstance(enc, PreTrainedModel) else []

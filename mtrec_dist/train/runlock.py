@@ -29,6 +29,7 @@ import contextlib
 import fcntl
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -136,8 +137,6 @@ def _alive(pid: int, started: int) -> bool:
 def _watch(driver: int) -> None:
     """Record ``driver``'s descendants until its pipe closes (it exited or died), then stop
     those still running."""
-    import select
-
     me = os.getpid()
     seen: dict[int, int] = {}
     while True:

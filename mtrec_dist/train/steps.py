@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any, TypeVar
 
+from mtrec_dist.data.stream import batches_per_epoch
+
 T = TypeVar("T")
 
 
@@ -31,8 +33,6 @@ class StepPlan:
     @classmethod
     def of(cls, manifest: Any, world_size: int, trainer: Any) -> StepPlan:
         """The plan of ``trainer`` (a ``TrainerConfig``) over the prepared ``manifest``."""
-        from mtrec_dist.data.stream import batches_per_epoch
-
         t = trainer
         n = batches_per_epoch(manifest, world_size, t.micro_batch, t.seed, 0)
         return cls(n, t.grad_accum, t.epochs, t.max_steps)

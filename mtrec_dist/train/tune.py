@@ -45,8 +45,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mtrec_dist.config import Config, ConfigError, load_config, read_yaml_mapping, validate
-from mtrec_dist.train.dsconfig import YAML_OWNED_DS
+from mtrec_dist.config import (
+    Config,
+    ConfigError,
+    load_config,
+    parse_override,
+    read_yaml_mapping,
+    validate,
+)
+from mtrec_dist.data.prepared import load_manifest
+from mtrec_dist.train.dsconfig import YAML_OWNED_DS, load_ds_json, resolve_deepspeed
+from mtrec_dist.train.launch import run_training
 from mtrec_dist.train.steps import StepPlan
 from mtrec_dist.utils import atomic_write_json, atomic_write_text, say
 
@@ -262,8 +271,6 @@ def _trial_config(
 
 def plan_trials(base: Config, space: Space, manifest: dict) -> list[Trial]:
     """Every grid point as a Trial; those that cannot run carry ``reject`` (a one-line reason)."""
-    from mtrec_dist.train.dsconfig import load_ds_json, resolve_deepspeed
-
     base_ds = load_ds_json(base.deepspeed)
     workers = base.trainer.num_workers
     steps = space.warmup_steps + space.measure_steps
@@ -437,8 +444,6 @@ def best_command(
     config: str | None, overrides: list[str], ds_path: str, micro: int, ga: int
 ) -> tuple[str, list[str]]:
     """The launch/train.py line for the winner: the sweep's overrides with the winning knobs."""
-    from mtrec_dist.config import parse_override
-
     replaced = {"deepspeed", "trainer.micro_batch", "trainer.grad_accum"}
     kept = [o for o in overrides if parse_override(o)[0] not in replaced]
     ov = [*kept, f"deepspeed={ds_path}", f"trainer.micro_batch={micro}",
@@ -481,8 +486,6 @@ def write_reports(
 
 def _fingerprint(base: Config, space: Space) -> str:
     """What the measurements depend on; a resume into an --out of another sweep is refused."""
-    from mtrec_dist.train.dsconfig import load_ds_json
-
     cfg = base.to_dict()
     cfg.pop("run_dir")
     blob = {
@@ -516,9 +519,6 @@ def run_sweep(
     ``best`` holds the winner's row plus ``command`` (the launch/train.py line), ``overrides``
     (what to pass to load_config) and ``deepspeed_path``; None when no trial fit.
     """
-    from mtrec_dist.data.prepared import load_manifest
-    from mtrec_dist.train.launch import run_training
-
     overrides = list(overrides or [])
     base = load_config(config, overrides)
     space = load_space(space_path)
