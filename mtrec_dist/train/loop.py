@@ -24,10 +24,10 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     from mtrec_dist.data.batch import NewsTable
-    from mtrec_dist.data.global_batch import exchange_batch
     from mtrec_dist.data.prepared import load_manifest
     from mtrec_dist.data.stream import loader_for
     from mtrec_dist.models import layer_cache
+    from mtrec_dist.models.dedup import exchange_batch
     from mtrec_dist.models.registry import build_model, global_dedup
     from mtrec_dist.train import ds_engine as ds
     from mtrec_dist.train.checkpoint import export_final, restore, restore_rng, save
