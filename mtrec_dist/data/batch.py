@@ -83,7 +83,7 @@ class Sample:
 @dataclass
 class Batch:
     """What a model reads, with one meaning per field in both de-duplication modes
-    (docs/design.md §2.5; the modes are ``mtrec_dist.models.dedup``'s):
+    (docs/design.md §2.5, §2.6; the modes are ``mtrec_dist.models.dedup``'s):
 
     - per-news fields (``news_rows`` .. ``entities``, ``hist_count``; U rows): the titles THIS
       rank encodes: every distinct title of its micro-batch (``collate``), or its share of the

@@ -1,6 +1,6 @@
 """Title de-duplication across ranks (``data.dedup=global``), in one room: the ownership plan,
 the integer exchange, the owner weights, and the two functions through which a model reads a
-batch the same way in both modes (docs/design.md §2.5 and §3 Models contract).
+batch the same way in both modes (docs/design.md §2.6 Cross-rank de-duplication).
 
 What a model sees. A :class:`~mtrec_dist.data.batch.Batch`'s per-news fields (``news_rows``,
 ``tokens``, ``category``, ...) are always the titles THIS rank encodes; ``hist_idx`` /
