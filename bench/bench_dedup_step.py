@@ -84,9 +84,9 @@ def _worker(rank: int, world: int, port: int, a: argparse.Namespace, out_path: s
 
     from mtrec_dist.config import Config
     from mtrec_dist.data.batch import NewsTable
-    from mtrec_dist.data.global_batch import exchange_batch
     from mtrec_dist.data.prepared import load_manifest
     from mtrec_dist.data.stream import loader_for
+    from mtrec_dist.models.dedup import exchange_batch
     from mtrec_dist.models.outputs import group_losses
     from mtrec_dist.models.registry import build_model
     from mtrec_dist.train.ds_engine import MultiTaskGradients

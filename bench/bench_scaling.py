@@ -74,8 +74,8 @@ def base_overrides(a, prepared: Path) -> list[str]:
 def id_stream(prepared: Path, world: int, micro: int, steps: int, history: int) -> dict:
     """Titles each mode encodes on the loader's first ``steps`` micro-batches of every rank."""
     from mtrec_dist.config import load_config
-    from mtrec_dist.data.global_batch import plan_exchange
     from mtrec_dist.data.stream import loader_for
+    from mtrec_dist.models.dedup import plan_exchange
 
     cfg = load_config(
         REPO / "configs" / "tiny.yaml",

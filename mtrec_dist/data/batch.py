@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtrec_dist.data.tasks import CATEGORY, NER, NEWS_COLUMN, NEWS_TASKS, SENTIMENT
+from mtrec_dist.data.tasks import CATEGORY, NER, NEWS_TASKS, SENTIMENT
 
 NER_TAGS = ("O", "B", "I")
 NER_IGNORE = 255  # in ner.npy: special tokens and padding; becomes -100 in a batch
@@ -82,7 +82,18 @@ class Sample:
 
 @dataclass
 class Batch:
-    news_rows: torch.Tensor  # [U] long, unique news-table rows
+    """What a model reads, with one meaning per field in both de-duplication modes
+    (docs/design.md §2.5, §2.6; the modes are ``mtrec_dist.models.dedup``'s):
+
+    - per-news fields (``news_rows`` .. ``entities``, ``hist_count``; U rows): the titles THIS
+      rank encodes: every distinct title of its micro-batch (``collate``), or its share of the
+      global batch's titles (``data.dedup=global``);
+    - ``hist_idx`` / ``cand_idx``: indices into the news vectors as ``dedup.news_vectors``
+      returns them (the U rows themselves, or the global batch's U_g unique rows);
+    - per-sample fields ([B] or [B, ...]): this rank's samples.
+    """
+
+    news_rows: torch.Tensor  # [U] long, news-table rows of the titles this rank encodes
     tokens: torch.Tensor  # [U, L] long, trimmed to the longest title in the batch
     attention_mask: torch.Tensor  # [U, L] long
     ner: torch.Tensor  # [U, L] long, 0/1/2, -100 = ignore
@@ -90,25 +101,26 @@ class Batch:
     subcategory: torch.Tensor  # [U] long
     sentiment: torch.Tensor  # [U] long, -1 = none
     entities: torch.Tensor  # [U, E] long, 0 = none
-    hist_idx: torch.Tensor  # [B, H] long into U (0 where masked)
+    hist_idx: torch.Tensor  # [B, H] long into dedup.news_vectors' rows (0 where masked)
     hist_mask: torch.Tensor  # [B, H] bool, real history slots
-    cand_idx: torch.Tensor  # [B, C] long into U
+    cand_idx: torch.Tensor  # [B, C] long into dedup.news_vectors' rows
     cand_mask: torch.Tensor  # [B, C] bool
     labels: torch.Tensor  # [B, C] float
     sample_mask: torch.Tensor  # [B] bool, False for padding samples that fill the last batch
-    hist_count: torch.Tensor  # [U] float, occurrences among real history slots of real samples
+    # [U] float, occurrences among real history slots of real samples (of every rank's samples
+    # on a global share; the loss weights there are ``aux_weight``)
+    hist_count: torch.Tensor
     impression_ids: tuple[str, ...]  # [B] source ids; "" for padding samples (not a tensor)
     click_pos: torch.Tensor  # [B] long
     # [B] long user index (LSTUR / NPA user-ID embeddings), 0 = unknown user; empty ([0]) when
     # the batch was built without users (then every sample is the unknown user).
     user_idx: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
-    # Cross-rank de-duplication (data.dedup=global, ``mtrec_dist.data.global_batch``): the
-    # per-news fields above hold only the S titles THIS rank encodes (its share of the global
-    # batch's sorted unique rows, padded with row 0), hist_idx / cand_idx index the global
-    # unique rows, and ``global_unique`` is their number (0 = an ordinary per-rank batch).
+    # The number of rows dedup.news_vectors returns for a rank's share of the global batch
+    # (``dedup.exchange_batch``: U = S owned titles, pads included, of U_g); 0 = a per-rank
+    # batch, whose hist_idx / cand_idx index its own U titles.
     global_unique: int = 0
-    # [S, len(NEWS_TASKS)] float, global batches only: the owner's explicit per-news loss
-    # weights, already normalised by every rank's own occurrence total (empty ([0]) otherwise).
+    # [U, len(NEWS_TASKS)] float64 on a global share: the owner's per-news loss weights, every
+    # rank's normaliser included (``dedup.owner_weights``); empty ([0]) on a per-rank batch.
     aux_weight: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
 
     def to(self, device: torch.device | str) -> Batch:
@@ -129,19 +141,13 @@ class Batch:
     def news_valid(self) -> torch.Tensor:
         """[U, len(NEWS_TASKS)] bool: the news has a label for the task (category > 0, at least
         one tagged token, a sentiment >= 0), as the task losses in ``models/heads.py`` read
-        them; the cross-rank normalisers (``global_batch.exchange_batch``) count with it."""
+        them; the cross-rank normalisers (``dedup.exchange_batch``) count with it."""
         has = {
             CATEGORY: self.category > 0,
             NER: (self.ner != -100).any(1),
             SENTIMENT: self.sentiment >= 0,
         }  # [U] each
         return torch.stack([has[task] for task in NEWS_TASKS], dim=1)
-
-    def owner_weight(self, task: str) -> torch.Tensor | None:
-        """[S] explicit loss weights of ``task`` on a global batch; None on a per-rank batch."""
-        if not self.global_unique:
-            return None
-        return self.aux_weight[:, NEWS_COLUMN[task]]
 
 
 def _pad_stack(arrays: list[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:

@@ -7,9 +7,12 @@ batch (docs/design.md §2.5 De-duplicated batch and occurrence weighting). A mic
 nothing to learn from gives a zero loss that stays connected to the graph, so every rank runs
 the same backward.
 
-Under cross-rank de-duplication (``mtrec_dist.data.global_batch``) each title's loss is
-computed once, on the rank that encoded it, with an explicit ``owner_weight`` that already
-holds every rank's normaliser: the loss is then ``sum_u w(u) l(u)`` with no further division.
+The heads compute each title's loss [U]; how it reduces to the rank's scalar is the
+de-duplication room's (``mtrec_dist.models.dedup.NewsLossWeights``): the occurrence-weighted
+mean on a per-rank batch, or, under cross-rank de-duplication, the owner's explicitly weighted
+sum (the weights already hold every rank's normaliser). A model reads both through
+``dedup.news_loss_weights(batch, task, dtype).reduce(per_news)``; :func:`news_class_loss` and
+:func:`ner_loss` are the same losses from explicit counts (or owner weights).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mtrec_dist.models.dedup import loss_weights
 
 SENTIMENT_CLASSES = 3  # negative / neutral / positive (EBNeRD poster)
 NER_CLASSES = 3  # O, B, I (mtrec_dist.data.batch.NER_TAGS)
@@ -55,18 +60,11 @@ def weighted_mean(per_news: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
     return (weights * per_news).sum() / weights.sum().clamp_min(1.0)
 
 
-def occurrence_loss(
-    per_news: torch.Tensor,
-    hist_count: torch.Tensor,
-    valid: torch.Tensor,
-    owner_weight: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The per-news loss [U] reduced over history occurrences of valid news: the per-rank
-    ``weighted_mean`` with weights ``hist_count * valid``, or, on a global batch, the plain
-    weighted sum with the owner's precomputed ``owner_weight`` [U]."""
-    if owner_weight is not None:
-        return (owner_weight.to(per_news.dtype) * per_news).sum()
-    return weighted_mean(per_news, hist_count * valid.to(hist_count.dtype))
+def news_class_ce(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Eq. 6 per title: the cross-entropy [U] of logits [U, K] against target [U] (any value
+    where not ``valid`` [U] bool: class 0 is scored there and the weight drops it)."""
+    safe = torch.where(valid, target, torch.zeros_like(target))  # [U]
+    return F.cross_entropy(logits, safe, reduction="none")  # [U]
 
 
 def news_class_loss(
@@ -79,33 +77,26 @@ def news_class_loss(
     """Eq. 6 over history occurrences: sum_u c_u [valid_u] CE_u / sum_u c_u [valid_u].
 
     logits [U, K], target [U] (any value where not valid), hist_count [U], valid [U] bool;
-    ``owner_weight`` [U]: see :func:`occurrence_loss`.
+    ``owner_weight`` [U]: the owner's weights instead (``dedup.loss_weights``).
     """
-    safe = torch.where(valid, target, torch.zeros_like(target))  # [U]
-    ce = F.cross_entropy(logits, safe, reduction="none")  # [U]
-    return occurrence_loss(ce, hist_count, valid, owner_weight)
+    return loss_weights(hist_count, valid, owner_weight).reduce(
+        news_class_ce(logits, target, valid)
+    )
 
 
 NER_REDUCTIONS = ("sum", "mean")  # model.ner_reduction
 
 
-def ner_loss(
-    logits: torch.Tensor,
-    tags: torch.Tensor,
-    hist_count: torch.Tensor,
-    owner_weight: torch.Tensor | None = None,
-    reduction: str = "mean",
+def ner_per_title(
+    logits: torch.Tensor, tags: torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
-    """NER loss per title, then averaged over history occurrences of titles with at least one
-    tagged token (tags != -100).
+    """The NER loss of each title [U] (0 for a title without a tagged token).
 
     ``reduction`` (``model.ner_reduction``): ``sum`` = MTRec eq. 8, per title the SUM over its
     tagged tokens of the token CE (longer titles weigh more); ``mean`` = per title the MEAN over
-    its tagged tokens (what public reproductions compute). The occurrence weighting over titles
-    (and ``owner_weight`` under global de-duplication) is the same for both.
+    its tagged tokens (what public reproductions compute).
 
-    logits [U, L, T], tags [U, L] (-100 = padding / special token), hist_count [U];
-    ``owner_weight`` [U]: see :func:`occurrence_loss`.
+    logits [U, L, T], tags [U, L] (-100 = padding / special token).
     """
     if reduction not in NER_REDUCTIONS:
         raise ValueError(
@@ -115,11 +106,28 @@ def ner_loss(
     ce = F.cross_entropy(
         logits.reshape(U * L, T), tags.reshape(U * L), ignore_index=-100, reduction="none"
     ).reshape(U, L)  # [U, L], 0 at ignored tokens
-    n_tagged = (tags != -100).sum(1)  # [U]
     per_title = ce.sum(1)  # [U]
     if reduction == "mean":
+        n_tagged = (tags != -100).sum(1)  # [U]
         per_title = per_title / n_tagged.clamp_min(1).to(per_title.dtype)
-    return occurrence_loss(per_title, hist_count, n_tagged > 0, owner_weight)
+    return per_title
+
+
+def ner_loss(
+    logits: torch.Tensor,
+    tags: torch.Tensor,
+    hist_count: torch.Tensor,
+    owner_weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """:func:`ner_per_title` averaged over history occurrences of titles with at least one
+    tagged token (tags != -100); the occurrence weighting over titles (and ``owner_weight``
+    under global de-duplication, ``dedup.loss_weights``) is the same for both reductions.
+
+    logits [U, L, T], tags [U, L], hist_count [U]; ``owner_weight`` [U] or None.
+    """
+    per_title = ner_per_title(logits, tags, reduction)  # [U]
+    return loss_weights(hist_count, (tags != -100).any(1), owner_weight).reduce(per_title)
 
 
 def nce_loss(

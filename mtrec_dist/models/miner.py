@@ -37,13 +37,13 @@ Readings where the paper is silent:
   ``e_i . e_k = (w G w^T)_ik`` with ``G = H H^T``. This costs O(B C K H) memory instead of
   O(B C K D), which matters at evaluation with hundreds of candidates and the bias on.
 
-Cross-rank de-duplication (``data.dedup=global``, ``mtrec_dist.data.global_batch``): a title's
+Cross-rank de-duplication (``data.dedup=global``, ``mtrec_dist.models.dedup``): a title's
 vector does not depend on the sample (bi-encoder), so each rank encodes only the titles it owns
-and :func:`~mtrec_dist.data.global_batch.gather_news_vectors` exchanges them; the category bias
-needs the categories of the same global unique rows, gathered as integers
-(:func:`~mtrec_dist.data.global_batch.gather_news_ids`). Everything after the gather (poly
-attention, bias, disagreement, aggregation) is the per-rank code on this rank's samples, and
-MINER has no per-news loss, so the loss and its gradients equal the per-rank path's.
+and :func:`~mtrec_dist.models.dedup.news_vectors` returns the vectors the samples index (the
+identity on a per-rank batch); the category bias reads the categories of the same rows
+(:func:`~mtrec_dist.models.dedup.news_ids`). Everything after that (poly attention, bias,
+disagreement, aggregation) is the same code in both modes, on this rank's samples, and MINER
+has no per-news loss, so the loss and its gradients equal the per-rank path's.
 """
 
 from __future__ import annotations
@@ -54,10 +54,10 @@ from torch import nn
 
 from mtrec_dist.config import ConfigError, ModelConfig
 from mtrec_dist.data.batch import Batch
-from mtrec_dist.data.global_batch import gather_news_ids, gather_news_vectors
 from mtrec_dist.data.tasks import DISAGREEMENT, MAIN
 from mtrec_dist.hub import load_tokenizer
 from mtrec_dist.models.base import NewsRecModel
+from mtrec_dist.models.dedup import news_ids, news_vectors
 from mtrec_dist.models.encoders import NewsEncoder, build_news_encoder
 from mtrec_dist.models.heads import nce_loss
 from mtrec_dist.models.outputs import TaskOutputs
@@ -208,12 +208,9 @@ class MINER(NewsRecModel):
         return raw.masked_fill(~batch.cand_mask, float("-inf"))
 
     def forward(self, batch: Batch) -> TaskOutputs:
-        news_vecs = self.encode_news(batch)  # [U, D] (this rank's share S when global)
-        category = batch.category  # [U]
-        if batch.global_unique:  # every rank's owned titles -> the global unique rows
-            news_vecs = gather_news_vectors(news_vecs, batch.global_unique)  # [U_g, D]
-            if self.category_bias:
-                category = gather_news_ids(batch.category, batch.global_unique)  # [U_g]
+        news_vecs = news_vectors(self.encode_news(batch), batch)  # the rows samples index
+        # the categories of those rows; only the bias reads them (one collective less without)
+        category = news_ids(batch.category, batch) if self.category_bias else batch.category
         raw, disagreement = self._match(news_vecs, category, batch)  # [B, C], [B]
         scores = raw.masked_fill(~batch.cand_mask, float("-inf"))
         real = batch.sample_mask.to(disagreement.dtype)  # [B]

@@ -36,10 +36,10 @@ from torch import nn
 
 from mtrec_dist.config import ConfigError, ModelConfig
 from mtrec_dist.data.batch import Batch
-from mtrec_dist.data.global_batch import gather_news_vectors
 from mtrec_dist.data.tasks import CATEGORY, MAIN, NER, NEWS_COLUMN, NEWS_TASKS, SENTIMENT
 from mtrec_dist.hub import load_tokenizer
 from mtrec_dist.models.base import NewsRecModel
+from mtrec_dist.models.dedup import news_loss_weights, news_vectors
 from mtrec_dist.models.encoders import (
     MultiFieldFusion,
     NewsEncoder,
@@ -52,8 +52,8 @@ from mtrec_dist.models.heads import (
     NewsClassifier,
     TokenTagger,
     nce_loss,
-    ner_loss,
-    news_class_loss,
+    ner_per_title,
+    news_class_ce,
 )
 from mtrec_dist.models.outputs import TaskOutputs
 from mtrec_dist.models.user import AttentionUserEncoder, build_user_encoder
@@ -190,36 +190,22 @@ class MTRec(NewsRecModel):
         return AttentionDotScorer(self.user_encoder.attention, self.score_scale, vectors)
 
     def forward(self, batch: Batch) -> TaskOutputs:
-        vecs, cls, hidden = self._encode(batch)  # this rank's titles (its share when global)
-        if batch.global_unique:  # every rank's owned vectors -> the global unique rows
-            vecs = gather_news_vectors(vecs, batch.global_unique)  # [U_g, D]
-        scores = self.score_news_vectors(vecs, batch)  # [B, C]
+        vecs, cls, hidden = self._encode(batch)  # [U, D]: the titles this rank encodes
+        scores = self.score_news_vectors(news_vectors(vecs, batch), batch)  # [B, C]
         losses = {MAIN: nce_loss(scores, batch.cand_mask, batch.sample_mask)}
-        count = batch.hist_count.to(cls.dtype)  # [U]
         valid = batch.news_valid()  # [U, len(NEWS_TASKS)], columns NEWS_COLUMN[task]
         if CATEGORY in self.heads:  # eq. 5-6
             logits = self.heads[CATEGORY](cls)  # [U, n_category]
-            losses[CATEGORY] = news_class_loss(
-                logits,
-                batch.category,
-                count,
-                valid[:, NEWS_COLUMN[CATEGORY]],
-                batch.owner_weight(CATEGORY),
-            )
+            ce = news_class_ce(logits, batch.category, valid[:, NEWS_COLUMN[CATEGORY]])  # [U]
+            losses[CATEGORY] = news_loss_weights(batch, CATEGORY, cls.dtype).reduce(ce)
         if NER in self.heads:  # eq. 7-8
-            tags = self.heads[NER](hidden)
-            losses[NER] = ner_loss(
-                tags, batch.ner, count, batch.owner_weight(NER), self.ner_reduction
-            )
+            tags = self.heads[NER](hidden)  # [U, L, 3]
+            per_title = ner_per_title(tags, batch.ner, self.ner_reduction)  # [U]
+            losses[NER] = news_loss_weights(batch, NER, cls.dtype).reduce(per_title)
         if SENTIMENT in self.heads:  # EBNeRD poster: sentiment classification on [CLS]
             logits = self.heads[SENTIMENT](cls)  # [U, 3]
-            losses[SENTIMENT] = news_class_loss(
-                logits,
-                batch.sentiment,
-                count,
-                valid[:, NEWS_COLUMN[SENTIMENT]],
-                batch.owner_weight(SENTIMENT),
-            )
+            ce = news_class_ce(logits, batch.sentiment, valid[:, NEWS_COLUMN[SENTIMENT]])  # [U]
+            losses[SENTIMENT] = news_loss_weights(batch, SENTIMENT, cls.dtype).reduce(ce)
         return TaskOutputs(losses=losses, scores=scores)
 
     def pretrained_encoder(self) -> NewsEncoder:

@@ -115,7 +115,7 @@ def validate_model_config(cfg: Config, manifest: dict) -> None:
 
 def global_dedup(cfg: Config, world_size: int) -> bool:
     """``data.dedup`` resolved: True when titles are encoded once per GLOBAL micro-batch and
-    exchanged across ranks (``mtrec_dist.data.global_batch``).
+    exchanged across ranks (``mtrec_dist.models.dedup``).
 
     Only bi-encoders that declare ``global_dedup`` (the MTRec family and MINER) can: a
     cross-encoder (UNBERT) encodes a title together with its sample, and the classic models'

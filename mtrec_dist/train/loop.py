@@ -17,11 +17,11 @@ import torch.distributed as dist
 
 from mtrec_dist.config import Config, config_from_dict
 from mtrec_dist.data.batch import NewsTable
-from mtrec_dist.data.global_batch import exchange_batch
 from mtrec_dist.data.prepared import load_manifest
 from mtrec_dist.data.stream import loader_for
 from mtrec_dist.eval.evaluate import evaluate_model
 from mtrec_dist.models import layer_cache
+from mtrec_dist.models.dedup import exchange_batch
 from mtrec_dist.models.outputs import group_losses
 from mtrec_dist.models.registry import build_model, global_dedup
 from mtrec_dist.train import ds_engine as ds

@@ -156,7 +156,7 @@ def own_optimizer(model):
 def _train(cfg, table, batches, case: Case, dedup: str) -> dict:
     import deepspeed
 
-    from mtrec_dist.data.global_batch import exchange_batch
+    from mtrec_dist.models.dedup import exchange_batch
     from mtrec_dist.train.ds_engine import MultiTaskGradients
 
     groups, stage = GROUPS[case.groups], case.stage
@@ -212,7 +212,7 @@ def _owner_gradient(cfg, table, batches, rank: int) -> dict:
     and on rank 0's own per-rank path (main loss only, no DeepSpeed)."""
     import torch.distributed as dist
 
-    from mtrec_dist.data.global_batch import exchange_batch, gather_news_vectors, plan_exchange
+    from mtrec_dist.models.dedup import exchange_batch, gather_news_vectors, plan_exchange
     from mtrec_dist.models.heads import nce_loss
 
     model = build(cfg)
@@ -257,7 +257,7 @@ def _fp64_gradients(cfg, table, batches, rank: int) -> list[list[float]]:
     Under global an auxiliary loss is its owner's share; the sum over ranks is the same."""
     import torch.distributed as dist
 
-    from mtrec_dist.data.global_batch import exchange_batch
+    from mtrec_dist.models.dedup import exchange_batch
 
     model = build(cfg).double()
     params = list(model.parameters())

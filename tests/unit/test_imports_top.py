@@ -21,7 +21,6 @@ CHECKED = (
     "hub.py",
     "data/batch.py",
     "data/ebnerd.py",
-    "data/global_batch.py",
     "data/mind.py",
     "data/prepared.py",
     "data/shardfile.py",

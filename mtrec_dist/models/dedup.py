@@ -1,8 +1,25 @@
-"""Cross-rank de-duplication (``data.dedup=global``): each title of the GLOBAL batch is encoded
-once, by one rank, and the title vectors are exchanged with a differentiable collective.
+"""Title de-duplication across ranks (``data.dedup=global``), in one room: the ownership plan,
+the integer exchange, the owner weights, and the two functions through which a model reads a
+batch the same way in both modes (docs/design.md §2.6 Cross-rank de-duplication).
 
-Per-rank de-duplication (``collate``) encodes each distinct title of a rank's micro-batch once;
-at 8-16 ranks the same popular titles are still encoded on every rank. Here, per micro-batch:
+What a model sees. A :class:`~mtrec_dist.data.batch.Batch`'s per-news fields (``news_rows``,
+``tokens``, ``category``, ...) are always the titles THIS rank encodes; ``hist_idx`` /
+``cand_idx`` always index the rows that :func:`news_vectors` returns. A model therefore:
+
+- encodes its titles and calls ``news_vectors(vecs, batch)`` (and ``news_ids(ids, batch)`` for an
+  integer per-news field its scorer reads): the identity on a per-rank batch (``collate``), the
+  differentiable gather on a rank's share of the global batch (:func:`exchange_batch`);
+- reduces a per-news auxiliary loss with ``news_loss_weights(batch, task, dtype).reduce(l)``:
+  the occurrence-weighted mean over this rank's history on a per-rank batch, the owner's
+  explicitly weighted sum on a global one; summed over ranks both give the same gradient.
+
+Nothing else in a model depends on the mode. The registry decides it
+(``models/registry.py global_dedup``, from the model's ``global_dedup`` capability) and the
+training loop calls :func:`exchange_batch` on each micro-batch when it is on.
+
+Why. Per-rank de-duplication (``collate``) encodes each distinct title of a rank's
+micro-batch once; at 8-16 ranks the same popular titles are still encoded on every rank. Here,
+per micro-batch:
 
 1. One exchange of integers: every rank all-gathers every rank's unique news rows, their
    history-occurrence counts ``c_r(u)`` and its per-task normalisers
@@ -13,18 +30,19 @@ at 8-16 ranks the same popular titles are still encoded on every rank. Here, per
    all-gather needs equal sizes). Because the split is contiguous, ``U_g[i]`` lands at position
    i of the gathered ``[W*S, D]`` tensor and dropping the pads is ``[:|U_g|]``. Each rank
    remaps its own ``hist_idx`` / ``cand_idx`` to indices of ``U_g``.
-3. The model encodes its S titles and :func:`gather_news_vectors` all-gathers them with
-   ``torch.distributed.nn.functional.all_gather``, whose backward sums the gradients of every
-   rank into the owner (reduce-scatter with SUM on NCCL; all-to-all then a sum on gloo; both
-   read in torch 2.13's ``torch/distributed/nn/functional.py``). Plain ``dist.all_gather``
-   would return tensors without a gradient. The main loss stays the mean over this rank's real
-   samples, so DeepSpeed's average over ranks gives exactly the per-rank path's gradient.
-   A model that also reads an integer field of the titles its samples point at (MINER's
-   category bias reads their categories) gathers it with :func:`gather_news_ids`.
+3. The model encodes its S titles and :func:`news_vectors` all-gathers them with
+   ``torch.distributed.nn.functional.all_gather`` (:func:`gather_news_vectors`), whose
+   backward sums the gradients of every rank into the owner (reduce-scatter with SUM on NCCL;
+   all-to-all then a sum on gloo; both read in torch 2.13's
+   ``torch/distributed/nn/functional.py``). Plain ``dist.all_gather`` would return tensors
+   without a gradient. The main loss stays the mean over this rank's real samples, so
+   DeepSpeed's average over ranks gives exactly the per-rank path's gradient. A model that
+   also reads an integer field of the titles its samples point at (MINER's category bias reads
+   their categories) gathers it with :func:`news_ids` (:func:`gather_news_ids`).
 4. Per-news auxiliary losses are computed once, on the owner, as ``sum_u w_t(u) l_t(u)`` with
    ``w_t(u) = valid_t(u) * sum_r c_r(u) / max(N_r,t, 1)`` (:func:`owner_weights`, float64,
    cast to the loss's dtype only inside the loss): summed over ranks this is ``sum_r L_r,t`` of
-   the per-rank path (``heads.weighted_mean``), so the average DeepSpeed applies is the same.
+   the per-rank path (:func:`loss_weights`), so the average DeepSpeed applies is the same.
 
 The per-group backward passes of the surgery each run the all-gather's backward collective
 inside every group's graph that reaches the gathered vectors (MTRec's main group; both of
@@ -41,7 +59,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.nn.functional import all_gather
 
-from mtrec_dist.data.batch import NEWS_TASKS, Batch, NewsTable, news_fields
+from mtrec_dist.data.batch import Batch, NewsTable, news_fields
+from mtrec_dist.data.tasks import NEWS_COLUMN, NEWS_TASKS
 
 
 @dataclass(frozen=True)
@@ -169,3 +188,69 @@ def gather_news_ids(owned: torch.Tensor, n_global: int) -> torch.Tensor:
     Collective (one all-gather of S integers): every rank calls it in the same forward position.
     """
     return torch.cat(_all_gather_ints(owned.contiguous()), dim=0)[:n_global]  # [W*S] -> [n]
+
+
+# --------------------------------------------------------------------- what a model calls
+
+
+def news_vectors(owned_vecs: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The vectors ``batch.hist_idx`` / ``cand_idx`` index, from those of the titles this rank
+    encoded: ``owned_vecs`` [U, D] itself on a per-rank batch, the global unique rows'
+    vectors [U_g, D] (:func:`gather_news_vectors`, differentiable) on a rank's share.
+
+    Collective on a global batch: every rank calls it in the same forward position.
+    """
+    if not batch.global_unique:
+        return owned_vecs
+    return gather_news_vectors(owned_vecs, batch.global_unique)
+
+
+def news_ids(owned_ids: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """An integer per-news field [U] of the titles this rank encodes (e.g. ``batch.category``)
+    for the rows ``batch.hist_idx`` / ``cand_idx`` index: itself on a per-rank batch, every
+    rank's share gathered ([U_g], :func:`gather_news_ids`) on a global one."""
+    if not batch.global_unique:
+        return owned_ids
+    return gather_news_ids(owned_ids, batch.global_unique)
+
+
+@dataclass(frozen=True)
+class NewsLossWeights:
+    """How one per-news auxiliary loss [U] reduces to this rank's scalar, in either mode.
+
+    ``norm`` set (per-rank batch): ``sum_u w(u) l(u) / norm`` with occurrence counts ``w`` and
+    ``norm = max(sum_u w(u), 1)``, the mean over history occurrences of valid news (0, still on
+    the graph, when there is none). ``norm`` None (global batch): the owner weights
+    (:func:`owner_weights`, float64) already hold every rank's normaliser; they are cast to the
+    loss's dtype and the loss is ``sum_u w(u) l(u)``.
+    """
+
+    weight: torch.Tensor  # [U]
+    norm: torch.Tensor | None  # [] or None (owner weights)
+
+    def reduce(self, per_news: torch.Tensor) -> torch.Tensor:
+        """per_news [U] -> this rank's loss (a scalar)."""
+        if self.norm is None:
+            return (self.weight.to(per_news.dtype) * per_news).sum()
+        return (self.weight * per_news).sum() / self.norm
+
+
+def loss_weights(
+    hist_count: torch.Tensor, valid: torch.Tensor, owner_weight: torch.Tensor | None = None
+) -> NewsLossWeights:
+    """The weights from explicit parts: occurrence counts ``hist_count`` [U] of the news with a
+    label (``valid`` [U] bool), or, when given, the owner weights ``owner_weight`` [U]."""
+    if owner_weight is not None:
+        return NewsLossWeights(owner_weight, None)
+    w = hist_count * valid.to(hist_count.dtype)  # [U]
+    return NewsLossWeights(w, w.sum().clamp_min(1.0))
+
+
+def news_loss_weights(batch: Batch, task: str, dtype: torch.dtype) -> NewsLossWeights:
+    """The weights of per-news task ``task`` (``data.tasks.NEWS_TASKS``) over the titles this
+    rank encodes: occurrence counts (cast to ``dtype``, the model's) of the valid news on a
+    per-rank batch, the owner weights on a rank's share of the global batch."""
+    column = NEWS_COLUMN[task]
+    if batch.global_unique:
+        return NewsLossWeights(batch.aux_weight[:, column], None)  # [S], float64
+    return loss_weights(batch.hist_count.to(dtype), batch.news_valid()[:, column])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mtrec_dist.config import Config, ConfigError
-from mtrec_dist.data.global_batch import owned_sums, owner_weights, plan_exchange
+from mtrec_dist.models.dedup import owned_sums, owner_weights, plan_exchange
 from mtrec_dist.models.heads import ner_loss, news_class_loss
 from mtrec_dist.models.registry import MODELS, global_dedup
 
