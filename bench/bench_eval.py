@@ -76,7 +76,7 @@ def _say(msg: str) -> None:
 
 
 def _prepare_small(work: Path) -> Path:
-    from mtrec_dist.data.shards import prepare
+    from mtrec_dist.data.prepare import prepare
     from mtrec_dist.data.synthetic import generate
 
     raw, out = work / "raw", work / "prepared"

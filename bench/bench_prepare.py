@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mtrec_dist.config import load_config  # noqa: E402
-from mtrec_dist.data.shards import prepare  # noqa: E402
+from mtrec_dist.data.prepare import prepare  # noqa: E402
 from mtrec_dist.utils import atomic_write_json, peak_rss_mb  # noqa: E402
 
 # MIND-large (Wu et al., 2020): impressions per split and news in the union of the splits.

@@ -52,9 +52,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mtrec_dist import quality  # noqa: E402
 from mtrec_dist.config import load_config  # noqa: E402
-from mtrec_dist.eval import quality  # noqa: E402
-from mtrec_dist.eval.metrics import METRICS  # noqa: E402
+from mtrec_dist.metrics import METRICS  # noqa: E402
 from mtrec_dist.utils import Progress, atomic_write_json, atomic_write_text  # noqa: E402
 
 MINER = ["model.name=miner", "model.groups.main.disagreement=0.8", "trainer.surgery=none"]
@@ -84,7 +84,7 @@ ORDERINGS = (["mtrec", "mtrec w/o GS", "bert"], ["miner weighted", "miner mean",
 
 
 def ensure_data(data: Path) -> Path:
-    from mtrec_dist.data.shards import prepare
+    from mtrec_dist.data.prepare import prepare
     from mtrec_dist.data.synthetic import generate
 
     if not (data / "synth.json").is_file():

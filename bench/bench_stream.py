@@ -55,7 +55,7 @@ def _via_prepare(work: Path) -> Path:
     """No --prepared: synthetic.generate(scale="small") + prepare (not MIND-large's size: the
     JSON's ``prepared`` says so)."""
     from mtrec_dist.config import Config
-    from mtrec_dist.data.shards import prepare
+    from mtrec_dist.data.prepare import prepare
     from mtrec_dist.data.synthetic import generate
 
     raw, out = work / "raw", work / "prepared"

@@ -36,7 +36,7 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
 def cmd_prepare(a: argparse.Namespace) -> int:
     # lazy: pulls torch and pyarrow (seconds); `mtrec --help` must not
-    from mtrec_dist.data.shards import prepare
+    from mtrec_dist.data.prepare import prepare
 
     cfg = load_config(a.config, a.overrides)
     manifest = prepare(cfg)

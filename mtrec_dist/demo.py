@@ -10,10 +10,10 @@ import os
 import time
 from pathlib import Path
 
+from mtrec_dist import quality
 from mtrec_dist.config import Config, load_config
-from mtrec_dist.data.shards import prepare
+from mtrec_dist.data.prepare import prepare
 from mtrec_dist.data.synthetic import generate
-from mtrec_dist.eval import quality
 from mtrec_dist.eval.evaluate import evaluate
 from mtrec_dist.hub import load_encoder
 from mtrec_dist.train.launch import run_training

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -206,8 +207,6 @@ class Progress:
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process (and of waited-for children), in MiB."""
-    import resource
-
     self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return max(self_kb, child_kb) / 1024.0

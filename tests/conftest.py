@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_data(tmp_path_factory) -> Path:
     """Synthetic MIND at scale tiny (seed 0) with its prepared folder; read-only for tests."""
     from mtrec_dist.config import load_config
-    from mtrec_dist.data.shards import prepare
+    from mtrec_dist.data.prepare import prepare
     from mtrec_dist.data.synthetic import generate
 
     root = tmp_path_factory.mktemp("tiny") / "data"

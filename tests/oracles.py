@@ -2,7 +2,7 @@
 
 The oracles here compute the leaderboard's figures the simple way (one impression at a time,
 Python's stable sort, pair counting for AUC, MIND's ``evaluate.py`` formulas for MRR and
-nDCG), independently of the vectorised code under test in :mod:`mtrec_dist.eval.metrics`
+nDCG), independently of the vectorised code under test in :mod:`mtrec_dist.metrics`
 (docs/design.md §8). :func:`write_prediction` is the per-line form of the package's block
 writer, an adapter that lets a test state a prediction as ``(id, ranks)`` pairs.
 """

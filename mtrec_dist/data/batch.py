@@ -7,7 +7,7 @@ and samples point at them by index (``hist_idx``, ``cand_idx``). Autograd sums t
 of every occurrence, so this is exact. Per-news auxiliary losses use ``hist_count`` (how often
 each unique news occurs among real history slots) so they equal the non-de-duplicated loss.
 
-Layout of a prepared folder (written by ``mtrec_dist.data.shards``)::
+Layout of a prepared folder (written by ``mtrec_dist.data.prepare``)::
 
     manifest.json
     news/tokens.npy      int32 [N, L]  word pieces; row = [CLS] ... [SEP] then 0 (pad)

@@ -1,7 +1,7 @@
 """The prepared folder, read in one place: manifest, splits, shards, vocabularies, tokenizer
 (docs/design.md §2 Data contracts).
 
-``mtrec prepare`` (``mtrec_dist.data.shards``) writes the folder; the trainers, the training
+``mtrec prepare`` (``mtrec_dist.data.prepare``) writes the folder; the trainers, the training
 stream, the evaluator and the model registry read it only through this module, so every reader
 gets the same checks, the same error type (:class:`DataError`, naming the file and what was
 expected) and the same answer to each question:

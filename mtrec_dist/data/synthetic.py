@@ -1,4 +1,4 @@
-"""A synthetic MIND: the exact MIND file format, with a planted click model whose ceiling is known.
+"""For demos, tests and benchmarks: a synthetic MIND with a planted click model of known ceiling.
 
 Why: MIND itself cannot ship with the repository, and a real dataset never tells you how good a
 model *could* be. ``generate`` writes ``train/ dev/ test/`` (``news.tsv`` + ``behaviors.tsv``,
@@ -77,7 +77,7 @@ import numpy as np
 from mtrec_dist.config import ConfigError
 from mtrec_dist.data import mind
 from mtrec_dist.data.tables import Entity, Impression, News
-from mtrec_dist.eval.metrics import METRICS, ranked_impression_metrics
+from mtrec_dist.metrics import METRICS, ranked_impression_metrics
 from mtrec_dist.utils import Progress, atomic_open, atomic_write_json, sha256_file
 
 # --------------------------------------------------------------------------------------------
@@ -1054,7 +1054,7 @@ def _day_blocks(w: _World, d: int, n_imp: int, rng: np.random.Generator) -> Iter
 
 
 # --------------------------------------------------------------------------------------------
-# Ceiling metrics: the evaluator's own code and tie rule (mtrec_dist.eval.metrics, numpy only),
+# Ceiling metrics: the evaluator's own code and tie rule (mtrec_dist.metrics, numpy only),
 # so the ceiling is what `mtrec evaluate` and `mtrec score` would report for the true
 # probabilities (quantized probabilities do tie; tied candidates rank in candidate order).
 

@@ -46,9 +46,9 @@ from mtrec_dist.eval.engine import (
     plan_parts,
 )
 from mtrec_dist.eval.ensemble import COMBINE, check_ensemble, mean_parts
-from mtrec_dist.eval.metrics import ranked_impression_metrics
 from mtrec_dist.eval.pool import WorkerPool
 from mtrec_dist.eval.run_folder import is_labeled, load_run, split_info
+from mtrec_dist.metrics import ranked_impression_metrics
 from mtrec_dist.utils import Progress, atomic_write_json
 
 OnPart = Callable[[int], None]  # called with the number of parts written so far in this call

@@ -41,7 +41,7 @@ import torch
 
 from mtrec_dist.data.batch import Batch, NewsTable, Sample, collate, news_fields
 from mtrec_dist.data.stream import Impressions, eval_groups, take
-from mtrec_dist.eval.metrics import ranked_impression_metrics
+from mtrec_dist.metrics import ranked_impression_metrics
 from mtrec_dist.models import layer_cache
 from mtrec_dist.models.base import FastScorer, NewsRecModel
 from mtrec_dist.utils import atomic_open, atomic_write_bytes, offsets_of, peak_rss_mb

@@ -14,7 +14,7 @@ then merged impression by impression:
   member whose scores span a wider range weighs more, which is the usual score-averaging
   behaviour, documented here rather than hidden;
 * the mean is ranked with the one tie rule of everything else
-  (:func:`mtrec_dist.eval.metrics.ranks_of`: descending, a tie in candidate order), so the
+  (:func:`mtrec_dist.metrics.ranks_of`: descending, a tie in candidate order), so the
   ensemble's dev metrics equal ``mtrec score`` of its prediction file.
 
 Runs are refused **before any scoring** unless they read the same data the same way: one prepared

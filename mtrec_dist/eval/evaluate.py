@@ -1,7 +1,7 @@
 """Dev metrics: ``mtrec evaluate`` on a run folder, and the trainer's in-memory evaluation.
 
 Both report the metrics of exactly the ranks ``mtrec predict`` would write for the same scores
-(:func:`mtrec_dist.eval.metrics.ranked_impression_metrics`: tied scores are ranked in candidate
+(:func:`mtrec_dist.metrics.ranked_impression_metrics`: tied scores are ranked in candidate
 order, the earlier candidate first), so a dev figure equals ``mtrec score`` of the prediction
 file of the same run, ties included.
 """
@@ -17,9 +17,9 @@ import torch
 from mtrec_dist.data.stream import eval_groups, rechunk, take
 from mtrec_dist.eval.driver import OnPart, encode_news_vectors, score_split
 from mtrec_dist.eval.engine import Engine, index_impressions, labeled_part
-from mtrec_dist.eval.metrics import METRICS, summarize
 from mtrec_dist.eval.pool import WorkerPool
 from mtrec_dist.eval.run_folder import is_labeled, read_manifest, split_info
+from mtrec_dist.metrics import METRICS, summarize
 from mtrec_dist.utils import atomic_write_json, say
 
 MEMORY_CHUNK = 50_000  # impressions held at once by evaluate_model (like one part)

@@ -2,7 +2,7 @@
 
 Scores come from the shared steps of :mod:`mtrec_dist.eval.driver` (one run, or the mean of
 several: an ensemble, :mod:`mtrec_dist.eval.ensemble`); each impression's ranks
-follow the tie rule of the dev metrics (:func:`mtrec_dist.eval.metrics.ranks_of`), and its id is
+follow the tie rule of the dev metrics (:func:`mtrec_dist.metrics.ranks_of`), and its id is
 written as the exact string the data stream gave.
 """
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from mtrec_dist.eval.driver import OnPart, score_split
-from mtrec_dist.eval.metrics import ranks_of
 from mtrec_dist.eval.submission import Block, write_prediction_blocks
+from mtrec_dist.metrics import ranks_of
 from mtrec_dist.utils import atomic_write_json, say
 
 

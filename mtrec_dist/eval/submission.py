@@ -6,7 +6,7 @@
 
 zipped as ``prediction.zip`` with ``prediction.txt`` at the zip's root. ``truth.txt`` (the organisers' side) has
 ``<ImpressionID> [l1,l2,...]`` with 0/1 labels. The leaderboard scorer turns ranks back into
-scores as ``-rank`` and computes AUC/MRR/nDCG per impression (:mod:`mtrec_dist.eval.metrics`).
+scores as ``-rank`` and computes AUC/MRR/nDCG per impression (:mod:`mtrec_dist.metrics`).
 
 Why validate while writing: a submission with a missing, duplicated or shuffled impression, or
 with a rank list that is not a permutation, is rejected (or silently mis-scored) by the
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from mtrec_dist.data.tables import DataError
-from mtrec_dist.eval.metrics import compute_metrics
+from mtrec_dist.metrics import compute_metrics
 from mtrec_dist.utils import atomic_open, offsets_of
 
 PREDICTION_NAME = "prediction.txt"

@@ -1,4 +1,4 @@
-"""Single-process reference trainer with explicit flat-vector gradient surgery.
+"""For the tests and the quality harness: the single-process reference trainer (flat surgery).
 
 Its job is to be the *reference* the distributed trainer must equal (N workers under ZeRO ==
 this process on the same global batch; one worker == :func:`train_local` over whole runs). So it

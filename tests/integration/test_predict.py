@@ -19,10 +19,10 @@ from mtrec_dist.data.batch import NewsTable
 from mtrec_dist.data.stream import eval_impressions
 from mtrec_dist.eval import engine
 from mtrec_dist.eval.evaluate import evaluate, evaluate_model
-from mtrec_dist.eval.metrics import METRICS
 from mtrec_dist.eval.predict import predict
 from mtrec_dist.eval.run_folder import load_run
 from mtrec_dist.eval.submission import score_submission
+from mtrec_dist.metrics import METRICS
 from mtrec_dist.models.mtrec import MTRec
 from mtrec_dist.models.outputs import TaskOutputs
 from mtrec_dist.models.registry import build_model
@@ -35,7 +35,7 @@ PER_PART = 7  # 100 dev/test impressions -> 15 parts
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from mtrec_dist.data.shards import prepare
+    from mtrec_dist.data.prepare import prepare
     from mtrec_dist.data.synthetic import generate
 
     base = tmp_path_factory.mktemp("predict")

@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 
-from mtrec_dist.data.shards import prepare
+from mtrec_dist.data.prepare import prepare
 from mtrec_dist.data.tables import DataError
 from mtrec_dist.eval import predict as P
 from tests.integration.test_predict import make_run

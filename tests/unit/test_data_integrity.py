@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from mtrec_dist.data import prepared as P
+from mtrec_dist.data.prepare import prepare
 from mtrec_dist.data.shardfile import GROUP_MEMBER, ShardWriter, decode_group, iter_shard
-from mtrec_dist.data.shards import prepare
 from mtrec_dist.data.stream import epoch_plan, eval_impressions, train_loader
 from mtrec_dist.data.tables import DataError
 from tests.unit.test_prepare import _imp, make_cfg, write_dataset

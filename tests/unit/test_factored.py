@@ -9,7 +9,7 @@ import torch
 from scipy.stats import rankdata
 
 from mtrec_dist.config import ModelConfig
-from mtrec_dist.eval.metrics import ranks_of
+from mtrec_dist.metrics import ranks_of
 from mtrec_dist.models import factored
 from mtrec_dist.models.base import NewsRecModel
 from mtrec_dist.models.mtrec import MTRec, NRMSBert

@@ -1,4 +1,4 @@
-"""The import structure: arrows between modules run one way (docs/design.md §8.1).
+"""The import structure: arrows between modules run one way, down the layers (docs/design.md §10).
 
 Imports are read from the source with ``ast`` (every import statement, the ones inside
 functions included: a function-level import hides a circle, it does not remove it).
@@ -113,3 +113,84 @@ def test_eval_driver_path_imports_the_package_at_the_top():
             if not top and (mod == PACKAGE or mod.startswith(PACKAGE + "."))
         ]
     assert late == []
+
+
+# The package's layers, top to bottom (docs/design.md §10): a module imports only from its own
+# layer or the layers below it. ``launch/`` sits above ``cli``; ``__init__`` imports nothing.
+LAYERS = (
+    ("cli",),
+    ("demo", "quality"),
+    ("train",),
+    ("eval",),
+    ("models",),
+    ("data",),
+    ("config", "hub"),
+    ("metrics", "utils"),
+)
+RANK = {room: len(LAYERS) - i for i, rooms in enumerate(LAYERS) for room in rooms}
+
+
+def _room(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == PACKAGE and len(parts) > 1 else None
+
+
+def _runtime_imports(path: Path) -> list[tuple[str, str, int]]:
+    """``imported_names`` minus those under ``if TYPE_CHECKING:`` (annotations only: no arrow
+    at run time; models/base.py names NewsEncoder that way)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    typing_only = {
+        n.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING")
+        for stmt in node.body
+        for n in ast.walk(stmt)
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+    }
+    return [(n, b, line) for n, b, line, _ in imported_names(path, ROOT) if line not in typing_only]
+
+
+def package_graph() -> dict[str, set[str]]:
+    mods = {module_name(p, ROOT): p for p in sorted((ROOT / PACKAGE).rglob("*.py"))}
+    graph: dict[str, set[str]] = {}
+    for m, p in mods.items():
+        targets = (n if n in mods else base for n, base, _ in _runtime_imports(p))
+        graph[m] = {t for t in targets if t in mods and t != m}
+    return graph
+
+
+def test_every_module_has_a_layer():
+    rooms = {_room(m) for m in package_graph()} - {None}
+    assert rooms == set(RANK), rooms ^ set(RANK)
+
+
+def test_imports_point_down_the_layers():
+    """No upward arrow anywhere in the package (function-level imports included): e.g. the
+    metrics sit below data (the synthetic ceiling) and eval, the quality harness above train."""
+    up = [
+        f"{m} -> {t}"
+        for m, targets in package_graph().items()
+        for t in sorted(targets)
+        if _room(m) and _room(t) and RANK[_room(t)] > RANK[_room(m)]
+    ]
+    assert up == []
+
+
+def test_the_package_has_no_import_cycle():
+    assert find_cycle(package_graph()) == []
+
+
+def test_the_layer_check_sees_an_upward_arrow(tmp_path, monkeypatch):
+    """The checker itself: data importing eval is reported; under TYPE_CHECKING it is not."""
+    pkg = tmp_path / PACKAGE
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "eval").mkdir()
+    for f in ("__init__.py", "data/__init__.py", "eval/__init__.py", "eval/metrics2.py"):
+        (pkg / f).write_text("")
+    (pkg / "data/syn.py").write_text(f"def f():\n    from {PACKAGE}.eval import metrics2\n")
+    monkeypatch.setattr(f"{__name__}.ROOT", tmp_path)
+    assert package_graph()[f"{PACKAGE}.data.syn"] == {f"{PACKAGE}.eval.metrics2"}
+    (pkg / "data/syn.py").write_text(
+        f"from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from {PACKAGE}.eval import metrics2\n"
+    )
+    assert package_graph()[f"{PACKAGE}.data.syn"] == set()

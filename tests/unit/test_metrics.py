@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from mtrec_dist.eval.metrics import (
+from mtrec_dist.metrics import (
     compute_metrics,
     impression_metrics,
     ranked_impression_metrics,

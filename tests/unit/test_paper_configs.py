@@ -186,7 +186,7 @@ def test_deepspeed_json_resolves_at_the_papers_batch(path):
 @pytest.fixture(scope="module")
 def ebnerd_data(tmp_path_factory) -> Path:
     """A tiny EBNeRD folder (articles with sentiment and NER clusters, train + validation)."""
-    from mtrec_dist.data.shards import prepare
+    from mtrec_dist.data.prepare import prepare
     from tests.unit.test_ebnerd_reader import _articles, _split
 
     root = tmp_path_factory.mktemp("ebnerd") / "data"

@@ -34,9 +34,9 @@ import webdataset as wds
 from mtrec_dist.config import load_config
 from mtrec_dist.data import mind
 from mtrec_dist.data.batch import NER_IGNORE, NewsTable
+from mtrec_dist.data.prepare import prepare
 from mtrec_dist.data.prepared import check_tokenizer, load_manifest
 from mtrec_dist.data.shardfile import GROUP_MEMBER, GROUP_SIZE, decode_group
-from mtrec_dist.data.shards import prepare
 from mtrec_dist.data.tables import DataError, Entity, Impression, News
 from mtrec_dist.hub import load_tokenizer, tokenizer_fingerprint
 from mtrec_dist.utils import sha256_file
@@ -268,7 +268,7 @@ def test_shard_files_hashes_and_members(prepared):
 def test_reprepare_replaces_and_is_deterministic(prepared, monkeypatch):
     root, cfg, m = prepared
     # A crash half-way leaves the previous folder untouched and no temporary folder.
-    import mtrec_dist.data.shards as shards_mod
+    import mtrec_dist.data.prepare as shards_mod
 
     real = shards_mod.write_split
 

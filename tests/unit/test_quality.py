@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtrec_dist.eval import quality
+from mtrec_dist import quality
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -23,7 +23,7 @@ def test_lift_fraction_by_hand():
 
 
 def test_full_ceiling_equals_the_generators_own(tiny_data):
-    """Recomputed from truth/dev_probs.tsv with eval/metrics.py: the generator's ceiling."""
+    """Recomputed from truth/dev_probs.tsv with metrics.py: the generator's ceiling."""
     synth = json.loads((tiny_data / "synth.json").read_text())
     got = quality.ceilings(tiny_data, "dev")["full"]
     for k in ("auc", "mrr", "ndcg@5", "ndcg@10"):

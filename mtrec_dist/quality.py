@@ -1,4 +1,4 @@
-"""Does training produce a good recommender? Learning curves against the planted ceiling.
+"""For `mtrec demo` and bench/bench_quality.py: learning curves against the planted ceiling.
 
 The synthetic data (``mtrec_dist.data.synthetic``) knows every candidate's true click
 probability, so the best achievable dev AUC (the *ceiling*) is known, and a model is read as the
@@ -22,9 +22,16 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from mtrec_dist.config import Config
-from mtrec_dist.eval.metrics import METRICS, ranked_metrics
+from mtrec_dist.data import mind
+from mtrec_dist.data.prepared import load_manifest
+from mtrec_dist.data.synthetic import content_logits
+from mtrec_dist.eval.evaluate import evaluate_model
+from mtrec_dist.metrics import METRICS, ranked_metrics
+from mtrec_dist.train.local import train_local
+from mtrec_dist.train.steps import step_plan
 
 
 def lift_fraction(auc: float, ceiling_auc: float) -> float:
@@ -49,8 +56,6 @@ def ceilings(root: str | Path, split: str = "dev", max_impressions: int = 0) -> 
     """Metrics of the planted model (``full``) and of its content part (``content``) on the
     first ``max_impressions`` impressions of ``split`` (0 = all), file order: the impressions
     ``evaluate_model(..., max_impressions)`` scores, so a curve point and its ceiling agree."""
-    from mtrec_dist.data import mind
-    from mtrec_dist.data.synthetic import content_logits
 
     root = Path(root)
     limit = max_impressions if max_impressions > 0 else None
@@ -75,12 +80,6 @@ def ceilings(root: str | Path, split: str = "dev", max_impressions: int = 0) -> 
 def train_curve(cfg: Config, eval_every: int, eval_impressions: int) -> list[dict]:
     """Train ``cfg`` with the single-process reference trainer; dev metrics (first
     ``eval_impressions`` impressions) at step 0, every ``eval_every`` steps and at the end."""
-    import torch
-
-    from mtrec_dist.data.prepared import load_manifest
-    from mtrec_dist.eval.evaluate import evaluate_model
-    from mtrec_dist.train.local import train_local
-    from mtrec_dist.train.steps import step_plan
 
     n = step_plan(load_manifest(cfg.prepared_dir), 1, cfg.trainer).total_steps
     curve: list[dict] = []
@@ -118,10 +117,10 @@ def plot_curves(
     """One line per model: the fraction of the content ceiling's lift (y) against optimizer
     steps (x); the content ceiling at 1 and, when given, the full ceiling at ``full_ceiling``
     (its lift in the same unit). PNG written atomically."""
-    import matplotlib
+    import matplotlib  # lazy: only the benchmark plots, pyplot after use("Agg")
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after use("Agg")
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
