@@ -67,7 +67,7 @@ _HEADER = struct.Struct("<4s7I")  # magic, version, n, flags, n_hist, n_cand, n_
 _LABELED = 1
 _I4 = np.dtype("<i4")
 # Field names used in error messages (and the layout above).
-HIST, CAND, LABEL, USER = "hist", "cand", "label", "user"
+HIST, CAND, USER = "hist", "cand", "user"
 _READ_BLOCK = 1 << 20
 
 
@@ -188,29 +188,29 @@ class ShardWriter:
     def _reset_group(self) -> None:
         self._ids: list[str] = []
         self._hist_len: list[int] = []
-        self._cand_len: list[int] = []
+        self._sizes: list[int] = []
         self._user: list[int] = []
         self._hist: list[int] = []
         self._cand: list[int] = []
-        self._label: list[int] = []
+        self._labels: list[int] = []
 
     def write(
         self,
         imp_id: str,
         hist: Sequence[int],
         cand: Sequence[int],
-        label: Sequence[int] | None,
+        labels: Sequence[int] | None,
         user: int,
     ) -> None:
         """Add one impression (news rows, 0/1 labels or None, user index)."""
         if self.labeled is None:
-            self.labeled = label is not None
-        elif self.labeled != (label is not None):
+            self.labeled = labels is not None
+        elif self.labeled != (labels is not None):
             raise ValueError(
                 f"impression {imp_id}: expected {'labels' if self.labeled else 'no labels'} "
                 "like the split's first impression"
             )
-        if label is not None and len(label) != len(cand):
+        if labels is not None and len(labels) != len(cand):
             raise ValueError(f"impression {imp_id}: expected one label per candidate")
         if self._tar is None:
             path = self.root / (shard_pattern(self.split) % (self.start_shard + len(self.entries)))
@@ -220,13 +220,13 @@ class ShardWriter:
             self._path = path
         self._ids.append(imp_id)
         self._hist_len.append(len(hist))
-        self._cand_len.append(len(cand))
+        self._sizes.append(len(cand))
         self._user.append(int(user))
         self._hist.extend(hist)
         self._cand.extend(cand)
-        if label is not None:
-            self._label.extend(label)
-            self._shard_clicks += int(sum(label))
+        if labels is not None:
+            self._labels.extend(labels)
+            self._shard_clicks += int(sum(labels))
         self._shard_imps += 1
         if len(self._ids) == self.group_size:
             self._flush_group()
@@ -237,8 +237,8 @@ class ShardWriter:
         if not self._ids:
             return
         data = encode_group(
-            self._ids, self._hist_len, self._cand_len, self._user, self._hist, self._cand,
-            self._label if self.labeled else None,
+            self._ids, self._hist_len, self._sizes, self._user, self._hist, self._cand,
+            self._labels if self.labeled else None,
         )  # fmt: skip
         self._tar.write({"__key__": f"{self._groups:06d}", GROUP_MEMBER: data})
         self._groups += 1

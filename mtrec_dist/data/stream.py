@@ -15,9 +15,13 @@ Why it is shaped this way:
 * **One sample per click**, with ``neg_k`` negatives drawn fresh each epoch from the same
   impression's non-clicked candidates (with replacement when there are fewer; the padding
   news, row 0, when there are none) — the NRMS/MTRec training recipe (npratio = 4).
-* **Chunks, not items, cross process boundaries.** DataLoader workers pack 256 samples into a
-  few flat arrays; the training process unpacks, cuts batches and collates against its own
-  memory-mapped :class:`NewsTable`. Per-item IPC would cost more than the whole pipeline.
+* **Columns, not items.** Samples are rows of one
+  :class:`~mtrec_dist.data.impressions.Impressions` (docs/design.md §2.2) from the shard group
+  to the batch: the negatives are drawn per click into a group's columns, the shuffle buffer
+  permutes row indices and gathers, DataLoader workers send chunks of 256 rows, and the
+  training process slices batches from them and collates against its own memory-mapped
+  :class:`NewsTable`. Per-item IPC, or an object per sample, would cost more than the whole
+  pipeline.
 * **Deterministic and resumable.** The stream is a function of (seed, epoch, rank, world_size,
   loader_workers). The DataLoader returns worker outputs round-robin (a worker that is done
   drops out), so the merged order of chunks is known from the per-worker sample counts; a
