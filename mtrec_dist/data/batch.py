@@ -30,7 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mtrec_dist.data.impressions import Impressions, Sample, as_impressions
 from mtrec_dist.data.tasks import CATEGORY, NER, NEWS_TASKS, SENTIMENT
+from mtrec_dist.utils import offsets_of
 
 NER_TAGS = ("O", "B", "I")
 NER_IGNORE = 255  # in ner.npy: special tokens and padding; becomes -100 in a batch
@@ -66,18 +68,6 @@ class NewsTable:
 
     def row_of(self) -> dict[str, int]:
         return {nid: i for i, nid in enumerate(self.news_ids)}
-
-
-@dataclass
-class Sample:
-    """One training sample (a click with its negatives) or one evaluation impression."""
-
-    impression_id: str  # exactly as the source file spells it ("003" stays "003")
-    hist: np.ndarray  # int64 [h<=H] news rows, most recent last
-    cand: np.ndarray  # int64 [C] news rows; in training the clicked one first
-    labels: np.ndarray  # float32 [C]
-    click_pos: int = -1  # training: position of the click in the impression (audit/resume)
-    user: int = 0  # user index for user-ID models (LSTUR, NPA); 0 = unknown user
 
 
 @dataclass
@@ -150,17 +140,6 @@ class Batch:
         return torch.stack([has[task] for task in NEWS_TASKS], dim=1)
 
 
-def _pad_stack(arrays: list[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-aligned rows padded with 0 to ``width``; returns (values [n, width], mask)."""
-    out = np.zeros((len(arrays), width), dtype=np.int64)
-    mask = np.zeros((len(arrays), width), dtype=bool)
-    for i, a in enumerate(arrays):
-        n = min(len(a), width)
-        out[i, :n] = a[:n]
-        mask[i, :n] = True
-    return out, mask
-
-
 def news_fields(table: NewsTable, news_rows: np.ndarray) -> dict[str, torch.Tensor]:
     """The per-news fields of a :class:`Batch` for ``news_rows`` [U], tokens trimmed to the
     longest title among them; shared by ``collate`` and the cross-rank global batch."""
@@ -183,30 +162,50 @@ def news_fields(table: NewsTable, news_rows: np.ndarray) -> dict[str, torch.Tens
     }
 
 
+def _place(
+    flat: np.ndarray, lengths: np.ndarray, keep: np.ndarray, rows: int, width: int, dtype: type
+) -> tuple[np.ndarray, np.ndarray]:
+    """The last ``keep[i]`` values of slice ``i`` of ``flat`` (slices of ``lengths``) written
+    left-aligned into row ``i`` of a ``[rows, width]`` array padded with 0; returns (values,
+    mask)."""
+    out = np.zeros((rows, width), dtype=dtype)
+    mask = np.zeros((rows, width), dtype=bool)
+    total = int(keep.sum())
+    if total:
+        row = np.repeat(np.arange(keep.size), keep)
+        col = np.arange(total) - np.repeat(offsets_of(keep)[:-1], keep)
+        src = np.repeat(offsets_of(lengths)[:-1] + lengths - keep, keep) + col
+        out[row, col] = flat[src]
+        mask[row, col] = True
+    return out, mask
+
+
 def collate(
-    samples: list[Sample],
+    samples: Impressions | list[Sample],
     table: NewsTable,
     *,
     batch_size: int | None = None,
     history_len: int | None = None,
     dedup: bool = True,
 ) -> Batch:
-    """Build a :class:`Batch`; pad to ``batch_size`` samples with masked padding samples.
+    """Build a :class:`Batch` from impressions (columns, or hand-written rows); pad to
+    ``batch_size`` samples with masked padding samples. Each history keeps its last
+    ``history_len`` news (default: the longest history).
 
     ``dedup=False`` gives every slot its own row (the naive batch) for equivalence tests and
     the de-duplication benchmark.
     """
-    n_real = len(samples)
+    imps = as_impressions(samples)
+    n_real = len(imps)
     B = batch_size or n_real
     if n_real > B:
         raise ValueError(f"{n_real} samples do not fit a batch of {B}")
-    H = history_len or max([len(s.hist) for s in samples] + [1])
-    C = max([len(s.cand) for s in samples] + [1])
-    hist, hist_mask = _pad_stack([s.hist[-H:] for s in samples] + [np.zeros(0)] * (B - n_real), H)
-    cand, cand_mask = _pad_stack([s.cand for s in samples] + [np.zeros(0)] * (B - n_real), C)
-    labels = np.zeros((B, C), dtype=np.float32)
-    for i, s in enumerate(samples):
-        labels[i, : len(s.labels)] = s.labels
+    hist_len, sizes = imps.hist_len.astype(np.int64), imps.sizes.astype(np.int64)
+    H = history_len or max(int(hist_len.max()) if n_real else 0, 1)
+    C = max(int(sizes.max()) if n_real else 0, 1)
+    hist, hist_mask = _place(imps.hist, hist_len, np.minimum(hist_len, H), B, H, np.int64)
+    cand, cand_mask = _place(imps.cand, sizes, sizes, B, C, np.int64)
+    labels, _ = _place(imps.labels, sizes, sizes, B, C, np.float32)
     sample_mask = np.arange(B) < n_real
 
     slots = np.concatenate([hist.ravel(), cand.ravel()])  # news row per slot, 0 where masked
@@ -218,6 +217,7 @@ def collate(
     cand_idx = inverse[hist.size :].reshape(B, C)
     hist_count = np.bincount(hist_idx[hist_mask], minlength=news_rows.size).astype(np.float32)
 
+    pad = B - n_real
     t = torch.from_numpy
     return Batch(
         **news_fields(table, news_rows),
@@ -228,7 +228,7 @@ def collate(
         labels=t(labels),
         sample_mask=t(sample_mask),
         hist_count=t(hist_count),
-        impression_ids=tuple(str(s.impression_id) for s in samples) + ("",) * (B - n_real),
-        click_pos=t(np.array([s.click_pos for s in samples] + [-1] * (B - n_real), dtype=np.int64)),
-        user_idx=t(np.array([s.user for s in samples] + [0] * (B - n_real), dtype=np.int64)),
+        impression_ids=tuple(imps.ids.tolist()) + ("",) * pad,
+        click_pos=t(np.concatenate([imps.click_pos, np.full(pad, -1)]).astype(np.int64)),
+        user_idx=t(np.concatenate([imps.user, np.zeros(pad)]).astype(np.int64)),
     )

@@ -16,17 +16,17 @@ Group layout (little-endian, no pickles, decoded with ``np.frombuffer``)::
     offset 0   b"MTRG"           magic
            4   uint32 version    LAYOUT_VERSION (1)
            8   uint32 n          impressions in the group
-          12   uint32 flags      bit 0: labeled (the label array is present)
+          12   uint32 flags      bit 0: labeled (the labels array is present)
           16   uint32 n_hist     history rows of all n impressions
           20   uint32 n_cand     candidate rows of all n impressions
           24   uint32 n_id       bytes of the impression-id text
           28   uint32 0          reserved
           32   int32  hist_len[n]   history length of each impression
-               int32  cand_len[n]   candidates of each impression
+               int32  sizes[n]      candidates of each impression
                int32  user[n]       user index (vocab/users.json; 0 = unknown)
                int32  hist[n_hist]  news rows, impression after impression, most recent last
                int32  cand[n_cand]  news rows (0 = a candidate missing from the news table)
-               uint8  label[n_cand] 0/1 per candidate (labeled groups only)
+               uint8  labels[n_cand] 0/1 per candidate (labeled groups only)
                utf-8  ids[n_id]     impression ids exactly as the source spells them, "\\n"-joined
 
 The member is exactly that long; anything else is a corrupt group.
@@ -49,12 +49,12 @@ import os
 import struct
 import tarfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
+from mtrec_dist.data.impressions import Impressions
 from mtrec_dist.data.prepared import SHARD_DIR, Shard, check_impression_id, shard_pattern
 from mtrec_dist.data.tables import DataError
 from mtrec_dist.utils import sha256_file
@@ -67,64 +67,50 @@ _HEADER = struct.Struct("<4s7I")  # magic, version, n, flags, n_hist, n_cand, n_
 _LABELED = 1
 _I4 = np.dtype("<i4")
 # Field names used in error messages (and the layout above).
-HIST, CAND, LABEL, USER = "hist", "cand", "label", "user"
+HIST, CAND, USER = "hist", "cand", "user"
 _READ_BLOCK = 1 << 20
 
 
 # --------------------------------------------------------------------------- one group
 
 
-@dataclass
-class Group:
-    """The impressions of one tar member, as flat arrays (see the layout above): int32 as
-    :func:`decode_group` gives them; :func:`read_groups` widens ``user``, ``hist`` and
-    ``cand`` to int64 and fills ``label`` for an unlabeled split."""
-
-    ids: list[str]
-    hist_len: np.ndarray  # [n] int32
-    cand_len: np.ndarray  # [n] int32
-    user: np.ndarray  # [n] int32
-    hist: np.ndarray  # [n_hist] int32
-    cand: np.ndarray  # [n_cand] int32
-    label: np.ndarray | None  # [n_cand] uint8, None in an unlabeled split
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
 def encode_group(
     ids: Sequence[str],
     hist_len: Sequence[int],
-    cand_len: Sequence[int],
+    sizes: Sequence[int],
     user: Sequence[int],
     hist: Sequence[int],
     cand: Sequence[int],
-    label: Sequence[int] | None,
+    labels: Sequence[int] | None,
 ) -> bytes:
-    """The member bytes of one group (flat per-group sequences, as in :class:`Group`)."""
+    """The member bytes of one group (flat per-group sequences, in the layout above)."""
     text = "\n".join(ids).encode("utf-8")
     n, n_hist, n_cand = len(ids), len(hist), len(cand)
-    if not len(hist_len) == len(cand_len) == len(user) == n:
+    if not len(hist_len) == len(sizes) == len(user) == n:
         raise ValueError("expected one history length, candidate count and user per id")
-    if label is not None and len(label) != n_cand:
+    if labels is not None and len(labels) != n_cand:
         raise ValueError("expected one label per candidate")
-    flags = _LABELED if label is not None else 0
+    flags = _LABELED if labels is not None else 0
     parts = [
         _HEADER.pack(MAGIC, LAYOUT_VERSION, n, flags, n_hist, n_cand, len(text), 0),
         np.asarray(hist_len, dtype=_I4).tobytes(),
-        np.asarray(cand_len, dtype=_I4).tobytes(),
+        np.asarray(sizes, dtype=_I4).tobytes(),
         np.asarray(user, dtype=_I4).tobytes(),
         np.asarray(hist, dtype=_I4).tobytes(),
         np.asarray(cand, dtype=_I4).tobytes(),
     ]
-    if label is not None:
-        parts.append(np.asarray(label, dtype=np.uint8).tobytes())
+    if labels is not None:
+        parts.append(np.asarray(labels, dtype=np.uint8).tobytes())
     parts.append(text)
     return b"".join(parts)
 
 
-def decode_group(data: bytes) -> Group:
+def decode_group(data: bytes) -> Impressions:
     """A group from its member bytes; ValueError saying what is wrong with a corrupt one.
+
+    The columns are the layout's own (docs/design.md §2.2): ``hist``, ``cand``, ``hist_len``,
+    ``sizes`` and ``user`` int32 views of ``data``, ``labels`` uint8 or None in an unlabeled
+    group; :func:`read_groups` gives the checked, widened form every reader uses.
 
     Only the structure is checked here (magic, version, sizes, lengths that add up, one id per
     impression); the values (rows, labels, users) are checked by :func:`read_impressions`.
@@ -144,23 +130,26 @@ def decode_group(data: bytes) -> Group:
             f"{n_cand} candidates"
         )
     ints = np.frombuffer(data, dtype=_I4, count=3 * n + n_hist + n_cand, offset=_HEADER.size)
-    hist_len, cand_len, user = ints[:n], ints[n : 2 * n], ints[2 * n : 3 * n]
+    hist_len, sizes, user = ints[:n], ints[n : 2 * n], ints[2 * n : 3 * n]
     hist, cand = ints[3 * n : 3 * n + n_hist], ints[3 * n + n_hist :]
     end = _HEADER.size + 4 * ints.size
-    label = None
+    labels = None
     if labeled:
-        label = np.frombuffer(data, dtype=np.uint8, count=n_cand, offset=end)
+        labels = np.frombuffer(data, dtype=np.uint8, count=n_cand, offset=end)
         end += n_cand
     if n and (
-        min(hist_len.min(), cand_len.min()) < 0
+        min(hist_len.min(), sizes.min()) < 0
         or int(hist_len.sum()) != n_hist
-        or int(cand_len.sum()) != n_cand
+        or int(sizes.sum()) != n_cand
     ):
         raise ValueError(f"lengths do not add up to {n_hist} history rows and {n_cand} candidates")
     ids = data[end:].decode("utf-8").split("\n") if n else []
     if len(ids) != n:
         raise ValueError(f"{len(ids)} impression ids for {n} impressions")
-    return Group(ids, hist_len, cand_len, user, hist, cand, label)
+    return Impressions(
+        ids=np.asarray(ids, dtype=str), hist=hist, hist_len=hist_len, cand=cand, sizes=sizes,
+        labels=labels, user=user, click_pos=np.full(n, -1, dtype=np.int64),
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- writer
@@ -199,29 +188,29 @@ class ShardWriter:
     def _reset_group(self) -> None:
         self._ids: list[str] = []
         self._hist_len: list[int] = []
-        self._cand_len: list[int] = []
+        self._sizes: list[int] = []
         self._user: list[int] = []
         self._hist: list[int] = []
         self._cand: list[int] = []
-        self._label: list[int] = []
+        self._labels: list[int] = []
 
     def write(
         self,
         imp_id: str,
         hist: Sequence[int],
         cand: Sequence[int],
-        label: Sequence[int] | None,
+        labels: Sequence[int] | None,
         user: int,
     ) -> None:
         """Add one impression (news rows, 0/1 labels or None, user index)."""
         if self.labeled is None:
-            self.labeled = label is not None
-        elif self.labeled != (label is not None):
+            self.labeled = labels is not None
+        elif self.labeled != (labels is not None):
             raise ValueError(
                 f"impression {imp_id}: expected {'labels' if self.labeled else 'no labels'} "
                 "like the split's first impression"
             )
-        if label is not None and len(label) != len(cand):
+        if labels is not None and len(labels) != len(cand):
             raise ValueError(f"impression {imp_id}: expected one label per candidate")
         if self._tar is None:
             path = self.root / (shard_pattern(self.split) % (self.start_shard + len(self.entries)))
@@ -231,13 +220,13 @@ class ShardWriter:
             self._path = path
         self._ids.append(imp_id)
         self._hist_len.append(len(hist))
-        self._cand_len.append(len(cand))
+        self._sizes.append(len(cand))
         self._user.append(int(user))
         self._hist.extend(hist)
         self._cand.extend(cand)
-        if label is not None:
-            self._label.extend(label)
-            self._shard_clicks += int(sum(label))
+        if labels is not None:
+            self._labels.extend(labels)
+            self._shard_clicks += int(sum(labels))
         self._shard_imps += 1
         if len(self._ids) == self.group_size:
             self._flush_group()
@@ -248,8 +237,8 @@ class ShardWriter:
         if not self._ids:
             return
         data = encode_group(
-            self._ids, self._hist_len, self._cand_len, self._user, self._hist, self._cand,
-            self._label if self.labeled else None,
+            self._ids, self._hist_len, self._sizes, self._user, self._hist, self._cand,
+            self._labels if self.labeled else None,
         )  # fmt: skip
         self._tar.write({"__key__": f"{self._groups:06d}", GROUP_MEMBER: data})
         self._groups += 1
@@ -307,7 +296,7 @@ def _group_at(first: int, name: str) -> str:
     return f"member {name!r} (impressions from #{first})"
 
 
-def iter_shard(path: str | Path, expect: Shard | None = None) -> Iterator[Group]:
+def iter_shard(path: str | Path, expect: Shard | None = None) -> Iterator[Impressions]:
     """The groups of one shard in tar order, with the tar structure checked.
 
     Members other than ``*.imps.bin`` are skipped unread. The end-of-archive marker must follow
@@ -385,9 +374,9 @@ def _check_whole(path: Path, n: int, digest: str, expect: Shard) -> None:
         )
 
 
-def _at(first: int, g: Group, i: int) -> str:
+def _at(first: int, g: Impressions, i: int) -> str:
     """How errors name an impression: its position in the shard and its id."""
-    return f"impression #{first + i} (id {g.ids[i]!r})"
+    return f"impression #{first + i} (id {str(g.ids[i])!r})"
 
 
 def _owner(lengths: np.ndarray, pos: int) -> int:
@@ -395,9 +384,11 @@ def _owner(lengths: np.ndarray, pos: int) -> int:
     return int(np.searchsorted(np.cumsum(lengths), pos, side="right"))
 
 
-def _check_rows(path: Path, first: int, g: Group, name: str, lo: int, n_news: int) -> np.ndarray:
+def _check_rows(
+    path: Path, first: int, g: Impressions, name: str, lo: int, n_news: int
+) -> np.ndarray:
     """The group's ``hist`` or ``cand`` rows as int64, each in ``[lo, n_news)``."""
-    a, lengths = (g.hist, g.hist_len) if name == HIST else (g.cand, g.cand_len)
+    a, lengths = (g.hist, g.hist_len) if name == HIST else (g.cand, g.sizes)
     # One unsigned reduction checks both ends.
     if a.size and (a.view(np.uint32) - np.uint32(lo)).max() >= n_news - lo:
         pos = int(np.flatnonzero((a < lo) | (a >= n_news))[0])
@@ -409,22 +400,24 @@ def _check_rows(path: Path, first: int, g: Group, name: str, lo: int, n_news: in
     return a.astype(np.int64)
 
 
-def _check_group(path: Path, first: int, g: Group, labeled: bool, n_users: int | None) -> None:
+def _check_group(
+    path: Path, first: int, g: Impressions, labeled: bool, n_users: int | None
+) -> None:
     """Ids, labels and users of one group against the manifest."""
-    for i, key in enumerate(g.ids):
+    for i, key in enumerate(g.ids.tolist()):
         why = check_impression_id(key)
         if why is not None:
             raise DataError(path, None, f"{_at(first, g, i)}: impression id {why}")
-    if labeled and g.label is None:
+    if labeled and g.labels is None:
         raise DataError(
             path, None, f"{_at(first, g, 0)}: no labels, but the manifest says the split is "
             "labeled; re-run `mtrec prepare`",
         )  # fmt: skip
-    if labeled and g.label.size and g.label.max() > 1:
-        i = _owner(g.cand_len, int(np.flatnonzero(g.label > 1)[0]))
-        a = int(g.cand_len[:i].sum())
+    if labeled and g.labels.size and g.labels.max() > 1:
+        i = _owner(g.sizes, int(np.flatnonzero(g.labels > 1)[0]))
+        a = int(g.sizes[:i].sum())
         raise DataError(
-            path, None, f"{_at(first, g, i)}: labels {g.label[a : a + g.cand_len[i]].tolist()}: "
+            path, None, f"{_at(first, g, i)}: labels {g.labels[a : a + g.sizes[i]].tolist()}: "
             "expected 0 or 1 per candidate",
         )  # fmt: skip
     if n_users is not None and len(g) and (g.user.view(np.uint32).max() >= n_users):
@@ -437,13 +430,13 @@ def _check_group(path: Path, first: int, g: Group, labeled: bool, n_users: int |
 
 def read_groups(
     shard: Shard, labeled: bool, n_news: int, n_users: int | None = None
-) -> Iterator[Group]:
+) -> Iterator[Impressions]:
     """The groups of a shard with every value checked, as the readers use them.
 
     Checked: history rows in [1, n_news) (prepare drops history news missing from the table),
     candidate rows in [0, n_news) (0 = missing news), labels 0 or 1, the user index in
-    [0, n_users), then count and sha256 (:func:`iter_shard`). The group's arrays come widened:
-    ``hist``, ``cand`` and ``user`` int64, ``label`` uint8 (zeros for an unlabeled split);
+    [0, n_users), then count and sha256 (:func:`iter_shard`). The columns come in the dtypes
+    of :mod:`mtrec_dist.data.impressions` (``labels`` zeros for an unlabeled split);
     ``n_users=None`` (a manifest without a user vocabulary): every impression is user 0.
     """
     path, first = shard.path, 0
@@ -451,21 +444,21 @@ def read_groups(
         _check_group(path, first, g, labeled, n_users)
         hist = _check_rows(path, first, g, HIST, 1, n_news)
         cand = _check_rows(path, first, g, CAND, 0, n_news)
-        label = g.label if labeled else np.zeros(cand.size, dtype=np.uint8)
+        labels = g.labels.astype(np.float32) if labeled else np.zeros(cand.size, np.float32)
         user = g.user.astype(np.int64) if n_users is not None else np.zeros(len(g), np.int64)
-        yield Group(g.ids, g.hist_len, g.cand_len, user, hist, cand, label)
+        yield Impressions(
+            ids=g.ids, hist=hist, hist_len=g.hist_len.astype(np.int64), cand=cand,
+            sizes=g.sizes.astype(np.int64), labels=labels, user=user, click_pos=g.click_pos,
+        )  # fmt: skip
         first += len(g)
 
 
 def read_impressions(
     shard: Shard, labeled: bool, n_news: int, n_users: int | None = None
 ) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray, int]]:
-    """(impression id, hist int64, cand int64, label uint8, user) per impression of a shard:
-    the groups of :func:`read_groups` (every check of it) cut into impressions."""
+    """(impression id, hist int64, cand int64, labels float32, user) per impression of a shard:
+    the groups of :func:`read_groups` (every check of it) cut into rows, for tools that count
+    or compare impressions one at a time."""
     for g in read_groups(shard, labeled, n_news, n_users):
-        h_end = np.cumsum(g.hist_len).tolist()
-        c_end = np.cumsum(g.cand_len).tolist()
-        h0 = c0 = 0
-        for key, h1, c1, user in zip(g.ids, h_end, c_end, g.user.tolist()):
-            yield key, g.hist[h0:h1], g.cand[c0:c1], g.label[c0:c1], user
-            h0, c0 = h1, c1
+        for s in g.samples():
+            yield s.impression_id, s.hist, s.cand, s.labels, s.user

@@ -15,9 +15,13 @@ Why it is shaped this way:
 * **One sample per click**, with ``neg_k`` negatives drawn fresh each epoch from the same
   impression's non-clicked candidates (with replacement when there are fewer; the padding
   news, row 0, when there are none) — the NRMS/MTRec training recipe (npratio = 4).
-* **Chunks, not items, cross process boundaries.** DataLoader workers pack 256 samples into a
-  few flat arrays; the training process unpacks, cuts batches and collates against its own
-  memory-mapped :class:`NewsTable`. Per-item IPC would cost more than the whole pipeline.
+* **Columns, not items.** Samples are rows of one
+  :class:`~mtrec_dist.data.impressions.Impressions` (docs/design.md §2.2) from the shard group
+  to the batch: the negatives are drawn per click into a group's columns, the shuffle buffer
+  permutes row indices and gathers, DataLoader workers send chunks of 256 rows, and the
+  training process slices batches from them and collates against its own memory-mapped
+  :class:`NewsTable`. Per-item IPC, or an object per sample, would cost more than the whole
+  pipeline.
 * **Deterministic and resumable.** The stream is a function of (seed, epoch, rank, world_size,
   loader_workers). The DataLoader returns worker outputs round-robin (a worker that is done
   drops out), so the merged order of chunks is known from the per-worker sample counts; a
@@ -41,7 +45,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mtrec_dist.data.batch import Batch, NewsTable, Sample, collate
+from mtrec_dist.data.batch import Batch, NewsTable, collate
+from mtrec_dist.data.impressions import Impressions, Sample
 from mtrec_dist.data.prepared import (
     MANIFEST,
     Shard,
@@ -52,7 +57,7 @@ from mtrec_dist.data.prepared import (
     shards,
     split_info,
 )
-from mtrec_dist.data.shardfile import read_groups, read_impressions
+from mtrec_dist.data.shardfile import read_groups
 from mtrec_dist.data.tables import DataError
 from mtrec_dist.utils import offsets_of
 
@@ -129,86 +134,6 @@ def batches_per_epoch(
 # end in its index step, before scoring).
 
 
-def _narrow_ids(ids: np.ndarray) -> np.ndarray:
-    """A string array at the width of its longest id (``'<U1'`` when empty): the dtype
-    ``np.asarray(list_of_ids, dtype=str)`` gives, whatever the pieces it was joined from."""
-    width = max(int(np.char.str_len(ids).max()), 1) if ids.size else 1
-    return ids.astype(f"<U{width}", copy=False)
-
-
-@dataclass
-class Impressions:
-    """Consecutive impressions of a split as flat arrays: what the evaluator reads and scores.
-
-    One per shard group from :func:`eval_groups`; sliced and joined into parts and chunks
-    without a Python object per impression, which cost more CPU than reading and checking the
-    shards themselves (``bench/bench_eval.py``, ``read_part``). :meth:`samples` is the
-    per-impression view for the code that needs :class:`Sample` objects (``collate``).
-    """
-
-    ids: np.ndarray  # [n] str, impression ids exactly as the source spells them
-    sizes: np.ndarray  # [n] int64, candidates per impression
-    cand: np.ndarray  # [sum sizes] int64 news rows (0 = a candidate missing from the table)
-    labels: np.ndarray  # [sum sizes] float32 0/1 (zeros for an unlabeled split)
-    hist_len: np.ndarray  # [n] int64
-    hist: np.ndarray  # [sum hist_len] int64 news rows, oldest first
-    user: np.ndarray  # [n] int64 user index (0 = unknown)
-
-    def __len__(self) -> int:
-        return int(self.sizes.size)
-
-    def slice(self, lo: int, hi: int) -> Impressions:
-        """Impressions ``[lo, hi)`` (views of these arrays)."""
-        h0, h1 = int(self.hist_len[:lo].sum()), int(self.hist_len[:hi].sum())
-        c0, c1 = int(self.sizes[:lo].sum()), int(self.sizes[:hi].sum())
-        return Impressions(
-            self.ids[lo:hi], self.sizes[lo:hi], self.cand[c0:c1], self.labels[c0:c1],
-            self.hist_len[lo:hi], self.hist[h0:h1], self.user[lo:hi],
-        )  # fmt: skip
-
-    @classmethod
-    def concat(cls, pieces: list[Impressions]) -> Impressions:
-        """The impressions of ``pieces`` one after another (ids at the width of the longest)."""
-        if len(pieces) == 1:
-            return replace(pieces[0], ids=_narrow_ids(pieces[0].ids))
-        if not pieces:
-            z = np.zeros(0, dtype=np.int64)
-            return cls(np.zeros(0, "<U1"), z, z, np.zeros(0, np.float32), z, z, z)
-        cat = np.concatenate
-        return cls(
-            _narrow_ids(cat([p.ids for p in pieces])), cat([p.sizes for p in pieces]),
-            cat([p.cand for p in pieces]), cat([p.labels for p in pieces]),
-            cat([p.hist_len for p in pieces]), cat([p.hist for p in pieces]),
-            cat([p.user for p in pieces]),
-        )  # fmt: skip
-
-    @classmethod
-    def from_samples(cls, samples: Iterable[Sample]) -> Impressions:
-        """Evaluation samples (``click_pos`` -1, every candidate) as flat arrays."""
-        samples = list(samples)
-        if not samples:
-            return cls.concat([])
-        n = len(samples)
-        return cls(
-            ids=np.asarray([str(s.impression_id) for s in samples], dtype=str),
-            sizes=np.fromiter((len(s.cand) for s in samples), dtype=np.int64, count=n),
-            cand=np.concatenate([s.cand for s in samples]).astype(np.int64),
-            labels=np.concatenate([s.labels for s in samples]).astype(np.float32),
-            hist_len=np.fromiter((len(s.hist) for s in samples), dtype=np.int64, count=n),
-            hist=np.concatenate([s.hist for s in samples]).astype(np.int64),
-            user=np.fromiter((s.user for s in samples), dtype=np.int64, count=n),
-        )
-
-    def samples(self) -> Iterator[Sample]:
-        """One :class:`Sample` per impression (views of these arrays)."""
-        h, c = offsets_of(self.hist_len).tolist(), offsets_of(self.sizes).tolist()
-        for i, (key, user) in enumerate(zip(self.ids.tolist(), self.user.tolist())):
-            yield Sample(
-                key, self.hist[h[i] : h[i + 1]], self.cand[c[i] : c[i + 1]],
-                self.labels[c[i] : c[i + 1]], user=user,
-            )  # fmt: skip
-
-
 def eval_groups(
     prepared_dir: str | Path, split: str, *, shard_indices: list[int] | None = None
 ) -> Iterator[Impressions]:
@@ -223,16 +148,7 @@ def eval_groups(
     labeled = is_labeled(manifest, split, prepared_dir)
     n_news, n_users = int(manifest["news"]["count"]), num_users(manifest)
     for i in range(len(found)) if shard_indices is None else shard_indices:
-        for g in read_groups(found[i], labeled, n_news, n_users):
-            yield Impressions(
-                ids=np.asarray(g.ids, dtype=str),
-                sizes=g.cand_len.astype(np.int64),
-                cand=g.cand,
-                labels=g.label.astype(np.float32),
-                hist_len=g.hist_len.astype(np.int64),
-                hist=g.hist,
-                user=g.user,
-            )
+        yield from read_groups(found[i], labeled, n_news, n_users)
 
 
 def take(
@@ -280,50 +196,21 @@ def eval_impressions(
 # --------------------------------------------------------------------------- worker side
 
 
-@dataclass
-class _Packed:
-    """A chunk of samples as a few flat arrays: cheap to pickle between processes."""
-
-    imp: np.ndarray  # [n] str, impression ids as the source spells them
-    click_pos: np.ndarray  # [n] int64
-    cand: np.ndarray  # [n, 1+K] int64, click first
-    hist: np.ndarray  # [sum h] int64
-    hist_len: np.ndarray  # [n] int64
-    pad_neg: np.ndarray  # [n] bool, negatives are padding news (impression had none)
-    user: np.ndarray  # [n] int64 user index (0 = unknown)
-
-    def __len__(self) -> int:
-        return int(self.imp.size)
+# A worker's samples in flight: the columns and, per sample, whether its negatives are padding
+# news (its impression had none; counted by ``TrainLoader.padding_negatives``).
+_Rows = tuple[Impressions, np.ndarray]
 
 
-_Row = tuple[str, int, np.ndarray, np.ndarray, bool, int]
+def _rows_cat(pieces: list[_Rows]) -> _Rows:
+    if len(pieces) == 1:
+        return pieces[0]
+    if not pieces:
+        return Impressions.empty(), np.zeros(0, dtype=bool)
+    return Impressions.concat([p[0] for p in pieces]), np.concatenate([p[1] for p in pieces])
 
 
-def _pack(rows: list[_Row], k: int) -> _Packed:
-    n = len(rows)
-    if n == 0:
-        z = np.zeros(0, dtype=np.int64)
-        ids = np.zeros(0, dtype=str)
-        return _Packed(ids, z, np.zeros((0, k + 1), np.int64), z, z, np.zeros(0, bool), z)
-    return _Packed(
-        imp=np.array([r[0] for r in rows], dtype=str),
-        click_pos=np.array([r[1] for r in rows], dtype=np.int64),
-        cand=np.stack([r[2] for r in rows]),
-        hist=np.concatenate([r[3] for r in rows]),
-        hist_len=np.array([r[3].size for r in rows], dtype=np.int64),
-        pad_neg=np.array([r[4] for r in rows], dtype=bool),
-        user=np.array([r[5] for r in rows], dtype=np.int64),
-    )
-
-
-def _unpack(p: _Packed, labels: np.ndarray) -> list[Sample]:
-    hists = np.split(p.hist, np.cumsum(p.hist_len)[:-1]) if len(p) else []
-    return [
-        Sample(i, h, c, labels, int(cp), user=u)
-        for i, h, c, cp, u in zip(
-            p.imp.tolist(), hists, p.cand, p.click_pos.tolist(), p.user.tolist()
-        )
-    ]
+def _rows_gather(rows: _Rows, idx: np.ndarray) -> _Rows:
+    return rows[0].gather(idx), rows[1][idx]
 
 
 @dataclass
@@ -344,29 +231,58 @@ class _WorkerSpec:
     chunk_size: int
 
 
-def _clicks(spec: _WorkerSpec) -> Iterator[_Row]:
-    """One row per click: (impression id, click position, [click, negatives], hist, pad_neg,
-    user)."""
+def _clicks(spec: _WorkerSpec) -> Iterator[_Rows]:
+    """One sample per click, one shard group at a time: candidates ``[click, negatives]``
+    (``sizes`` 1 + neg_k, ``labels`` 1 then 0), the last ``history_len`` history news, the
+    click's position in its impression."""
     rng = np.random.default_rng([spec.seed, spec.epoch, spec.rank, spec.worker, 1])
     k, H = spec.neg_k, spec.history_len
     pad = np.zeros(k, dtype=np.int64)
+    label_row = np.zeros(1 + k, dtype=np.float32)
+    label_row[0] = 1.0
     for shard in spec.shards:
         n = 0
-        for imp, hist, cand, label, user in read_impressions(
-            shard, True, spec.n_news, spec.n_users
-        ):
-            pos = np.flatnonzero(label == 1)
-            if pos.size == 0:
+        for g in read_groups(shard, True, spec.n_news, spec.n_users):
+            clicked = g.labels == 1
+            c_off = offsets_of(g.sizes).tolist()
+            h_off = offsets_of(g.hist_len).tolist()
+            which: list[int] = []  # impression of each sample (in the group)
+            pos_of: list[int] = []
+            cands: list[np.ndarray] = []
+            hists: list[np.ndarray] = []
+            pad_neg: list[bool] = []
+            seen = np.concatenate([[0], np.cumsum(clicked)])[c_off]  # clicks before each
+            for i in np.flatnonzero(seen[1:] - seen[:-1]).tolist():
+                c0, c1 = c_off[i], c_off[i + 1]
+                cand, lab = g.cand[c0:c1], clicked[c0:c1]
+                neg = cand[~lab]
+                hist = g.hist[max(h_off[i], h_off[i + 1] - H) : h_off[i + 1]]
+                for p in np.flatnonzero(lab).tolist():
+                    if neg.size == 0:
+                        negs, padded = pad, True
+                    else:
+                        negs, padded = rng.choice(neg, size=k, replace=neg.size < k), False
+                    which.append(i)
+                    pos_of.append(p)
+                    cands.append(cand[p : p + 1])
+                    cands.append(negs)
+                    hists.append(hist)
+                    pad_neg.append(padded)
+            m = len(which)
+            if not m:
                 continue
-            neg = cand[label == 0]
-            hist = hist[-H:] if hist.size > H else hist
-            for p in pos.tolist():
-                if neg.size == 0:
-                    negs, pad_neg = pad, True
-                else:
-                    negs, pad_neg = rng.choice(neg, size=k, replace=neg.size < k), False
-                yield imp, p, np.concatenate([cand[p : p + 1], negs]), hist, pad_neg, user
-            n += pos.size
+            idx = np.asarray(which, dtype=np.int64)
+            hist_len = np.fromiter(map(len, hists), dtype=np.int64, count=m)
+            yield (
+                Impressions(
+                    ids=g.ids[idx], hist=np.concatenate(hists).astype(np.int64, copy=False),
+                    hist_len=hist_len, cand=np.concatenate(cands),
+                    sizes=np.full(m, 1 + k, dtype=np.int64), labels=np.tile(label_row, m),
+                    user=g.user[idx], click_pos=np.asarray(pos_of, dtype=np.int64),
+                ),
+                np.asarray(pad_neg, dtype=bool),
+            )  # fmt: skip
+            n += m
         if n != shard.clicks:
             raise DataError(
                 shard.path,
@@ -375,38 +291,59 @@ def _clicks(spec: _WorkerSpec) -> Iterator[_Row]:
             )
 
 
-def _shuffled(items: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
-    """Reservoir-style shuffle buffer: bounded memory, a pure function of ``rng``."""
+def _shuffled(pieces: Iterator[_Rows], size: int, rng: np.random.Generator) -> Iterator[_Rows]:
+    """Reservoir-style shuffle buffer of ``size`` samples: bounded memory, a pure function of
+    ``rng``. Works on sample indices; the columns are gathered once per input piece."""
     if size <= 1:
-        yield from items
+        yield from pieces
         return
-    buf: list[Any] = []
-    for it in items:
-        if len(buf) < size:
-            buf.append(it)
+    pool: list[_Rows] = []  # the buffer's rows (compacted) then the pieces read since
+    have = 0  # rows in pool
+    buf: list[int] = []  # pool row of each buffer slot
+    for piece in pieces:
+        pool.append(piece)
+        out: list[int] = []
+        for r in range(have, have + len(piece[0])):
+            if len(buf) < size:
+                buf.append(r)
+                continue
+            j = int(rng.integers(size))
+            out.append(buf[j])
+            buf[j] = r
+        have += len(piece[0])
+        if not out:
             continue
-        j = int(rng.integers(size))
-        yield buf[j]
-        buf[j] = it
-    for j in rng.permutation(len(buf)).tolist():
-        yield buf[j]
+        whole = _rows_cat(pool)
+        yield _rows_gather(whole, np.asarray(out, dtype=np.int64))
+        pool, have = [_rows_gather(whole, np.asarray(buf, dtype=np.int64))], len(buf)
+        buf = list(range(have))
+    whole = _rows_cat(pool)
+    order = np.asarray(buf, dtype=np.int64)[rng.permutation(len(buf))]
+    if order.size:
+        yield _rows_gather(whole, order)
 
 
-def _worker_chunks(spec: _WorkerSpec) -> Iterator[_Packed]:
+def _worker_chunks(spec: _WorkerSpec) -> Iterator[_Rows]:
     """This worker's chunks; chunk j = samples [j*c, (j+1)*c) minus the first ``skip``."""
     rng = np.random.default_rng([spec.seed, spec.epoch, spec.rank, spec.worker, 2])
     c, skip = spec.chunk_size, spec.skip
-    rows: list[_Row] = []
-    i = 0
-    for row in _shuffled(_clicks(spec), spec.shuffle_buffer, rng):
-        if i >= skip:
-            rows.append(row)
-        i += 1
-        if i % c == 0:
-            yield _pack(rows, spec.neg_k)
-            rows = []
-    if i % c:
-        yield _pack(rows, spec.neg_k)
+    pending: list[_Rows] = []
+    have = start = 0  # samples pending; stream position of the first of them
+    for piece in _shuffled(_clicks(spec), spec.shuffle_buffer, rng):
+        pending.append(piece)
+        have += len(piece[0])
+        while have >= c:
+            whole = _rows_cat(pending)
+            drop = min(max(skip - start, 0), c)
+            yield _rows_slice(whole, drop, c)
+            pending, have, start = [_rows_slice(whole, c, have)], have - c, start + c
+    if have:
+        whole = _rows_cat(pending)
+        yield _rows_slice(whole, min(max(skip - start, 0), have), have)
+
+
+def _rows_slice(rows: _Rows, lo: int, hi: int) -> _Rows:
+    return rows[0].slice(lo, hi), rows[1][lo:hi]
 
 
 def _merged_skips(counts: list[int], chunk: int, n: int) -> list[int]:
@@ -437,7 +374,7 @@ class _ShardWorkers(IterableDataset):
     def __init__(self, specs: list[_WorkerSpec]):
         self.specs = specs
 
-    def __iter__(self) -> Iterator[_Packed]:
+    def __iter__(self) -> Iterator[_Rows]:
         info = get_worker_info()
         w = 0 if info is None else info.id
         if (1 if info is None else info.num_workers) != len(self.specs):
@@ -580,16 +517,13 @@ class TrainLoader:
             for w, ws in enumerate(per_worker)
         ]
         self.loader_workers = loader_workers
-        self._labels = np.zeros(1 + neg_k, dtype=np.float32)
-        self._labels[0] = 1.0
-        self._labels.setflags(write=False)
         self._started = False
 
     def __len__(self) -> int:
         """Batches still to come (all of them before iterating)."""
         return self.num_batches - self.batches_done
 
-    def _chunks(self) -> Iterator[_Packed]:
+    def _chunks(self) -> Iterator[_Rows]:
         if self.loader_workers == 0:
             yield from _worker_chunks(self.specs[0])
             return
@@ -605,7 +539,7 @@ class TrainLoader:
         )
         yield from dl
 
-    def _emit(self, samples: list[Sample]) -> Batch:
+    def _emit(self, samples: Impressions) -> Batch:
         if self.batches_done >= self.num_batches:
             raise DataError(
                 self.dir / MANIFEST, None, "shards hold more clicks than the manifest says"
@@ -635,18 +569,18 @@ class TrainLoader:
             raise RuntimeError("a TrainLoader is iterated once; build one per epoch")
         self._started = True
         bs = self.batch_size
-        pending: list[Sample] = []
-        for packed in self._chunks():
-            if not len(packed):
+        pending = Impressions.empty()
+        for chunk, pad_neg in self._chunks():
+            if not len(chunk):
                 continue
-            self.padding_negatives += int(packed.pad_neg.sum())
-            pending.extend(_unpack(packed, self._labels))
+            self.padding_negatives += int(pad_neg.sum())
+            pending = Impressions.concat([pending, chunk]) if len(pending) else chunk
             while len(pending) >= bs:
-                yield self._emit(pending[:bs])
-                del pending[:bs]
-        while pending or self.batches_done < self.num_batches:
-            yield self._emit(pending[:bs])
-            del pending[:bs]
+                yield self._emit(pending.slice(0, bs))
+                pending = pending.slice(bs, len(pending))
+        while len(pending) or self.batches_done < self.num_batches:
+            yield self._emit(pending.slice(0, bs))
+            pending = pending.slice(min(bs, len(pending)), len(pending))
 
 
 # The name the trainers, tests and benchmarks call the loader by.

@@ -16,8 +16,9 @@ how many workers share the split, or which one does which unit):
    batches of similar history length, or, for cross-encoders (``model.cross_encoder``, UNBERT),
    by ``model(batch).scores`` on (history, candidate chunk) samples. A *part* is a fixed range
    of the split's impressions (:func:`plan_parts`), read shard group by shard group into flat
-   arrays (:func:`read_part`, :class:`~mtrec_dist.data.stream.Impressions`): the fast scorer
-   takes them as they are, only the batched paths build a ``Sample`` per impression. A
+   arrays (:func:`read_part`, :class:`~mtrec_dist.data.impressions.Impressions`, the one
+   impression type of the data layer, docs/design.md §2): the fast scorer takes them as they
+   are, the batched paths gather batches of them for ``collate``; no object per impression. A
    labeled part also carries the per-impression metrics of the ranks a submission would carry
    (:func:`ranked_impression_metrics`).
 
@@ -30,17 +31,16 @@ import hashlib
 import io
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from mtrec_dist.data.batch import Batch, NewsTable, Sample, collate, news_fields
-from mtrec_dist.data.stream import Impressions, eval_groups, take
+from mtrec_dist.data.batch import Batch, NewsTable, collate, news_fields
+from mtrec_dist.data.impressions import Impressions, Sample, as_impressions
+from mtrec_dist.data.stream import eval_groups, take
 from mtrec_dist.metrics import ranked_impression_metrics
 from mtrec_dist.models import layer_cache
 from mtrec_dist.models.base import FastScorer, NewsRecModel
@@ -137,16 +137,6 @@ def read_part(prepared: Path, split: str, spec: PartSpec) -> Impressions:
     return Impressions.concat(list(take(groups, spec.skip, spec.count)))
 
 
-def batched(it: Iterator[Any], n: int) -> Iterator[list[Any]]:
-    while chunk := list(islice(it, n)):
-        yield chunk
-
-
-def as_impressions(x: Impressions | Iterable[Sample]) -> Impressions:
-    """Flat impressions from flat impressions or from evaluation samples."""
-    return x if isinstance(x, Impressions) else Impressions.from_samples(x)
-
-
 def index_impressions(imps: Impressions | Iterable[Sample]) -> dict[str, np.ndarray]:
     """Ids, candidate counts and the unique news rows (history ∪ candidates) of impressions."""
     imps = as_impressions(imps)
@@ -235,34 +225,34 @@ class Engine:
         return time.process_time()
 
     @torch.no_grad()
-    def score_samples(self, samples: list[Sample]) -> np.ndarray:
-        """Flat float32 scores of the samples' candidates, in impression and candidate order."""
+    def score_batch(self, imps: Impressions) -> np.ndarray:
+        """Flat float32 scores of one batch of impressions, in impression and candidate order."""
         if self.cross:
-            return self._score_cross(samples)
+            return self._score_cross(imps)
         if self.vectors is None:
             raise RuntimeError("news vectors not set: encode the split first")
-        batch = collate(samples, self.table)
+        batch = collate(imps, self.table)
         vecs = torch.from_numpy(np.ascontiguousarray(self.vectors[batch.news_rows.numpy()]))
         batch = batch.to(self.device)
         scores = self.model.score_news_vectors(vecs.to(self.device), batch)  # [B, C]
         return scores[batch.cand_mask].float().cpu().numpy()
 
-    def _score_cross(self, samples: list[Sample]) -> np.ndarray:
-        """Per-candidate path: (history, <= CROSS_CHUNK candidates) samples, CROSS_BATCH at a time."""
-        pieces = [
-            Sample(
-                s.impression_id,
-                s.hist,
-                s.cand[j : j + CROSS_CHUNK],
-                s.labels[j : j + CROSS_CHUNK],
-                user=s.user,  # NPA's personalised attention reads the user
-            )
-            for s in samples
-            for j in range(0, len(s.cand), CROSS_CHUNK)
-        ]
+    def _score_cross(self, imps: Impressions) -> np.ndarray:
+        """Per-candidate path: (history, <= CROSS_CHUNK candidates) samples, CROSS_BATCH at a
+        time. A piece is its impression with a run of its candidates: ``cand`` and ``labels``
+        stay the same flat arrays, only ``sizes`` is cut."""
+        pieces_of = -(-imps.sizes // CROSS_CHUNK)  # [n] ceil(size / CROSS_CHUNK)
+        owner = np.repeat(np.arange(len(imps)), pieces_of)
+        within = np.arange(owner.size) - np.repeat(offsets_of(pieces_of)[:-1], pieces_of)
+        rows = imps.gather(owner)  # ids, history and user (NPA's attention reads it) per piece
+        pieces = Impressions(
+            rows.ids, rows.hist, rows.hist_len, imps.cand,
+            np.minimum(imps.sizes[owner] - within * CROSS_CHUNK, CROSS_CHUNK), imps.labels,
+            rows.user, np.full(owner.size, -1, dtype=np.int64),
+        )  # fmt: skip
         out = []
-        for group in batched(iter(pieces), CROSS_BATCH):
-            batch = collate(group, self.table).to(self.device)
+        for lo in range(0, len(pieces), CROSS_BATCH):
+            batch = collate(pieces.slice(lo, lo + CROSS_BATCH), self.table).to(self.device)
             scores = self.model(batch).scores  # [b, c]
             out.append(scores[batch.cand_mask].float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
@@ -270,13 +260,13 @@ class Engine:
     def score_many(self, imps: Impressions | list[Sample]) -> np.ndarray:
         """Flat scores of many impressions, in impression and candidate order.
 
-        A model with a fast scorer (MTRec's factored one) scores the flat arrays (no batches, no
-        object per impression: every impression is scored on its own by sparse products).
-        Other models: :class:`Sample` objects in batches of similar history and candidate
-        counts through ``model.score_news_vectors`` / ``model(batch)`` (batches pad to their
-        longest history and candidate list, so contiguous impressions, history 0..50, would
-        waste about half the user encoder's work). Either way the order depends on the
-        impressions only, never on the workers.
+        A model with a fast scorer (MTRec's factored one) scores the flat arrays (no batches: every
+        impression is scored on its own by sparse products). Other models: batches of similar
+        history and candidate counts (gathered from the columns) through
+        ``model.score_news_vectors`` / ``model(batch)`` (batches pad to their longest history
+        and candidate list, so contiguous impressions, history 0..50, would waste about half
+        the user encoder's work). Either way the order depends on the impressions only, never
+        on the workers.
         """
         imps = as_impressions(imps)
         if not len(imps):
@@ -284,14 +274,13 @@ class Engine:
         fast = self.factored_scorer()
         if fast is not None:
             return fast.scores(imps.hist, imps.hist_len, imps.cand, imps.sizes)
-        samples = list(imps.samples())
         sizes = imps.sizes
         order = np.lexsort((sizes, imps.hist_len))
         offsets = offsets_of(sizes)
         out = np.empty(int(offsets[-1]), dtype=np.float32)
         for i in range(0, len(order), SCORE_BATCH):
             idx = order[i : i + SCORE_BATCH]
-            flat_scores = self.score_samples([samples[j] for j in idx])
+            flat_scores = self.score_batch(imps.gather(idx))
             n = sizes[idx]  # the batch's candidates go back to their impressions' slots
             out[np.repeat(offsets[idx] - np.cumsum(n) + n, n) + np.arange(int(n.sum()))] = (
                 flat_scores

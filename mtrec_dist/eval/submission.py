@@ -75,7 +75,8 @@ def _check_ranks(imp: str, ranks: list[int], n_expected: int | None, where: str)
         )
 
 
-# (ids [n] str, sizes [n], flat ranks [sum sizes]): the unit the writer takes
+# (ids [n] str, sizes [n], flat ranks [sum sizes]): the unit the writer takes; ``ids`` and
+# ``sizes`` are the columns of the scored Impressions (docs/design.md §2.2), ranks per candidate
 Block = tuple[np.ndarray, np.ndarray, np.ndarray]
 _WS = re.compile(r"\s")  # what the leaderboard splits a line on (LINE's \S complement)
 

@@ -350,7 +350,7 @@ def test_writer_and_reader_share_member_names(tmp_path):
         shard = cfg.prepared_dir / entry["path"]
         assert {m.name.split(".", 1)[1] for m in members(shard)} == {GROUP_MEMBER}
         groups = list(iter_shard(shard))
-        assert all((g.label is not None) == labeled for g in groups)
+        assert all((g.labels is not None) == labeled for g in groups)
         assert sum(len(g) for g in groups) == entry["impressions"]
 
 

@@ -126,12 +126,12 @@ def read_shard(path: Path) -> list[dict]:
     out = []
     for s in wds.WebDataset(str(path), shardshuffle=False):
         g = decode_group(s[GROUP_MEMBER])
-        h, c = np.cumsum(g.hist_len), np.cumsum(g.cand_len)
+        h, c = np.cumsum(g.hist_len), np.cumsum(g.sizes)
         for i, key in enumerate(g.ids):
             d = {"key": key, "hist": g.hist[h[i] - g.hist_len[i] : h[i]],
-                 "cand": g.cand[c[i] - g.cand_len[i] : c[i]], "user": int(g.user[i])}  # fmt: skip
-            if g.label is not None:
-                d["label"] = g.label[c[i] - g.cand_len[i] : c[i]]
+                 "cand": g.cand[c[i] - g.sizes[i] : c[i]], "user": int(g.user[i])}  # fmt: skip
+            if g.labels is not None:
+                d["label"] = g.labels[c[i] - g.sizes[i] : c[i]]
             out.append(d)
     return out
 
@@ -260,7 +260,7 @@ def test_shard_files_hashes_and_members(prepared):
             # fewer impressions than a group: one member per shard, labels iff labeled
             assert names == [f"000000.{GROUP_MEMBER}"], (split, names)
             assert [len(g) for g in groups] == [sh["impressions"]]
-            assert all((g.label is not None) == e["labeled"] for g in groups)
+            assert all((g.labels is not None) == e["labeled"] for g in groups)
     assert sorted(listed) == sorted((out / "shards").iterdir())
     assert not list(out.parent.glob(".prepared.*"))  # no temporary folder left behind
 

@@ -420,11 +420,11 @@ def test_collate_empty_padding_batch(prepared):
 
 def _group_fields(g) -> list[tuple]:
     """Per impression of a decoded group: (id, hist, cand, label or None, user) as lists."""
-    h, c = np.cumsum(g.hist_len).tolist(), np.cumsum(g.cand_len).tolist()
+    h, c = np.cumsum(g.hist_len).tolist(), np.cumsum(g.sizes).tolist()
     return [
         (g.ids[i], g.hist[h[i] - g.hist_len[i] : h[i]].tolist(),
-         g.cand[c[i] - g.cand_len[i] : c[i]].tolist(),
-         None if g.label is None else g.label[c[i] - g.cand_len[i] : c[i]].tolist(),
+         g.cand[c[i] - g.sizes[i] : c[i]].tolist(),
+         None if g.labels is None else g.labels[c[i] - g.sizes[i] : c[i]].tolist(),
          int(g.user[i]))
         for i in range(len(g))
     ]  # fmt: skip
@@ -480,8 +480,8 @@ def test_group_layout_bytes():
     g = decode_group(got)
     assert _group_fields(g) == [("007", [5, 6], [1], [1], 2), ("x-1", [7], [0, 3], [0, 0], 0)]
     unlabeled = encode_group(ids, [2, 1], [1, 2], user, hist, cand, None)
-    assert len(unlabeled) == len(got) - 3 and decode_group(unlabeled).label is None
-    assert decode_group(encode_group([], [], [], [], [], [], None)).ids == []
+    assert len(unlabeled) == len(got) - 3 and decode_group(unlabeled).labels is None
+    assert decode_group(encode_group([], [], [], [], [], [], None)).ids.tolist() == []
     for bad, why in (
         (got[:-1], "89 bytes, expected 90 for 2 impressions, 3 history rows, 3 candidates"),
         (b"MTRX" + got[4:], "expected b'MTRG' version 1"),
