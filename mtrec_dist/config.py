@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from mtrec_dist.tasks import CATEGORY, MAIN, NER, SENTIMENT
 from mtrec_dist.utils import atomic_write_text
 
 # Gradient surgery methods (train/surgery.py implements one function per name).
@@ -104,11 +105,11 @@ class ModelConfig:
     query_dim: int = 200
     # Tasks switched on; the main task is always on.
     tasks: dict[str, bool] = field(
-        default_factory=lambda: {"category": True, "ner": True, "sentiment": False}
+        default_factory=lambda: {CATEGORY: True, NER: True, SENTIMENT: False}
     )
     # Gradient groups: group -> {task: weight}. MTRec: main = {main}, aux = 0.3 * (category + ner).
     groups: dict[str, dict[str, float]] = field(
-        default_factory=lambda: {"main": {"main": 1.0}, "aux": {"category": 0.3, "ner": 0.3}}
+        default_factory=lambda: {"main": {MAIN: 1.0}, "aux": {CATEGORY: 0.3, NER: 0.3}}
     )
     # NER loss per title (MTRec eq. 8): sum | mean of its tagged tokens' CE (the paper's eq. 8
     # sums; public reproductions average); then weighted by occurrences over titles either way.

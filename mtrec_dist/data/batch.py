@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from mtrec_dist.data.impressions import Impressions, Sample, as_impressions
-from mtrec_dist.data.tasks import CATEGORY, NER, NEWS_TASKS, SENTIMENT
+from mtrec_dist.tasks import CATEGORY, NER, NEWS_TASKS, SENTIMENT
 from mtrec_dist.utils import offsets_of
 
 NER_TAGS = ("O", "B", "I")

@@ -8,7 +8,7 @@ them off the class (or the instance) instead of probing for attributes:
 ``cross_encoder``    True: a news vector depends on the sample (UNBERT, NPA), so the
                      evaluator scores through ``model(batch).scores``; False: a
                      bi-encoder with ``encode_news`` and ``score_news_vectors``
-``supported_tasks``  the task losses (``mtrec_dist.data.tasks``) ``forward`` can return;
+``supported_tasks``  the task losses (``mtrec_dist.tasks``) ``forward`` can return;
                      ``model.tasks`` switches the optional ones off
 ``global_dedup``     takes a cross-rank de-duplicated batch (``data.dedup=global``)
 ``needs_users``      reads ``batch.user_idx`` (user-ID embeddings): the prepared folder
@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from mtrec_dist.data.batch import Batch
-from mtrec_dist.data.tasks import MAIN
 from mtrec_dist.models.outputs import TaskOutputs
+from mtrec_dist.tasks import MAIN
 
 if TYPE_CHECKING:  # encoders -> layer_cache -> base: a runtime import would be a cycle
     from mtrec_dist.models.encoders import NewsEncoder

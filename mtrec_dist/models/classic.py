@@ -33,13 +33,13 @@ from torch import nn
 
 from mtrec_dist.config import ConfigError, ModelConfig
 from mtrec_dist.data.batch import Batch
-from mtrec_dist.data.tasks import MAIN
 from mtrec_dist.data.vectors import word_matrix
 from mtrec_dist.hub import load_tokenizer
 from mtrec_dist.models.base import NewsRecModel
 from mtrec_dist.models.heads import nce_loss
 from mtrec_dist.models.outputs import TaskOutputs
 from mtrec_dist.models.user import AdditiveAttention, masked_softmax
+from mtrec_dist.tasks import MAIN
 
 LSTUR_KINDS = ("ini", "con")
 

@@ -60,7 +60,7 @@ import torch.distributed as dist
 from torch.distributed.nn.functional import all_gather
 
 from mtrec_dist.data.batch import Batch, NewsTable, news_fields
-from mtrec_dist.data.tasks import NEWS_COLUMN, NEWS_TASKS
+from mtrec_dist.tasks import NEWS_COLUMN, NEWS_TASKS
 
 
 @dataclass(frozen=True)

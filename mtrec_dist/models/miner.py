@@ -54,7 +54,6 @@ from torch import nn
 
 from mtrec_dist.config import ConfigError, ModelConfig
 from mtrec_dist.data.batch import Batch
-from mtrec_dist.data.tasks import DISAGREEMENT, MAIN
 from mtrec_dist.hub import load_tokenizer
 from mtrec_dist.models.base import NewsRecModel
 from mtrec_dist.models.dedup import news_ids, news_vectors
@@ -62,6 +61,7 @@ from mtrec_dist.models.encoders import NewsEncoder, build_news_encoder
 from mtrec_dist.models.heads import nce_loss
 from mtrec_dist.models.outputs import TaskOutputs
 from mtrec_dist.models.user import masked_softmax
+from mtrec_dist.tasks import DISAGREEMENT, MAIN
 
 AGGREGATORS = ("max", "mean", "weighted")
 # Registry default gradient groups for MINER: L = L_NCE + beta * L_D (eq. 7, beta = 0.8).

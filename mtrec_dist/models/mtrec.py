@@ -36,7 +36,6 @@ from torch import nn
 
 from mtrec_dist.config import ConfigError, ModelConfig
 from mtrec_dist.data.batch import Batch
-from mtrec_dist.data.tasks import CATEGORY, MAIN, NER, NEWS_COLUMN, NEWS_TASKS, SENTIMENT
 from mtrec_dist.hub import load_tokenizer
 from mtrec_dist.models.base import NewsRecModel
 from mtrec_dist.models.dedup import news_loss_weights, news_vectors
@@ -57,6 +56,7 @@ from mtrec_dist.models.heads import (
 )
 from mtrec_dist.models.outputs import TaskOutputs
 from mtrec_dist.models.user import AttentionUserEncoder, build_user_encoder
+from mtrec_dist.tasks import CATEGORY, MAIN, NER, NEWS_COLUMN, NEWS_TASKS, SENTIMENT
 
 
 def enabled_aux_tasks(cfg: ModelConfig, meta: dict) -> list[str]:

@@ -15,7 +15,6 @@ import torch
 from mtrec_dist.config import TWO_GROUP_SURGERY, Config, ConfigError
 from mtrec_dist.data.batch import NewsTable, collate
 from mtrec_dist.data.prepared import require_users, vocab_names
-from mtrec_dist.data.tasks import ALL_TASKS, SENTIMENT, SWITCHABLE_TASKS
 from mtrec_dist.data.vectors import ENTITY_VECTORS_NPY
 from mtrec_dist.hub import resolve_encoder
 from mtrec_dist.models.base import NewsRecModel
@@ -23,6 +22,7 @@ from mtrec_dist.models.classic import LSTUR, NAML, NPA, NRMS
 from mtrec_dist.models.miner import MINER
 from mtrec_dist.models.mtrec import BERT, BertAMF, LSTURBert, MTRec, MTRecAMF, NRMSBert
 from mtrec_dist.models.unbert import UNBERT
+from mtrec_dist.tasks import ALL_TASKS, SENTIMENT, SWITCHABLE_TASKS
 
 _AGGREGATORS = {
     "model.miner_aggregator": ("max", "mean", "weighted"),

@@ -64,12 +64,12 @@ from torch import nn
 from mtrec_dist import hub
 from mtrec_dist.config import ConfigError, ModelConfig
 from mtrec_dist.data.batch import Batch
-from mtrec_dist.data.tasks import MAIN
 from mtrec_dist.models.base import NewsRecModel
 from mtrec_dist.models.encoders import NewsEncoder, build_news_encoder, keep_layers
 from mtrec_dist.models.heads import nce_loss
 from mtrec_dist.models.outputs import TaskOutputs
 from mtrec_dist.models.user import masked_softmax
+from mtrec_dist.tasks import MAIN
 
 AGGREGATORS = ("nsep", "mean", "attention")
 SIGNALS = ("both", "word", "news")  # matching signals fed to the click predictor (Table 3)

@@ -125,7 +125,7 @@ LAYERS = (
     ("models",),
     ("data",),
     ("config", "hub"),
-    ("metrics", "utils"),
+    ("metrics", "tasks", "utils"),
 )
 RANK = {room: len(LAYERS) - i for i, rooms in enumerate(LAYERS) for room in rooms}
 

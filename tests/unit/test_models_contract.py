@@ -10,10 +10,10 @@ import torch
 
 from mtrec_dist.config import ModelConfig
 from mtrec_dist.data.batch import collate
-from mtrec_dist.data.tasks import ALL_TASKS, SWITCHABLE_TASKS
 from mtrec_dist.eval.engine import news_batch
 from mtrec_dist.models.base import NewsRecModel
 from mtrec_dist.models.registry import MODELS
+from mtrec_dist.tasks import ALL_TASKS, SWITCHABLE_TASKS
 from tests.unit.titles import sample, title_table
 
 MTREC_TASKS = ("main", "category", "ner", "sentiment")

@@ -1,4 +1,4 @@
-"""Task names, defined once for the data, the models, the registry and the trainers
+"""Task names, defined once for the config defaults, the data, the models and the trainers
 (docs/design.md §3 Models contract).
 
 ``main`` (the click NCE) is always on; the others are switched in ``model.tasks``. The per-news
