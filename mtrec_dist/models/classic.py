@@ -1,4 +1,4 @@
-"""The classic word-embedding news recommenders: NRMS, NAML, LSTUR (ini / con) and NPA.
+"""The classic word-embedding news recommenders: NRMS, NAML, LSTUR (ini / con), STUR and NPA.
 
 These are the baselines of MTRec Table 1 and of MINER's / UNBERT's Table 2 (rows "NPA", "NAML",
 "LSTUR", "NRMS"); the papers took them from Microsoft Recommenders' ``newsrec`` (MINER
@@ -315,6 +315,26 @@ class LSTUR(_BiEncoder):
             return _gru_last(self.gru, hist, batch.hist_mask, long_term[None].contiguous())
         short = _gru_last(self.gru, hist, batch.hist_mask)
         return self.combine(torch.cat([short, long_term], dim=-1))
+
+
+class STUR(_BiEncoder):
+    """STUR, LSTUR's short-term-only variant (An et al., ACL 2019: the "STUR" row of its
+    ablation of long- and short-term user representations): LSTUR's CNN
+    title encoder and GRU over the clicked news, without the user-ID embedding. The user vector
+    is the GRU's last real state (0 for an empty history), so it equals LSTUR-ini's for an
+    unknown user and needs no user ids: it serves users never seen in training."""
+
+    def __init__(self, cfg: ModelConfig, meta: dict, encoder: nn.Module | None = None):
+        super().__init__()
+        F = cfg.cnn_filters
+        self.encoder = CNNNewsEncoder(cfg, meta)
+        self.gru = nn.GRU(F, F, batch_first=True)
+
+    def encode_news(self, batch: Batch) -> torch.Tensor:
+        return self.encoder(batch)
+
+    def user_vector(self, hist: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return _gru_last(self.gru, hist, batch.hist_mask)  # [B, F]
 
 
 class NPA(NewsRecModel):

@@ -18,7 +18,7 @@ from mtrec_dist.data.prepared import require_users, vocab_names
 from mtrec_dist.data.vectors import ENTITY_VECTORS_NPY
 from mtrec_dist.hub import resolve_encoder
 from mtrec_dist.models.base import NewsRecModel
-from mtrec_dist.models.classic import LSTUR, NAML, NPA, NRMS
+from mtrec_dist.models.classic import LSTUR, NAML, NPA, NRMS, STUR
 from mtrec_dist.models.miner import MINER
 from mtrec_dist.models.mtrec import BERT, BertAMF, LSTURBert, MTRec, MTRecAMF, NRMSBert
 from mtrec_dist.models.unbert import UNBERT
@@ -45,6 +45,7 @@ MODELS: dict[str, type[NewsRecModel]] = {
     "nrms": NRMS,
     "naml": NAML,
     "lstur": LSTUR,
+    "stur": STUR,
     "npa": NPA,
 }
 MODEL_NAMES = tuple(MODELS)

@@ -1,4 +1,4 @@
-"""Classic word-embedding baselines (NRMS, NAML, LSTUR ini/con, NPA): shapes, forwards
+"""Classic word-embedding baselines (NRMS, NAML, LSTUR ini/con, STUR, NPA): shapes, forwards
 recomputed by hand on a 2-news example (plain loops over words, heads and views), gradients
 reaching every parameter, GloVe initialisation, de-duplicated batch == naive batch."""
 
@@ -14,7 +14,7 @@ import torch
 from mtrec_dist.config import ModelConfig
 from mtrec_dist.data.batch import NewsTable, Sample, collate
 from mtrec_dist.hub import load_tokenizer
-from mtrec_dist.models.classic import LSTUR, NAML, NPA, NRMS
+from mtrec_dist.models.classic import LSTUR, NAML, NPA, NRMS, STUR
 from mtrec_dist.models.registry import MODELS
 
 N_NEWS, L = 8, 7
@@ -30,7 +30,7 @@ SMALL = dict(
     npa_user_dim=3,
     lstur_mask_prob=0.0,
 )
-CLASSIC = {"nrms": NRMS, "naml": NAML, "lstur": LSTUR, "npa": NPA}
+CLASSIC = {"nrms": NRMS, "naml": NAML, "lstur": LSTUR, "stur": STUR, "npa": NPA}
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +203,29 @@ def test_lstur_user_id_by_hand(table, kind):
         torch.testing.assert_close(got[b], want)
 
 
+def test_stur_user_vector_by_hand(table):
+    model = make("stur")
+    batch = collate(SAMPLES, table, batch_size=4)
+    news = model.encode_news(batch)
+    got = model(batch).scores
+    for b, s in enumerate(SAMPLES):
+        hist = [news[int(batch.hist_idx[b, j])] for j in range(len(s.hist))]
+        zero = torch.zeros(news.shape[1], dtype=news.dtype)
+        user = gru_by_hand(model.gru, hist, zero) if hist else zero
+        want = torch.stack([news[int(batch.cand_idx[b, c])] @ user for c in range(3)])
+        torch.testing.assert_close(got[b], want)
+
+
+def test_stur_is_lstur_ini_for_unknown_users(table):
+    """LSTUR-ini with the long-term part zero (user 0) is STUR with the same weights."""
+    stur, lstur = make("stur"), make("lstur", lstur_kind="ini")
+    missing = lstur.load_state_dict(stur.state_dict(), strict=False)
+    assert missing.missing_keys == ["user_emb.weight"] and missing.unexpected_keys == []
+    batch = collate(SAMPLES, table, batch_size=4)
+    batch.user_idx = torch.zeros_like(batch.user_idx)
+    torch.testing.assert_close(lstur(batch).scores, stur(batch).scores)
+
+
 def test_lstur_masks_long_term_in_training(table):
     torch.manual_seed(0)
     model = make("lstur", lstur_mask_prob=0.5).train()
@@ -231,7 +254,7 @@ def test_every_parameter_gets_a_gradient(table, name):
     assert dead == []
 
 
-@pytest.mark.parametrize("name", ["nrms", "naml", "lstur"])
+@pytest.mark.parametrize("name", ["nrms", "naml", "lstur", "stur"])
 def test_dedup_equals_naive_batch(table, name):
     model = make(name)
     a = model(collate(SAMPLES, table, batch_size=4)).scores

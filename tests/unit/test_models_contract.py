@@ -39,6 +39,7 @@ EXPECTED = {  # written out by hand: the capabilities each paper's model has
     "nrms": CLASSIC_BI,
     "naml": CLASSIC_BI,
     "lstur": dict(CLASSIC_BI, needs_users=True),
+    "stur": CLASSIC_BI,
     "npa": dict(CLASSIC_BI, cross_encoder=True, needs_users=True),
 }
 PRETRAINED = {

@@ -40,7 +40,7 @@ def no_encoder(monkeypatch):
 def test_names_and_classes():
     assert tuple(MODELS) == MODEL_NAMES == (
         "mtrec", "bert", "mtrec_amf", "bert_amf", "nrms_bert", "lstur_bert", "miner", "unbert",
-        "nrms", "naml", "lstur", "npa",
+        "nrms", "naml", "lstur", "stur", "npa",
     )  # fmt: skip
     assert "miner" in MODELS and "gpt" not in MODELS
     assert MODELS["mtrec"] is m.MTRec and MODELS["lstur_bert"] is m.LSTURBert
