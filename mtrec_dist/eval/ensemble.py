@@ -107,9 +107,10 @@ def check_ensemble(runs: Sequence[str | Path], split: str) -> None:
         check_run_vocab(m.run, m.cfg)
 
 
-class _Impressions:
-    """A run's parts read as a stream of impressions: ``take(n)`` gives the next ``n``
-    (the runs' parts need not have the same bounds: eval.impressions_per_part may differ)."""
+class _ScoredStream:
+    """A run's scored parts read as one stream of scored impressions: ``take(n)`` gives the
+    next ``n`` (the runs' parts need not have the same bounds: eval.impressions_per_part may
+    differ)."""
 
     def __init__(self, parts: Iterator[dict[str, np.ndarray]]):
         self.parts = parts
@@ -141,7 +142,7 @@ def mean_parts(
     """The first run's parts (``parts[i]`` is run ``i``'s stream, in order) with ``scores``
     replaced by the mean of every run's scores (float64); the other runs' impressions (and
     labels, when labeled) must match. ``runs`` name the streams in errors."""
-    readers = [_Impressions(p) for p in parts[1:]]
+    readers = [_ScoredStream(p) for p in parts[1:]]
     for d in parts[0]:
         d = {k: v for k, v in d.items() if k in MERGED}
         total = d["scores"].astype(np.float64)
