@@ -4,9 +4,23 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("MTREC_QUIET", "1")
 REPO = Path(__file__).resolve().parents[1]
+NO_CUDA = (
+    "needs CUDA: torch.cuda.is_available() is False on this machine (pytest -m gpu on a GPU node)"
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` tests are skipped, with the reason, where there is no CUDA: they show
+    as SKIPPED in the summary (``-rs`` names them), never as passed."""
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=NO_CUDA))
 
 
 @pytest.fixture(scope="session")
