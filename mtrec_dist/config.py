@@ -205,6 +205,12 @@ class EvalConfig:
     num_workers: int = 1
     # Cap on dev impressions scored during training (0 = all).
     max_impressions: int = 0
+    # Where the evaluator encodes and scores: "auto" = the node's GPUs when CUDA is present
+    # (one worker per GPU), else CPU; "cpu" / "cuda" force one (docs/design.md §8).
+    device: str = "auto"
+    # bf16 autocast for the news encoder on the device (faster, ranks may differ slightly);
+    # off by default: the fp32 path's ranks are exact.
+    bf16: bool = False
 
 
 @dataclass
@@ -441,6 +447,7 @@ _CHOICES = {
     "model.unbert_aggregator": ("nsep", "mean", "attention"),
     "model.pooling": ("auto", "cls", "mean"),
     "model.ner_reduction": ("sum", "mean"),
+    "eval.device": ("auto", "cpu", "cuda"),
 }
 
 _POSITIVE = (
