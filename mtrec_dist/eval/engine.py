@@ -209,7 +209,10 @@ class Engine:
             self.device, self.dtype = first.device, first.dtype
         except StopIteration:
             self.device, self.dtype = torch.device("cpu"), torch.float32
-        self.vectors_on_device: torch.Tensor | None = None  # GPU copy of ``vectors``
+        # off the CPU the vectors are copied to the device once and gathered there per batch
+        # (a flag, so the CPU tests can take that path too)
+        self.gather_on_device = self.device.type != "cpu"
+        self.vectors_on_device: torch.Tensor | None = None  # device copy of ``vectors``
         self.vectors_source: np.ndarray | None = None  # the array it was copied from
 
     def index_shard(self, shard: int) -> dict[str, np.ndarray]:
@@ -263,10 +266,10 @@ class Engine:
         if self.vectors is None:
             raise RuntimeError("news vectors not set: encode the split first")
         batch = collate(imps, self.table)
-        if self.device.type == "cpu":
-            vecs = torch.from_numpy(np.ascontiguousarray(self.vectors[batch.news_rows.numpy()]))
-        else:  # gathered on the device from its copy of every vector
+        if self.gather_on_device:
             vecs = self._device_vectors()[batch.news_rows.to(self.device)]
+        else:
+            vecs = torch.from_numpy(np.ascontiguousarray(self.vectors[batch.news_rows.numpy()]))
         batch = batch.to(self.device)
         vecs = vecs.to(self.device, self.dtype)  # a bf16-trained model scores in its dtype
         scores = self.model.score_news_vectors(vecs, batch)  # [B, C]

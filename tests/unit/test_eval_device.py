@@ -14,6 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mtrec_dist.config import ConfigError, load_config
+from mtrec_dist.data.batch import NewsTable
+from mtrec_dist.data.impressions import Impressions
+from mtrec_dist.data.stream import eval_groups
 from mtrec_dist.eval import engine, pool
 from mtrec_dist.eval.engine import Engine, encode_autocast, encode_chunks
 from mtrec_dist.eval.evaluate import evaluate, evaluate_model
@@ -21,6 +24,7 @@ from mtrec_dist.eval.pool import actor_options, device_workers, resolve_device
 from mtrec_dist.eval.predict import predict
 from mtrec_dist.eval.run_folder import load_run
 from mtrec_dist.metrics import METRICS
+from mtrec_dist.models.registry import build_model
 from mtrec_dist.utils import sha256_file
 from tests.integration.test_predict import copy_run, make_run
 
@@ -255,6 +259,32 @@ def test_bf16_scores_within_the_rounding_bound_and_cached_apart(scaled_run):
     back = evaluate(run, "dev", num_workers=1)
     assert back["news_encoded"] == 0 and back["parts_scored"] == back["parts"]
     np.testing.assert_array_equal(_scores(run), ref_scores)
+
+
+def test_vectors_gathered_on_the_device_score_the_same(run):
+    """The GPU's batched path (vectors copied to the device once, gathered there per batch,
+    copied again when replaced) taken on the CPU: the same scores as the numpy gather, bit
+    for bit (same values, same kernels). NRMS: a model without a fast scorer."""
+    cfg = load_config(run / "config.yaml", ["model.name=nrms"])
+    manifest = json.loads((cfg.prepared_dir / "manifest.json").read_text())
+    torch.manual_seed(0)
+    model = build_model(cfg, manifest)
+    imps = Impressions.concat(list(eval_groups(cfg.prepared_dir, "dev")))
+    table_rows = len(NewsTable(cfg.prepared_dir))
+    dim = Engine(model, cfg.prepared_dir, "dev").encode(np.array([1]))[1].shape[1]
+    rng = np.random.default_rng(0)
+    out = {}
+    for on_device in (False, True):
+        eng = Engine(model, cfg.prepared_dir, "dev")
+        eng.gather_on_device = on_device
+        for k in range(2):  # a second set of vectors replaces the first
+            vecs = rng.standard_normal((table_rows, dim)).astype(np.float32)
+            eng.set_vectors(None, vecs)
+            out[on_device, k] = eng.score_many(imps)
+        rng = np.random.default_rng(0)
+    for k in range(2):
+        np.testing.assert_array_equal(out[True, k], out[False, k])
+    assert not np.array_equal(out[True, 0], out[True, 1])
 
 
 def test_overrides_change_eval_keys_only(run):
