@@ -46,7 +46,7 @@ from mtrec_dist.eval.engine import (
     plan_parts,
 )
 from mtrec_dist.eval.ensemble import COMBINE, check_ensemble, mean_parts
-from mtrec_dist.eval.pool import WorkerPool
+from mtrec_dist.eval.pool import WorkerPool, device_workers, resolve_device
 from mtrec_dist.eval.run_folder import is_labeled, load_run, split_info
 from mtrec_dist.metrics import ranked_impression_metrics
 from mtrec_dist.utils import Progress, atomic_write_json
@@ -82,15 +82,17 @@ def score_split(
     num_workers: int | None,
     need_labels: bool,
     on_part: OnPart | None = None,
+    overrides: Sequence[str] = (),
 ) -> SplitScores:
     """Steps 1-3 (:func:`run_split`) of each run in turn, the runs given as one folder or a
     list. Several runs are checked first (:func:`~mtrec_dist.eval.ensemble.check_ensemble`:
     nothing is scored on a refusal; a single run is checked by ``load_run``), then their
-    split's impressions compared."""
+    split's impressions compared. ``overrides``: ``eval.*`` settings for every run
+    (``eval.device=cuda``, ``eval.bf16=true``; ``load_run``)."""
     runs = as_runs(run_dir)
     if len(runs) > 1:
         check_ensemble(runs, split)
-    done = [run_split(r, split, num_workers, need_labels, on_part) for r in runs]
+    done = [run_split(r, split, num_workers, need_labels, on_part, overrides) for r in runs]
     a = done[0].index
     for run, r in zip(runs[1:], done[1:]):
         if not (
@@ -161,14 +163,20 @@ def run_split(
     num_workers: int | None,
     need_labels: bool,
     on_part: OnPart | None = None,
+    overrides: Sequence[str] = (),
 ) -> SplitRun:
     """Steps 1-3 for the run's exported model on ``split``.
 
     ``on_part(k)`` runs on the driver after the k-th part newly written in this call (a hook
-    for progress; the restart test stops the run from it).
+    for progress; the restart test stops the run from it). The device is ``eval.device``'s
+    (docs/design.md §8.5): on ``cuda`` one worker per GPU, ``num_workers`` applying to the
+    CPU only. bf16 vectors (``eval.bf16``) are cached apart from the exact fp32 ones, and
+    parts scored from them carry that in their key.
     """
     run_dir = Path(run_dir)
-    model, cfg, manifest, model_sha = load_run(run_dir)
+    model, cfg, manifest, model_sha = load_run(run_dir, overrides)
+    device = resolve_device(cfg.eval.device)
+    bf16 = bool(cfg.eval.bf16)
     prepared = cfg.prepared_dir
     info = split_info(manifest, split, prepared)
     labeled = is_labeled(manifest, split, prepared)
@@ -180,10 +188,16 @@ def run_split(
     dkey = data_key(manifest, split)
     out_dir = run_dir / "eval" / split
     parts = plan_parts(manifest, split, cfg.eval.impressions_per_part)
-    n = max(1, int(num_workers or cfg.eval.num_workers))
+    n = device_workers(device, int(num_workers or cfg.eval.num_workers))
     n = min(n, max(len(parts), len(info["shards"]), 1))
-    pool = WorkerPool(n, run_dir, split, lambda: Engine(model, prepared, split))
-    stats: dict[str, Any] = {"workers": n, "model_sha256": model_sha}
+
+    def local() -> Engine:  # the one worker, in this process, on the device
+        return Engine(model.to(device), prepared, split, bf16=bf16)
+
+    pool = WorkerPool(n, run_dir, split, local, device=device, bf16=bf16)
+    stats: dict[str, Any] = {"workers": n, "model_sha256": model_sha, "device": device}
+    if bf16:
+        stats["bf16"] = True
     seconds: dict[str, float] = {}
     cpu: dict[str, float] = {}
 
@@ -202,14 +216,16 @@ def run_split(
                 )
             if not model.cross_encoder:
                 with stage("encode"):
-                    base = out_dir / f"news_vectors-{model_sha[:16]}"
+                    base = out_dir / f"news_vectors-{model_sha[:16]}{'-bf16' if bf16 else ''}"
                     meta = {"model_sha256": model_sha, "data_key": dkey}
+                    if bf16:
+                        meta["bf16"] = True
                     table = NewsTable(prepared)
                     vec_path, enc = _encode_cached(pool, table, index["rows"], cfg, base, meta)
                     stats.update(enc)
                     pool.set_vectors(str(vec_path))
             with stage("score"):
-                key = f"{model_sha}:{dkey}"
+                key = f"{model_sha}:{dkey}" + (":bf16" if bf16 else "")
                 stats.update(_score_parts(pool, parts, out_dir, labeled, key, on_part))
             # workers that did no work in this call (all cached) report nothing
             stats["worker_peak_rss_mb"] = pool.peak_rss_mb()

@@ -23,10 +23,17 @@ how many workers share the split, or which one does which unit):
    (:func:`ranked_impression_metrics`).
 
 Impression ids travel as the exact strings the data stream gives (``003`` stays ``003``).
+
+The engine computes where its model's parameters are (docs/design.md §8.5): on a GPU the news
+chunks are encoded there (under bf16 autocast when asked, :func:`encode_autocast`), the news
+vectors are held there and every score is computed there; results come back to the CPU as
+numpy arrays once per chunk, part or scoring chunk. On the CPU every step is the one it always
+was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -92,6 +99,15 @@ def news_batch(table: NewsTable, rows: np.ndarray) -> Batch:
         impression_ids=("",),
         click_pos=torch.full((1,), -1, dtype=torch.long),
     )
+
+
+def encode_autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """The context the news encoder runs in: bf16 autocast on ``device`` when ``eval.bf16``
+    (faster on a GPU; ranks may move where two scores are within bf16 rounding), else
+    nothing, so the default path is the exact fp32 one."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def encode_chunks(table: NewsTable, rows: np.ndarray, encode_batch: int) -> list[np.ndarray]:
@@ -171,8 +187,13 @@ class Engine:
     (:mod:`mtrec_dist.eval.pool`).
     """
 
-    def __init__(self, model: torch.nn.Module, prepared: str | Path, split: str):
+    def __init__(
+        self, model: torch.nn.Module, prepared: str | Path, split: str, bf16: bool = False
+    ):
+        """``model`` already on its device (the engine computes where its parameters are);
+        ``bf16``: encode news under bf16 autocast (``eval.bf16``)."""
         self.model = model.eval()
+        self.bf16 = bf16
         self.prepared = Path(prepared)
         self.split = split
         self.table = NewsTable(self.prepared)
@@ -184,9 +205,15 @@ class Engine:
             model, self.prepared, build=False
         )  # a complete cache saves the frozen layers
         try:
-            self.device = next(model.parameters()).device
+            first = next(model.parameters())
+            self.device, self.dtype = first.device, first.dtype
         except StopIteration:
-            self.device = torch.device("cpu")
+            self.device, self.dtype = torch.device("cpu"), torch.float32
+        # off the CPU the vectors are copied to the device once and gathered there per batch
+        # (a flag, so the CPU tests can take that path too)
+        self.gather_on_device = self.device.type != "cpu"
+        self.vectors_on_device: torch.Tensor | None = None  # device copy of ``vectors``
+        self.vectors_source: np.ndarray | None = None  # the array it was copied from
 
     def index_shard(self, shard: int) -> dict[str, np.ndarray]:
         """Ids, candidate counts and the unique news rows (history ∪ candidates) of a shard."""
@@ -197,7 +224,8 @@ class Engine:
     def encode(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows actually encoded, their vectors [n, D] float32)."""
         batch = news_batch(self.table, rows).to(self.device)
-        vecs = self.model.encode_news(batch)  # [U, D]
+        with encode_autocast(self.device, self.bf16):
+            vecs = self.model.encode_news(batch)  # [U, D]
         return batch.news_rows.cpu().numpy(), vecs.float().cpu().numpy()
 
     def set_vectors(self, path: str | Path | None, array: np.ndarray | None = None) -> None:
@@ -227,15 +255,33 @@ class Engine:
     @torch.no_grad()
     def score_batch(self, imps: Impressions) -> np.ndarray:
         """Flat float32 scores of one batch of impressions, in impression and candidate order."""
+        return self._score_batch(imps).cpu().numpy()
+
+    @torch.no_grad()
+    def _score_batch(self, imps: Impressions) -> torch.Tensor:
+        """:meth:`score_batch` left on the model's device (float32; a cross-encoder's on the
+        CPU, its pieces coming back one forward pass at a time)."""
         if self.cross:
-            return self._score_cross(imps)
+            return torch.from_numpy(self._score_cross(imps))
         if self.vectors is None:
             raise RuntimeError("news vectors not set: encode the split first")
         batch = collate(imps, self.table)
-        vecs = torch.from_numpy(np.ascontiguousarray(self.vectors[batch.news_rows.numpy()]))
+        if self.gather_on_device:
+            vecs = self._device_vectors()[batch.news_rows.to(self.device)]
+        else:
+            vecs = torch.from_numpy(np.ascontiguousarray(self.vectors[batch.news_rows.numpy()]))
         batch = batch.to(self.device)
-        scores = self.model.score_news_vectors(vecs.to(self.device), batch)  # [B, C]
-        return scores[batch.cand_mask].float().cpu().numpy()
+        vecs = vecs.to(self.device, self.dtype)  # a bf16-trained model scores in its dtype
+        scores = self.model.score_news_vectors(vecs, batch)  # [B, C]
+        return scores[batch.cand_mask].float()
+
+    def _device_vectors(self) -> torch.Tensor:
+        """``vectors`` copied once to the device (again when they are replaced)."""
+        if self.vectors_on_device is None or self.vectors_source is not self.vectors:
+            v = np.ascontiguousarray(self.vectors, dtype=np.float32)
+            self.vectors_on_device = torch.from_numpy(v).to(self.device)
+            self.vectors_source = self.vectors
+        return self.vectors_on_device
 
     def _score_cross(self, imps: Impressions) -> np.ndarray:
         """Per-candidate path: (history, <= CROSS_CHUNK candidates) samples, CROSS_BATCH at a
@@ -278,13 +324,13 @@ class Engine:
         order = np.lexsort((sizes, imps.hist_len))
         offsets = offsets_of(sizes)
         out = np.empty(int(offsets[-1]), dtype=np.float32)
+        slots, scored = [], []  # kept on the device until every batch is scored
         for i in range(0, len(order), SCORE_BATCH):
             idx = order[i : i + SCORE_BATCH]
-            flat_scores = self.score_batch(imps.gather(idx))
+            scored.append(self._score_batch(imps.gather(idx)))
             n = sizes[idx]  # the batch's candidates go back to their impressions' slots
-            out[np.repeat(offsets[idx] - np.cumsum(n) + n, n) + np.arange(int(n.sum()))] = (
-                flat_scores
-            )
+            slots.append(np.repeat(offsets[idx] - np.cumsum(n) + n, n) + np.arange(int(n.sum())))
+        out[np.concatenate(slots)] = torch.cat(scored).cpu().numpy()
         return out
 
     def score_part(self, spec: PartSpec, labeled: bool) -> dict[str, np.ndarray]:

@@ -30,6 +30,7 @@ def evaluate(
     split: str = "dev",
     num_workers: int | None = None,
     on_part: OnPart | None = None,
+    overrides: Sequence[str] = (),
 ) -> dict:
     """AUC/MRR/nDCG@5/nDCG@10 of the run's exported model on a labeled split.
 
@@ -37,11 +38,15 @@ def evaluate(
     (single-class impressions), ``no_click_skipped``, ``candidates_missing_news`` (candidates
     not in news.tsv, scored as the empty title), ``news_encoded`` (0 on a cache hit).
     ``on_part(k)`` is called after the k-th part newly scored (see ``driver.run_split``).
+    ``overrides``: ``eval.*`` settings of this call, e.g. ``eval.device=cuda``,
+    ``eval.bf16=true`` (docs/design.md §8.5).
     Several run folders: the metrics of their mean scores, ranked by the same tie rule (==
     ``mtrec score`` of ``mtrec predict``'s file for the same runs); no metrics.json written,
     the ensemble having no run folder of its own.
     """
-    s = score_split(run_dir, split, num_workers, need_labels=True, on_part=on_part)
+    s = score_split(
+        run_dir, split, num_workers, need_labels=True, on_part=on_part, overrides=overrides
+    )
     per = [d["metrics"] for d in s.parts()]
     res = s.record(summarize(np.concatenate(per) if per else np.zeros((0, 4))))
     res["split"] = split
@@ -64,12 +69,15 @@ def evaluate_model(
     split: str = "dev",
     max_impressions: int = 0,
     encode_batch: int = 256,
+    bf16: bool = False,
 ) -> dict:
     """Dev metrics of an in-memory model in this process (the trainer's periodic evaluation).
 
     The engine of :func:`evaluate` without files or Ray: the first ``max_impressions``
     impressions (0 = all), their news encoded once by the same routine, scored in batches of
-    similar length; only the bookkeeping files and the worker processes are left out.
+    similar length; only the bookkeeping files and the worker processes are left out. It
+    computes on the model's own device (the training GPU; docs/design.md §8.5), encoding news
+    under bf16 autocast when ``bf16``.
     """
     prepared = Path(prepared_dir)
     manifest = read_manifest(prepared)
@@ -82,7 +90,7 @@ def evaluate_model(
         return rechunk(take(eval_groups(prepared, split), 0, limit), MEMORY_CHUNK)
 
     was_training = model.training
-    eng = Engine(model, prepared, split)
+    eng = Engine(model, prepared, split, bf16=bf16)
     stats: dict = {}
     try:
         if not eng.cross:

@@ -4,6 +4,11 @@ as Ray actors dealt work by Ray's own ``ray.util.ActorPool`` (docs/design.md §8
 Ray is started here (a local instance, CPUs capped to the workers asked for) only when no Ray
 is running; on a running cluster with fewer CPUs than workers each actor asks for a fraction of
 a CPU. Every actor computes with one torch thread, so results do not depend on the workers.
+
+Devices (docs/design.md §8.5): ``eval.device`` resolves to ``cpu`` or ``cuda``
+(:func:`resolve_device`); on ``cuda`` there is one worker per GPU of the node
+(:func:`device_workers`), each actor holding one GPU (:func:`actor_options`), and a node with
+one GPU runs the engine in this process on that GPU, without Ray.
 Workers start on the first call that has work: a restarted run whose parts are all done starts
 none; :meth:`WorkerPool.set_vectors` calls made before that are replayed on the new workers.
 
@@ -23,20 +28,58 @@ from typing import Any
 import numpy as np
 import torch
 
+from mtrec_dist.config import ConfigError
 from mtrec_dist.eval.engine import Engine, PartSpec
 from mtrec_dist.eval.run_folder import load_run
 from mtrec_dist.utils import ray_address
 
 EngineFn = Callable[..., Any]  # an Engine method taken from the class: fn(engine, *args)
+CPU, CUDA = "cpu", "cuda"
+
+
+def resolve_device(setting: str) -> str:
+    """``eval.device`` -> ``"cpu"`` or ``"cuda"`` (docs/design.md §8.5): ``auto`` takes the
+    node's GPUs when CUDA is there, so ``mtrec predict`` on a GPU node uses them unasked;
+    ``cuda`` where there is none is a mistake to name, not a silent fall back to CPU."""
+    if setting == "auto":
+        return CUDA if torch.cuda.is_available() else CPU
+    if setting == CUDA and not torch.cuda.is_available():
+        raise ConfigError(
+            "eval.device=cuda: torch.cuda.is_available() is False on this node (no GPU, or a "
+            "CPU-only torch): set eval.device=auto or eval.device=cpu, or run on a GPU node"
+        )
+    if setting not in (CPU, CUDA):
+        raise ConfigError(f"eval.device={setting!r}: expected one of auto, cpu, cuda")
+    return setting
+
+
+def device_workers(device: str, num_workers: int) -> int:
+    """Workers for ``device``: on ``cuda`` one per GPU of the node (each encodes and scores
+    whole chunks on its own GPU; a second worker on a GPU would only share it), on ``cpu``
+    ``num_workers`` (``eval.num_workers`` / ``--workers``) as before."""
+    if device == CUDA:
+        return max(1, torch.cuda.device_count())
+    return max(1, int(num_workers))
+
+
+def actor_options(device: str, n: int, cluster_cpus: float) -> dict[str, float]:
+    """Ray resources of each of ``n`` actors: a CPU each, or an equal share of the cluster's
+    CPUs where it has fewer than ``n`` (as before), and on ``cuda`` one whole GPU each, so Ray
+    places one actor per GPU and sets its ``CUDA_VISIBLE_DEVICES``."""
+    opts = {"num_cpus": min(1.0, cluster_cpus / n)}
+    if device == CUDA:
+        opts["num_gpus"] = 1
+    return opts
 
 
 class EngineActor(Engine):
-    """The Ray actor: builds the model from the run folder itself (one torch thread)."""
+    """The Ray actor: builds the model from the run folder itself (one torch thread), on
+    ``device`` (its own GPU on ``cuda``: Ray made it the only visible one)."""
 
-    def __init__(self, run_dir: str, split: str):
+    def __init__(self, run_dir: str, split: str, device: str = CPU, bf16: bool = False):
         torch.set_num_threads(1)
         model, cfg, _, _ = load_run(run_dir)
-        super().__init__(model, cfg.prepared_dir, split)
+        super().__init__(model.to(device), cfg.prepared_dir, split, bf16=bf16)
 
     def call(self, i: int, fn: EngineFn, args: tuple) -> tuple[int, Any]:
         """``(i, fn(self, *args))``: the work unit's index travels with its result (Ray's
@@ -48,9 +91,20 @@ class WorkerPool:
     """Runs Engine methods on the workers; the maps yield ``(i, result)`` of work unit ``i``
     in completion order."""
 
-    def __init__(self, n: int, run_dir: Path | None, split: str, local: Callable[[], Engine]):
-        """``n`` workers; with ``n == 1`` the engine built by ``local()`` in this process."""
+    def __init__(
+        self,
+        n: int,
+        run_dir: Path | None,
+        split: str,
+        local: Callable[[], Engine],
+        device: str = CPU,
+        bf16: bool = False,
+    ):
+        """``n`` workers; with ``n == 1`` the engine built by ``local()`` in this process.
+        ``device`` and ``bf16`` are the actors' (:class:`EngineActor`); ``local()`` places
+        its own engine."""
         self.n, self.run_dir, self.split, self.make_local = n, run_dir, split, local
+        self.device, self.bf16 = device, bf16
         self.local: Engine | None = None
         self.actors: list = []
         self.started = self.started_ray = False
@@ -156,8 +210,9 @@ class WorkerPool:
             ray.init(**kw)
             self.started_ray = True
         cpus = float(ray.cluster_resources().get("CPU", 1.0))
-        actor = ray.remote(num_cpus=min(1.0, cpus / self.n))(EngineActor)
-        return [actor.remote(str(self.run_dir), self.split) for _ in range(self.n)]
+        actor = ray.remote(**actor_options(self.device, self.n, cpus))(EngineActor)
+        args = (str(self.run_dir), self.split, self.device, self.bf16)
+        return [actor.remote(*args) for _ in range(self.n)]
 
 
 def _ray() -> Any:

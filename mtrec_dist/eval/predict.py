@@ -26,15 +26,20 @@ def predict(
     out: str | Path = "prediction.zip",
     num_workers: int | None = None,
     on_part: OnPart | None = None,
+    overrides: Sequence[str] = (),
 ) -> Path:
     """Write ``prediction.zip`` (``prediction.txt``: ``ImpressionID [r1,r2,...]`` per line).
 
     Also writes ``eval/<split>/prediction.json``, a record of how the file was made (model,
-    data, per-stage seconds, per-worker memory). ``on_part`` as in ``driver.run_split``.
+    data, device, per-stage seconds, per-worker memory). ``on_part`` as in
+    ``driver.run_split``; ``overrides``: ``eval.*`` settings of this call, e.g.
+    ``eval.device=cuda`` (docs/design.md §8.5).
     Several run folders: the ranks of their mean scores; the ensemble has no run folder of its
     own, so its record goes next to ``out`` (``<out stem>.json``: runs, per-run figures).
     """
-    s = score_split(run_dir, split, num_workers, need_labels=False, on_part=on_part)
+    s = score_split(
+        run_dir, split, num_workers, need_labels=False, on_part=on_part, overrides=overrides
+    )
     n = int(s.index["ids"].size)
     t0, c0 = time.perf_counter(), time.process_time()
     merge: dict[str, float] = {}

@@ -11,6 +11,7 @@ Every read of the prepared folder's manifest and vocabularies by the evaluator g
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -44,11 +45,16 @@ def is_labeled(manifest: dict, split: str, prepared: str | Path) -> bool:
     return _prepared.is_labeled(manifest, split, prepared)
 
 
-def load_run(run_dir: str | Path) -> tuple[NewsRecModel, Config, dict, str]:
-    """(model with the exported weights, Config, manifest, sha256 of model.safetensors).
+def load_run(
+    run_dir: str | Path, overrides: Sequence[str] = ()
+) -> tuple[NewsRecModel, Config, dict, str]:
+    """(model with the exported weights, on the CPU, Config, manifest, sha256 of
+    model.safetensors).
 
     Refuses a checkpoint whose tokenizer or vocabularies differ from the prepared data's
-    (ConfigError naming the fix).
+    (ConfigError naming the fix). ``overrides`` (``eval.key=value``) change how this call
+    evaluates (``eval.device``, ``eval.bf16``, ...), never the model or its data, which are
+    the run's: any other key is a ConfigError.
     """
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
@@ -56,7 +62,13 @@ def load_run(run_dir: str | Path) -> tuple[NewsRecModel, Config, dict, str]:
     for p in (cfg_path, weights):
         if not p.is_file():
             raise FileNotFoundError(f"{p}: missing; is {run_dir} a run folder of `mtrec train`?")
-    cfg = load_config(cfg_path)
+    for text in overrides:
+        if not text.startswith("eval."):
+            raise ConfigError(
+                f"override {text!r}: only eval.* keys can be changed when evaluating a run "
+                f"folder; the model, its data and training settings are {cfg_path}'s"
+            )
+    cfg = load_config(cfg_path, list(overrides))
     manifest = read_manifest(cfg.prepared_dir)
     check_run_tokenizer(run_dir, cfg, manifest)
     check_run_vocab(run_dir, cfg)

@@ -33,6 +33,7 @@ import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from mtrec_dist.models.user import AdditiveAttention
 from mtrec_dist.utils import offsets_of
@@ -76,16 +77,23 @@ class AttentionDotScorer:
         """``attention``: the model's ``AdditiveAttention`` (``proj``, ``query``); ``scale``:
         the model's ``score_scale``; ``vectors``: every news row's vector (rows not needed may
         be anything finite)."""
+        # computed where the attention's parameters are (the evaluator's GPU, docs/design.md
+        # §8), in float32 whatever their dtype (a bf16-trained model scores fp32 vectors)
+        self.device = attention.query.device
         with warnings.catch_warnings():  # a read-only memory map: only ever read here
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-            self.vectors = torch.from_numpy(np.asarray(vectors, dtype=np.float32))  # [N, D]
+            vecs = torch.from_numpy(np.asarray(vectors, dtype=np.float32))  # [N, D]
+        self.vectors = vecs.to(self.device)
         self.scale = float(scale)
         n = self.vectors.shape[0]
-        logits = torch.empty(n, dtype=torch.float32)
+        logits = torch.empty(n, dtype=torch.float32, device=self.device)
+        proj = attention.proj
+        weight, query = proj.weight.float(), attention.query.float()
+        bias = None if proj.bias is None else proj.bias.float()
         with torch.no_grad():
             for i in range(0, n, LOGIT_CHUNK):  # fixed chunks: the same logits on every worker
                 v = self.vectors[i : i + LOGIT_CHUNK]
-                logits[i : i + LOGIT_CHUNK] = torch.tanh(attention.proj(v)) @ attention.query
+                logits[i : i + LOGIT_CHUNK] = torch.tanh(F.linear(v, weight, bias)) @ query
         self.logits = logits  # [N] a_i of every news row
 
     def scores(
@@ -112,24 +120,24 @@ class AttentionDotScorer:
     def _chunk(
         self, hist: np.ndarray, hist_len: np.ndarray, cand: np.ndarray, sizes: np.ndarray
     ) -> np.ndarray:
-        n, n_news = hist_len.size, self.vectors.shape[0]
+        n, n_news, dev = hist_len.size, self.vectors.shape[0], self.device
         # attention weights: softmax over each history, as masked_softmax on a padded [n, H]
         imp_h = np.repeat(np.arange(n), hist_len)
         slot = np.arange(hist.size) - np.repeat(offsets_of(hist_len)[:-1], hist_len)
         H = max(int(hist_len.max()) if n else 0, 1)
-        logits = torch.full((n, H), torch.finfo(torch.float32).min)
-        mask = torch.zeros((n, H), dtype=torch.bool)
-        ih, sl = torch.from_numpy(imp_h), torch.from_numpy(slot)
-        logits[ih, sl] = self.logits[torch.from_numpy(hist)]
+        logits = torch.full((n, H), torch.finfo(torch.float32).min, device=dev)
+        mask = torch.zeros((n, H), dtype=torch.bool, device=dev)
+        ih, sl = torch.from_numpy(imp_h).to(dev), torch.from_numpy(slot).to(dev)
+        logits[ih, sl] = self.logits[torch.from_numpy(hist).to(dev)]
         mask[ih, sl] = True
         weights = (torch.softmax(logits, dim=1) * mask)[ih, sl]  # [hist slots]
         # user vectors: U = W @ V, W [n, N] sparse (a news clicked twice: weights summed)
-        crow, col, inv = _csr(n, imp_h, hist, n_news)
-        w = torch.zeros(col.numel(), dtype=torch.float32).index_add_(0, inv, weights)
+        crow, col, inv = (t.to(dev) for t in _csr(n, imp_h, hist, n_news))
+        w = torch.zeros(col.numel(), dtype=torch.float32, device=dev).index_add_(0, inv, weights)
         W = _sparse_csr(crow, col, w, (n, n_news))
         users = W @ self.vectors  # [n, D]
         # scores: U @ V^T at the (impression, candidate) pairs only
-        crow, col, inv = _csr(n, np.repeat(np.arange(n), sizes), cand, n_news)
-        pattern = _sparse_csr(crow, col, torch.zeros(col.numel()), (n, n_news))
+        crow, col, inv = (t.to(dev) for t in _csr(n, np.repeat(np.arange(n), sizes), cand, n_news))
+        pattern = _sparse_csr(crow, col, torch.zeros(col.numel(), device=dev), (n, n_news))
         s = torch.sparse.sampled_addmm(pattern, users, self.vectors.T, beta=0.0).values()
-        return (s[inv] * self.scale).numpy()
+        return (s[inv] * self.scale).cpu().numpy()
