@@ -1,8 +1,11 @@
 """bench/gpu_check.py's pure parts: the peak table by device name, the arithmetic of TFLOP/s and
 the epoch projection, relative differences, the analytic BERT count and the printed table."""
 
+import argparse
+import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from gpu_check import (  # noqa: E402
     MIND_LARGE_TRAIN_IMPRESSIONS,
+    Check,
+    SectionTimeout,
     achieved,
     bert_forward_flops,
     counting_flops,
@@ -19,6 +24,7 @@ from gpu_check import (  # noqa: E402
     match_peak,
     rel_diff,
     table_rows,
+    time_limit,
 )
 
 
@@ -146,3 +152,60 @@ def test_format_table_aligns_columns():
     for line, (a, b, c) in zip(lines, table_rows(_result())):
         assert line == f"{a:<{w0}}  {b:<{w1}}  {c}"
     assert format_table({"sections": {}}) == ""
+
+
+def _check(tmp_path, budget=30.0):
+    ns = argparse.Namespace(smoke=True, budget=budget, out=str(tmp_path / "out.json"))
+    return Check(ns, tmp_path)
+
+
+def test_a_failing_section_is_recorded_and_the_next_runs(tmp_path):
+    ck = _check(tmp_path)
+
+    def bad(out, deadline):
+        out["partial"] = 1
+        raise ValueError("boom")
+
+    def good(out, deadline):
+        out["x"] = 2
+
+    ck.section("a", 10, bad)
+    ck.section("b", 10, good)
+    saved = json.loads((tmp_path / "out.json").read_text())
+    a, b = saved["sections"]["a"], saved["sections"]["b"]
+    assert not a["ok"] and a["error"] == "ValueError: boom" and a["partial"] == 1
+    assert "ValueError" in a["traceback"]
+    assert b["ok"] and b["x"] == 2 and b["budget_s"] == 10
+
+
+def test_a_section_past_its_budget_is_stopped(tmp_path):
+    ck = _check(tmp_path)
+
+    def slow(out, deadline):
+        out["deadline_before_budget"] = deadline < time.monotonic() + 0.5
+        time.sleep(5)
+
+    t0 = time.monotonic()
+    rec = ck.section("slow", 0.5, slow)
+    assert time.monotonic() - t0 < 3
+    assert not rec["ok"] and rec["error"].startswith("SectionTimeout: over its time budget")
+    assert rec["deadline_before_budget"]  # the soft deadline is 80% of the budget
+
+
+def test_no_overall_time_left_skips_a_section_unless_always(tmp_path):
+    ck = _check(tmp_path, budget=0.5)
+    time.sleep(0.6)
+    ran = []
+    skipped = ck.section("late", 10, lambda out, d: ran.append(1))
+    assert not skipped["ok"] and "no time left" in skipped["error"] and ran == []
+    forced = ck.section("arith", 5, lambda out, d: ran.append(2), always=True)
+    assert forced["ok"] and ran == [2]
+
+
+def test_time_limit_disarms_after_the_block():
+    with time_limit(0.3):
+        pass
+    time.sleep(0.5)  # no late alarm
+    with pytest.raises(SectionTimeout):
+        with time_limit(0.2):
+            time.sleep(2)
