@@ -1,7 +1,12 @@
 """One prepared GPU check (issue 25): every figure the GPU path needs, in one call of <= 8 minutes.
 
-    python bench/gpu_check.py [--out bench/results/gpu_check.json] [--budget 480]
+    timeout 480 python bench/gpu_check.py [--out bench/results/gpu_check.json] [--budget 450]
     python bench/gpu_check.py --smoke --out /tmp/gpu_check.json     # CPU, tiny, the test suite
+
+``--budget`` (default 450 s; 900 with ``--smoke``) bounds the whole run: a section starts only
+while time is left and never runs past the smaller of its own budget and what is left, so the
+call ends within 8 minutes (``timeout 480`` is the backstop; the JSON on disk then holds every
+section finished before it).
 
 Nothing is downloaded: the encoder is written into a temporary folder from
 ``transformers.BertConfig()`` defaults (BERT-base: 12 layers, hidden 768, 12 heads, FFN 3072)
@@ -812,6 +817,11 @@ def evaluator(ck: Check, out: dict, deadline: float) -> None:
             "device_reported": r.get("device"),
         }
         ck.save()
+    if any(r["device_reported"] is None for r in runs.values()):
+        out["note"] = (
+            "the evaluator did not report the device it used; an evaluator that ignores "
+            "eval.device (before issue 25 item 1) encodes and scores on the CPU"
+        )
     if "bf16" in runs:
         out["bf16_auc_minus_fp32"] = runs["bf16"]["auc"] - runs["fp32"]["auc"]
 
