@@ -15,7 +15,9 @@ prepared data's tokenizer check passes); ``--smoke`` writes a 2-layer hidden-32 
 (``hub.TINY``) the same way. The data is synthetic MIND (``small``; ``tiny`` with ``--smoke``)
 generated and prepared into the same folder with ``data.title_len=30``; batches come from the
 real training stream at history 50 (``bench/_common.py``), so history lengths, repeats and
-de-duplication are the data's.
+de-duplication are the data's. ``--smoke`` keeps bf16 for the engine steps (DeepSpeed 0.19.8
+runs it on CPU, as tests/integration/test_deepspeed_configs.py shows), uses gloo instead of NCCL,
+one timed step per part and the evaluator's fp32 path only.
 
 Sections, each fault-isolated (an error is recorded in its JSON entry and the script goes on),
 each with a time budget (a hard SIGALRM limit; loops also stop early when their share is spent),
