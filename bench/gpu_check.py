@@ -95,7 +95,7 @@ from bench_eval import first_shards  # noqa: E402
 from bench_surgery import CONFIGS  # noqa: E402
 
 from mtrec_dist import hub  # noqa: E402
-from mtrec_dist.config import Config, ConfigError, dump_config, load_config  # noqa: E402
+from mtrec_dist.config import Config, dump_config, load_config  # noqa: E402
 from mtrec_dist.data.prepare import prepare  # noqa: E402
 from mtrec_dist.data.prepared import load_manifest  # noqa: E402
 from mtrec_dist.data.synthetic import SCALES, generate  # noqa: E402
@@ -786,12 +786,8 @@ def evaluator(ck: Check, out: dict, deadline: float) -> None:
         "eval.num_workers": "1",
         "eval.encode_batch": "1024" if ck.cuda else "256",
     }
-    try:  # the evaluator's device keys (config.py, issue 25); a branch without them: CPU
-        cfg = ck.config(**extra, **{"eval.device": device, "eval.bf16": "false"})
-        out["overrides"] = [f"eval.device={device}"]
-    except ConfigError as e:
-        cfg = ck.config(**extra)
-        out["overrides"], out["note"] = [], f"eval.device not accepted ({e}); evaluator default"
+    cfg = ck.config(**extra, **{"eval.device": device, "eval.bf16": "false"})
+    out["overrides"] = [f"eval.device={device}"]
     manifest = load_manifest(prepared)
     torch.manual_seed(0)
     export_run(build_model(cfg, manifest).eval(), cfg, manifest, step=0)
@@ -815,15 +811,9 @@ def evaluator(ck: Check, out: dict, deadline: float) -> None:
             "impressions_per_s": r["impressions"] / max(sec["score"], 1e-9),
             "auc": r["auc"],
             "device_asked": device,
-            # what the evaluator says it used, where it says so (issue 25 item 1)
-            "device_reported": r.get("device"),
+            "device_reported": r["device"],  # what the evaluator says it used
         }
         ck.save()
-    if any(r["device_reported"] is None for r in runs.values()):
-        out["note"] = (
-            "the evaluator did not report the device it used; an evaluator that ignores "
-            "eval.device (before issue 25 item 1) encodes and scores on the CPU"
-        )
     if "bf16" in runs:
         out["bf16_auc_minus_fp32"] = runs["bf16"]["auc"] - runs["fp32"]["auc"]
 

@@ -141,7 +141,7 @@ def test_evaluator_rates_recomputed(smoke):
     assert r["titles_per_s"] == pytest.approx(r["news_encoded"] / r["encode_s"], rel=1e-12)
     assert r["impressions_per_s"] == pytest.approx(r["impressions"] / r["score_s"], rel=1e-12)
     assert 0.0 <= r["auc"] <= 1.0
-    assert r["device_asked"] == "cpu"
+    assert r["device_asked"] == r["device_reported"] == "cpu"
 
 
 def test_fp32_step_cpu_against_cpu_is_exact(smoke):
