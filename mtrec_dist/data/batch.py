@@ -24,6 +24,7 @@ Layout of a prepared folder (written by ``mtrec_dist.data.prepare``)::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -113,11 +114,23 @@ class Batch:
     # rank's normaliser included (``dedup.owner_weights``); empty ([0]) on a per-rank batch.
     aux_weight: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
 
-    def to(self, device: torch.device | str) -> Batch:
-        """The tensors moved to ``device`` (the impression ids are strings and stay)."""
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """The tensors moved to ``device`` (the impression ids are strings and stay).
+
+        ``non_blocking``: from page-locked memory (:meth:`pin_memory`) the host-to-GPU copies
+        are queued on the stream and the host goes on (docs/design.md §5, the GPU step); from
+        pageable memory, or to the CPU, they are ordinary copies."""
+        return self._map(lambda v: v.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        """Every tensor in page-locked host memory (needs a CUDA build; see
+        ``data.stream.pin_batches`` for when the loader asks for it)."""
+        return self._map(lambda v: v.pin_memory())
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
         return Batch(
             **{
-                f.name: v.to(device) if isinstance(v, torch.Tensor) else v
+                f.name: fn(v) if isinstance(v, torch.Tensor) else v
                 for f in fields(self)
                 for v in (getattr(self, f.name),)
             }

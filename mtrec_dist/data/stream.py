@@ -463,6 +463,7 @@ class TrainLoader:
         skip_batches: int | None = None,
         split: str = "train",
         chunk_size: int = CHUNK_SIZE,
+        pin_memory: bool = False,
     ):
         _check_loader_args(
             rank=rank,
@@ -517,6 +518,8 @@ class TrainLoader:
             for w, ws in enumerate(per_worker)
         ]
         self.loader_workers = loader_workers
+        # page-locked batches, so the trainer's copies to the GPU are asynchronous (pin_batches)
+        self.pin_memory = pin_memory
         self._started = False
 
     def __len__(self) -> int:
@@ -562,7 +565,7 @@ class TrainLoader:
             )
         self.position += len(samples)
         self.batches_done += 1
-        return b
+        return b.pin_memory() if self.pin_memory else b
 
     def __iter__(self) -> Iterator[Batch]:
         if self._started:
@@ -587,6 +590,15 @@ class TrainLoader:
 train_loader = TrainLoader
 
 
+def pin_batches(use_gpu: bool, cuda_available: bool | None = None) -> bool:
+    """Whether the training loader hands out page-locked batches: only for a trainer on the GPU
+    (``trainer.use_gpu``) of a CUDA build with a device (``cuda_available``, default: asked of
+    torch). Pinning needs CUDA (a CPU-only build raises) and buys nothing for CPU training."""
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    return bool(use_gpu) and bool(cuda_available)
+
+
 def loader_for(
     cfg, *, rank: int, world_size: int, epoch: int, skip_batches: int = 0
 ) -> TrainLoader:
@@ -606,4 +618,5 @@ def loader_for(
         loader_workers=d.loader_workers,
         skip_samples=None,
         skip_batches=skip_batches,
+        pin_memory=pin_batches(t.use_gpu),
     )

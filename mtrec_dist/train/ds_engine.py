@@ -56,8 +56,13 @@ group also needs an accumulator ([T, n]), because DeepSpeed's own buffer is clea
 groups. ``stats['surgery/extra_bytes']`` reports it.
 
 Not supported (raises): CPU/NVMe offload, pipeline parallelism, ``managed_gradient_accumulation:
-false``. fp16 dynamic loss scaling is not tested (the coefficients are scale-invariant, but an
-overflow in a non-final group is not detected).
+false``. fp16 with a surgery is refused by ``dsconfig.resolve_deepspeed`` (the coefficients are
+scale-invariant, but an overflow in a non-final group would not be detected); bf16 needs no loss
+scaling, and the Gram matrix is float64 whatever the gradient dtype (:func:`gram64`).
+
+On a GPU nothing here reads a tensor on the host during a step: the Gram matrix, the projection
+and the coefficients stay on the device, and the statistics are formed when the loop logs
+(``step(defer=True)``; docs/design.md §5, the GPU step).
 
 Importing DeepSpeed
 -------------------
@@ -264,12 +269,19 @@ def _gather(p: torch.nn.Parameter) -> torch.Tensor:
         return p.detach().clone()
 
 
-def peak_memory_mb(engine) -> float:
-    """Peak accelerator memory of this worker, else its peak resident memory (MiB)."""
-    if engine.device.type == "cuda":
-        return torch.cuda.max_memory_allocated(engine.device) / 2**20
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory of a worker training on ``device``, else its peak resident
+    memory (MiB)."""
+    gpu = gpu_peak_mb(device)
+    return peak_rss_mb() if gpu is None else gpu
 
-    return peak_rss_mb()
+
+def gpu_peak_mb(device: torch.device) -> float | None:
+    """``torch.cuda.max_memory_allocated`` of ``device`` in MiB; None off CUDA. A query of the
+    caching allocator's counters on the host: no synchronisation with the device."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 # --------------------------------------------------------------------------- per-group gradients
@@ -501,11 +513,18 @@ class MultiTaskGradients:
             self._segments = segs
         return self._bufs
 
-    def step(self, step: int) -> dict[str, float]:
+    def step(
+        self, step: int, *, defer: bool = False
+    ) -> dict[str, float] | Callable[[], dict[str, float]]:
         """At the accumulation boundary: Gram, coefficients, fused combination, optimizer step.
 
         ``step`` is the index of this optimizer step in the run (the loop's counter, restored
-        on resume): methods whose choice depends on it (PCGrad's visiting order) use it."""
+        on resume): methods whose choice depends on it (PCGrad's visiting order) use it.
+
+        Nothing here reads a tensor on the host: the Gram, the projection and the coefficients
+        stay on the gradients' device (docs/design.md §5, the GPU step). The statistics are
+        floats, so forming them is a synchronisation; with ``defer`` the step returns a function
+        that forms them when called (the loop calls it on the steps it logs)."""
         if self._micro != self.gas:
             raise RuntimeError(
                 f"step() after {self._micro} micro-batches; expected gradient_accumulation_steps"
@@ -514,7 +533,8 @@ class MultiTaskGradients:
         if self._summed:
             self.engine.step()
             self._micro = 0
-            return {"surgery/time_s": 0.0, "surgery/extra_bytes": 0.0}
+            summed = {"surgery/time_s": 0.0, "surgery/extra_bytes": 0.0}
+            return (lambda: dict(summed)) if defer else summed
         t0 = time.perf_counter()
         t_n = len(self.groups)
         slots = self._slots()
@@ -530,28 +550,29 @@ class MultiTaskGradients:
         gram = self._gram(slots, held)
         proj = surgery.projection(self.mode, gram, self.groups, seed=self.seed, step=step)
         c = proj.sum(0)
+        # One group (t_n == 1) has c = 1 under every method (P = I): nothing to combine.
         if held is not None and t_n > 1:
+            # c cast to the gradient dtype, on its device (a tensor, not a Python float: beta=
+            # of addmv_ would read it on the host, a synchronisation per step on a GPU)
             c_rest = c[:last].to(held.dtype).to(held.device)
+            c_last = c[last].to(held.dtype).to(held.device)
             ones = torch.ones_like(c_rest)
-            c_last = float(c[last])
             for s in slots:
                 n = s.view.numel()
                 if n == 0:
                     continue
                 mat = held[:, s.offset : s.offset + n].t()  # [n, T−1]
                 if s.shared:
-                    s.view.addmv_(mat, c_rest, beta=c_last)  # g = c_T g_T + Σ c_t g_t
+                    s.view.mul_(c_last).addmv_(mat, c_rest)  # g = c_T g_T + Σ c_t g_t
                 else:
                     s.view.addmv_(mat, ones)  # non-shared (heads): plain sum
-        elif float(c[last]) != 1.0:
-            for s in slots:
-                if s.shared:
-                    s.view.mul_(float(c[last]))
         extra = 0 if self._bufs is None else self._bufs.numel() * self._bufs.element_size()
         n_local = sum(s.view.numel() for s in slots)
         overhead = self._overhead + time.perf_counter() - t0
         self.engine.step()
         self._micro, self._overhead = 0, 0.0
+        if defer:
+            return lambda: self._stats(gram, proj, c, overhead, extra, n_local)
         return self._stats(gram, proj, c, overhead, extra, n_local)
 
     def _gram(self, slots: list[_Slot], held: torch.Tensor | None) -> torch.Tensor:
@@ -574,9 +595,12 @@ class MultiTaskGradients:
         gram[last, :last] = gram[:last, last]
         if self._world > 1:
             dist.all_reduce(gram)
-        return gram.cpu()
+        return gram  # on the gradients' device: the coefficients are formed there too
 
     def _stats(self, gram, proj, c, overhead, extra, n_local) -> dict[str, float]:
+        # the host copies, once: every statistic below is a float (a synchronisation on a GPU,
+        # so the loop forms them only on the steps it logs)
+        gram, proj, c = gram.cpu(), proj.cpu(), c.cpu()
         st: dict[str, float] = {}
         for k, g in enumerate(self.groups):
             st[surgery.norm_key(g)] = max(float(gram[k, k]), 0.0) ** 0.5

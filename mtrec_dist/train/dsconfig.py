@@ -122,6 +122,14 @@ def resolve_deepspeed(cfg: Config, world_size: int | None = None) -> dict:
         raise ConfigError(f"{src}: zero_optimization.stage must be 0, 1, 2 or 3")
     if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
         raise ConfigError(f"{src}: bf16.enabled and fp16.enabled are both true; pick one")
+    if ds.get("fp16", {}).get("enabled") and t.surgery != "none":
+        # the fused surgery sets each group's gradient aside and discards DeepSpeed's state
+        # before its overflow check (ds_engine.py): an inf of one group would reach the step
+        raise ConfigError(
+            f"{src}: fp16.enabled with trainer.surgery={t.surgery}: a loss-scale overflow in a "
+            "set-aside group's gradient would go unseen; use bf16 (no loss scaling, the model "
+            "in bf16 and the Gram matrix in float64) or trainer.surgery=none"
+        )
     # gradient_clipping is DeepSpeed's and acts once, on the combined (post-surgery) gradient:
     # the surgery writes into DeepSpeed's buffer before the single engine.step().
     offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)

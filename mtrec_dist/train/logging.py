@@ -3,7 +3,8 @@
 TensorBoard tags (the keys of ``train/surgery.py`` and the engine's step statistics):
 ``loss/<task>``, ``grad/norm/<group>``, ``grad/coef/<group>``, ``grad/cos_before``,
 ``grad/cos_after``, ``grad/conflict_rate`` (share of steps so far with cos < 0), the
-combined-gradient norms and cosines, ``mem/peak_mb``, ``lr``, ``throughput/samples_per_s``,
+combined-gradient norms and cosines, ``mem/peak_mb``, ``mem/gpu_peak_mb`` (training on CUDA
+only: ``torch.cuda.max_memory_allocated``), ``lr``, ``throughput/samples_per_s``,
 ``throughput/titles_per_s`` and ``dev/<metric>``; every scalar also goes to
 ``train_log.jsonl`` (dev metrics to ``dev_log.jsonl``). At the end ``cosine_trace.png`` plots cos(main, aux) before and after surgery
 per step, like Figure 5 of the MTRec paper (Appendix B).

@@ -5,11 +5,18 @@ Reads top to bottom: set up (model, DeepSpeed engine, multi-task gradients, resu
 micro-batch: (data.dedup=global) this rank's share of the global batch's titles -> one
 forward -> per-task losses -> gradient-group losses -> one backward per group; at the accumulation boundary one fused surgery step; then log and checkpoint. Step
 counting (and what happens to an epoch's leftover micro-batches) is ``train/steps.py``'s.
+
+On a GPU the step never waits for the device to hand the host a number (docs/design.md §5, the
+GPU step): losses, sample counts and the surgery's statistics stay tensors in a
+:class:`StepBook` and are read on the host only when :func:`flush_due` says so (log,
+checkpoint, evaluation and last steps), where every pending step's record is written at once.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -79,6 +86,7 @@ def train_worker(config: dict[str, Any]) -> None:
         restore_rng(folder, rank)
     log = RunLogger(cfg, rank, total, start_step=pos.step) if rank == 0 else None
     table = NewsTable(cfg.prepared_dir) if global_dedup(cfg, world) else None
+    book = StepBook(world, t.grad_accum, engine.device)
 
     if t.eval_every and pos.step == 0:  # the untrained model: the point a curve starts from
         _evaluate(engine, model, cfg, log, 0)
@@ -89,37 +97,23 @@ def train_worker(config: dict[str, Any]) -> None:
             break
         skip = pos.batches_done if epoch == pos.epoch else 0
         loader = loader_for(cfg, rank=rank, world_size=world, epoch=epoch, skip_batches=skip)
-        micro, t0, c0, titles, real, distinct = 0, time.monotonic(), time.process_time(), 0, 0, 0
-        loss_sum: dict[str, torch.Tensor] = {}  # detached task losses over the step's micro-batches
+        micro = 0
+        book.start()
         for batch in epoch_micro_batches(loader, plan, skip):
             if table is not None:  # collective: this rank's share of the global batch's titles
                 batch = exchange_batch(batch, table, engine.device)
-            batch = batch.to(engine.device)
+            batch = batch.to(engine.device, non_blocking=True)  # pinned by the loader on a GPU
             out = engine(batch)
             mtg.backward(group_losses(out.losses, cfg.model.groups))
-            for k, v in out.losses.items():
-                loss_sum[k] = loss_sum.get(k, 0.0) + v.detach().float()
-            titles, real = titles + batch.num_titles, real + int(batch.sample_mask.sum())
-            distinct += batch.global_unique
+            book.micro(out.losses, batch)
             micro += 1
             if micro % t.grad_accum:
                 continue
-            stats = mtg.step(pos.step)  # surgery + optimizer step + lr schedule
-            stats["mem/peak_mb"] = ds.peak_memory_mb(engine)
-            stats["time/cpu_s"] = time.process_time() - c0  # this process's CPU, all threads
-            stats["time/unix"] = time.time()  # when the step ended (start-up = first - launch)
-            if table is not None:  # titles encoded this step = W * S (real + pads) vs U_g
-                stats["titles/encoded"], stats["titles/global_distinct"] = titles * world, distinct
-            losses = {k: v / t.grad_accum for k, v in loss_sum.items()}
-            if world > 1:  # the global batch's loss, as the single-process reference logs it
-                losses = _mean_over_ranks(losses)
-            pos = Position(pos.step + 1, epoch, loader.batches_done, pos.samples + real * world)
-            if log is not None:
-                secs = time.monotonic() - t0
-                lr = scheduler.get_last_lr()[0]
-                log.step(pos.step, losses, stats, lr, real * world, titles * world, secs)
-            titles, real, distinct, t0, c0 = 0, 0, 0, time.monotonic(), time.process_time()
-            loss_sum = {}
+            stats = mtg.step(pos.step, defer=True)  # surgery + optimizer step + lr schedule
+            book.close_step(pos.step + 1, stats, scheduler.get_last_lr()[0], table is not None)
+            pos = Position(pos.step + 1, epoch, loader.batches_done, pos.samples)
+            if flush_due(pos.step, t, total):  # the host reads the pending steps' numbers
+                pos = replace(pos, samples=pos.samples + book.flush(log))
             if t.checkpoint_every and pos.step % t.checkpoint_every == 0:
                 save(engine, cfg, pos, rank, run_id)
             if t.eval_every and pos.step % t.eval_every == 0:
@@ -131,9 +125,102 @@ def train_worker(config: dict[str, Any]) -> None:
         pos = Position(pos.step, epoch + 1, 0, pos.samples)
 
     # --- end -----------------------------------------------------------------------------
+    pos = replace(pos, samples=pos.samples + book.flush(log))  # none left: the last step flushed
     export_final(engine, model, cfg, manifest, pos, rank, run_id)
     if log is not None:
         log.close()
+
+
+def flush_due(step: int, trainer: Any, total: int) -> bool:
+    """Whether optimizer step ``step`` (1-based) reads the pending steps on the host: a step the
+    console shows (``trainer.log_every``), one that checkpoints (the position's sample count and
+    the log lines up to it reach the disk first), one that evaluates, and the last one."""
+    t = trainer
+    return (
+        step % max(t.log_every, 1) == 0
+        or bool(t.checkpoint_every and step % t.checkpoint_every == 0)
+        or bool(t.eval_every and step % t.eval_every == 0)
+        or step >= total
+    )
+
+
+@dataclass
+class PendingStep:
+    """One optimizer step's log record, its numbers still tensors (or a function forming them)."""
+
+    step: int  # 1-based, as logged
+    losses: dict[str, torch.Tensor]  # detached global-batch task losses (0-d, on the device)
+    stats: Callable[[], dict[str, float]]  # the surgery's statistics (MultiTaskGradients.step)
+    host: dict[str, float]  # statistics known on the host (memory, times, title counts)
+    lr: float
+    real: torch.Tensor  # real samples of this rank's micro-batches (0-d, on the device)
+    titles: int  # titles this rank encoded
+    secs: float  # wall seconds from the previous step's end (device work may still be queued)
+
+
+class StepBook:
+    """The loop's per-step bookkeeping, kept on the device between flushes (docs/design.md §5,
+    the GPU step): :meth:`micro` and :meth:`close_step` never read a tensor on the host;
+    :meth:`flush` does, once per pending step, and writes their records in order."""
+
+    def __init__(self, world: int, grad_accum: int, device: torch.device) -> None:
+        self.world, self.gas, self.device = world, grad_accum, device
+        self.pending: list[PendingStep] = []
+        self.start()
+
+    def start(self) -> None:
+        """A new accumulation window (each epoch's first step, and after every step)."""
+        self.loss_sum: dict[str, torch.Tensor] = {}  # detached task losses over the window
+        self.real: torch.Tensor | None = None
+        self.titles = self.distinct = 0
+        self.t0, self.c0 = time.monotonic(), time.process_time()
+
+    def micro(self, losses: Mapping[str, torch.Tensor], batch: Any) -> None:
+        """Adds one micro-batch (on the device) to the window."""
+        for k, v in losses.items():
+            self.loss_sum[k] = self.loss_sum.get(k, 0.0) + v.detach().float()
+        real = batch.sample_mask.sum()
+        self.real = real if self.real is None else self.real + real
+        self.titles += batch.num_titles
+        self.distinct += batch.global_unique
+
+    def close_step(
+        self, step: int, stats: Callable[[], dict[str, float]], lr: float, global_dedup: bool
+    ) -> None:
+        """Sets the window aside as step ``step``'s record (collective when world > 1: the
+        mean loss over ranks, an all-reduce queued on the device)."""
+        host = {"mem/peak_mb": ds.peak_memory_mb(self.device)}
+        gpu = ds.gpu_peak_mb(self.device)
+        if gpu is not None:  # training on CUDA: the allocator's peak (bench/gpu_check.py reads it)
+            host["mem/gpu_peak_mb"] = gpu
+        host["time/cpu_s"] = time.process_time() - self.c0  # this process's CPU, all threads
+        host["time/unix"] = time.time()  # when the step ended (start-up = first - launch)
+        if global_dedup:  # titles encoded this step = W * S (real + pads) vs U_g
+            host["titles/encoded"] = float(self.titles * self.world)
+            host["titles/global_distinct"] = float(self.distinct)
+        losses = {k: v / self.gas for k, v in self.loss_sum.items()}
+        if self.world > 1:  # the global batch's loss, as the single-process reference logs it
+            losses = _mean_over_ranks(losses)
+        real = self.real if self.real is not None else torch.zeros((), dtype=torch.long)
+        secs = time.monotonic() - self.t0
+        self.pending.append(PendingStep(step, losses, stats, host, lr, real, self.titles, secs))
+        self.start()
+
+    def flush(self, log: RunLogger | None) -> int:
+        """Reads the pending steps on the host (the synchronisation the steps between flushes
+        did without), writes their records to ``log`` (rank 0) and returns their real samples,
+        all ranks (the position's count, as before: this rank's times the world)."""
+        samples = 0
+        for p in self.pending:
+            real = int(p.real)
+            samples += real * self.world
+            if log is not None:
+                stats = {**p.stats(), **p.host}
+                losses = {k: float(v) for k, v in p.losses.items()}
+                n, titles = real * self.world, p.titles * self.world
+                log.step(p.step, losses, stats, p.lr, n, titles, p.secs)
+        self.pending = []
+        return samples
 
 
 def _mean_over_ranks(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

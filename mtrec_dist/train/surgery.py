@@ -61,26 +61,40 @@ def _main_aux(groups: list[str], mode: str) -> tuple[int, int]:
     return m, 1 - m
 
 
+# Every branch below is a ``torch.where`` on the Gram's own device, never a Python ``if`` on a
+# tensor: on a GPU an ``if d < 0`` is a host synchronisation at every optimizer step, and the
+# coefficients must reach the fused combination without one (docs/design.md §5, the GPU step).
+# The value not chosen may be inf/nan (a division by a zero norm); ``where`` discards it.
+
+
+def _eye(gram: torch.Tensor, t: int) -> torch.Tensor:
+    return torch.eye(t, dtype=torch.float64, device=gram.device)
+
+
+def _if_conflict(cond: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` where ``cond`` holds, else 0 (a 0-d float64 tensor, no host round trip)."""
+    return torch.where(cond, value, torch.zeros_like(value))
+
+
 def _none(gram: torch.Tensor, groups: list[str], seed: int, step: int) -> torch.Tensor:
-    return torch.eye(len(groups), dtype=torch.float64)
+    return _eye(gram, len(groups))
 
 
 def _mtrec(gram: torch.Tensor, groups: list[str], seed: int, step: int) -> torch.Tensor:
     m, a = _main_aux(groups, "mtrec")
-    p = torch.eye(2, dtype=torch.float64)
+    p = _eye(gram, 2)
     d, nm, na = gram[m, a], gram[m, m], gram[a, a]
-    if d < 0:  # d < 0 implies both norms > 0
-        p[m, a] = -d / na  # g_m' = g_m − (g_m·g_a / ‖g_a‖²) g_a   (eq. 10, i = main)
-        p[a, m] = -d / nm  # g_a' = g_a − (g_a·g_m / ‖g_m‖²) g_m   (eq. 10, i = aux)
+    conflict = d < 0  # d < 0 implies both norms > 0
+    p[m, a] = _if_conflict(conflict, -d / na)  # g_m' = g_m − (g_m·g_a / ‖g_a‖²) g_a  (eq. 10)
+    p[a, m] = _if_conflict(conflict, -d / nm)  # g_a' = g_a − (g_a·g_m / ‖g_m‖²) g_m  (eq. 10)
     return p
 
 
 def _aux_only(gram: torch.Tensor, groups: list[str], seed: int, step: int) -> torch.Tensor:
     m, a = _main_aux(groups, "aux_only")
-    p = torch.eye(2, dtype=torch.float64)
+    p = _eye(gram, 2)
     d, nm = gram[m, a], gram[m, m]
-    if d < 0:
-        p[a, m] = -d / nm  # only the auxiliary gradient leaves its direction
+    p[a, m] = _if_conflict(d < 0, -d / nm)  # only the auxiliary gradient leaves its direction
     return p
 
 
@@ -92,12 +106,11 @@ def pcgrad_order(t: int, seed: int, step: int) -> list[list[int]]:
 
 def _pcgrad(gram: torch.Tensor, groups: list[str], seed: int, step: int) -> torch.Tensor:
     t = len(groups)
-    p = torch.eye(t, dtype=torch.float64)  # row i: g_i^PC in the basis {g_k}
+    p = _eye(gram, t)  # row i: g_i^PC in the basis {g_k}
     for i, order in enumerate(pcgrad_order(t, seed, step)):
         for j in order:
             dot = p[i] @ gram[:, j]  # g_i^PC · g_j = Σ_k P[i, k] G[k, j]
-            if dot < 0 and gram[j, j] > 0:
-                p[i, j] -= dot / gram[j, j]
+            p[i, j] -= _if_conflict((dot < 0) & (gram[j, j] > 0), dot / gram[j, j])
     return p
 
 
