@@ -84,7 +84,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     # lazy: pulls torch, transformers and the models (seconds); `mtrec --help` must not
     from mtrec_dist.eval.evaluate import evaluate
 
-    metrics = evaluate(_runs(a), split=a.split, num_workers=a.workers)
+    metrics = evaluate(_runs(a), split=a.split, num_workers=a.workers, overrides=a.overrides)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -93,7 +93,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     # lazy: pulls torch, transformers and the models (seconds); `mtrec --help` must not
     from mtrec_dist.eval.predict import predict
 
-    out = predict(_runs(a), split=a.split, out=a.out, num_workers=a.workers)
+    out = predict(_runs(a), split=a.split, out=a.out, num_workers=a.workers, overrides=a.overrides)
     print(f"wrote {out}")
     return 0
 
@@ -111,6 +111,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+EVAL_OVERRIDES_HELP = (
+    "eval.* overrides of this call, e.g. eval.device=cpu (default auto: the node's GPUs when "
+    "present, one worker each), eval.bf16=true, eval.encode_batch=2048"
+)
 RUN_HELP = (
     "run folder; repeat --run to ensemble several runs (mean of their raw scores per "
     "candidate; the runs must share the prepared folder and the tokenizer)"
@@ -153,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, action="append", help=RUN_HELP)
     p.add_argument("--split", default="dev")
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("overrides", nargs="*", help=EVAL_OVERRIDES_HELP)
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("predict", help="write prediction.zip for the MIND leaderboard")
@@ -160,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--out", default="prediction.zip")
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("overrides", nargs="*", help=EVAL_OVERRIDES_HELP)
     p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser("score", help="score a prediction.txt/.zip against a truth.txt")

@@ -258,6 +258,7 @@ def _evaluate(engine, model, cfg: Config, log, step: int) -> None:
                     "dev",
                     max_impressions=cfg.eval.max_impressions,
                     encode_batch=cfg.eval.encode_batch,
+                    bf16=cfg.eval.bf16,
                 )
             model.train()
             log.metrics(step, metrics)
