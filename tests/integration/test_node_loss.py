@@ -16,7 +16,10 @@ checkpoint is intact for a ``--resume`` on a repaired cluster.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -104,8 +107,15 @@ def _lose_a_worker_node(cluster, run_dir: Path, done: threading.Event, lost: lis
         if marker.is_file():
             for node in list(cluster.worker_nodes):
                 raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
-                if _children(raylet):
+                workers = _children(raylet)
+                if workers:
                     cluster.remove_node(node, allow_graceful=False)
+                    # a lost machine takes its processes with it at once; a worker orphaned by
+                    # its raylet's death otherwise trains on until it notices (seconds on a
+                    # loaded machine: enough to finish the run before the node "went")
+                    for pid in workers:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
                     lost.append(int(scan(run_dir)[0][-1].name[5:]))
                     return
         time.sleep(0.005)

@@ -1,5 +1,6 @@
 """The ``gpu`` marker: without CUDA a marked test is reported as skipped with the reason (never
-as passed); checked by running pytest on a marked test in a subprocess and reading its report."""
+as passed), and a test that only has "gpu" in its name or parameter id still runs; checked by
+running pytest on such tests in a subprocess and reading its report."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ REPO = Path(__file__).resolve().parents[2]
 def test_marked_test_is_skipped_with_the_reason_without_cuda(tmp_path):
     probe = REPO / "tests" / "unit" / f"_probe_gpu_{tmp_path.name}.py"
     probe.write_text(
-        "import pytest\n\n\n@pytest.mark.gpu\ndef test_needs_cuda():\n    assert False\n"
+        "import pytest\n\n\n@pytest.mark.gpu\ndef test_needs_cuda():\n    assert False\n\n\n"
+        # a "gpu" in a name or parameter id is not the marker: this one runs
+        "@pytest.mark.parametrize('kind', ['gpu'])\ndef test_gpu_named(kind):\n    assert kind\n"
     )
     try:
         out = subprocess.run(
@@ -29,5 +32,5 @@ def test_marked_test_is_skipped_with_the_reason_without_cuda(tmp_path):
         ).stdout
     finally:
         probe.unlink()
-    assert "1 skipped" in out and "passed" not in out and "failed" not in out, out
+    assert "1 passed, 1 skipped" in out and "failed" not in out, out
     assert "needs CUDA: torch.cuda.is_available() is False" in out, out
