@@ -4,9 +4,7 @@ trainer's weights (N workers == 1 process on the same global batches), and the e
 metrics equal scoring every dev impression alone with ``model(batch)``.
 
 NAML is a bi-encoder (cached news vectors); NPA's news vectors depend on the user, so it is
-scored on the cross-encoder path. STUR is the variant added with nothing but its class, its
-registry line and its config: it trains and evaluates through the unchanged trainer and
-evaluator.
+scored on the cross-encoder path.
 """
 
 from __future__ import annotations
@@ -64,7 +62,7 @@ def _reference_weights(cfg) -> dict[str, torch.Tensor]:
     raise AssertionError("ran out of batches")
 
 
-@pytest.mark.parametrize("name", ["naml", "npa", "stur"])
+@pytest.mark.parametrize("name", ["naml", "npa"])
 def test_classic_model_distributed_equals_reference_and_evaluates(
     ray_session, tiny_data, tmp_path, name
 ):

@@ -315,3 +315,44 @@ def test_lstur_user_rows_train_on_prepared_data(tiny_cfg):
     assert grad_rows == seen - {0}
     res = evaluate_model(model.eval(), cfg.prepared_dir, "dev", max_impressions=20)
     assert 0.0 <= res["auc"] <= 1.0
+
+
+def test_stur_trains_and_evaluates_through_the_unchanged_paths(tiny_cfg):
+    """STUR was added with its class, its registry line and configs/stur.yaml only: the
+    reference trainer trains it (the loss falls on a repeated batch) and the evaluator's metrics
+    equal scoring every dev impression alone with ``model(batch)``, ranked with the tie rule."""
+    from mtrec_dist.data.prepared import load_manifest
+    from mtrec_dist.data.stream import eval_impressions, loader_for
+    from mtrec_dist.eval.evaluate import evaluate_model
+    from mtrec_dist.models.registry import build_model
+    from tests.oracles import compute_metrics_lists, ranks_from_scores
+
+    cfg = tiny_cfg(
+        "model.name=stur", "model.word_dim=8", "model.cnn_filters=8", "model.query_dim=4",
+        "model.classic_dropout=0.0",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg, load_manifest(cfg.prepared_dir)).train()
+    assert type(model) is STUR
+    batch = next(iter(loader_for(cfg, rank=0, world_size=1, epoch=0)))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = model(batch).losses["main"]
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    with torch.no_grad():
+        got = evaluate_model(model, cfg.prepared_dir, "dev", max_impressions=40)
+        table = NewsTable(cfg.prepared_dir)
+        labels, scores = [], []
+        for s in list(eval_impressions(cfg.prepared_dir, "dev"))[:40]:
+            sc = model(collate([s], table)).scores[0].numpy()
+            labels.append(s.labels)
+            scores.append(-np.asarray(ranks_from_scores(sc), dtype=float))
+    want = compute_metrics_lists(labels, scores)
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, abs=1e-6), k
