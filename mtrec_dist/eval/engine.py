@@ -213,7 +213,6 @@ class Engine:
         # (a flag, so the CPU tests can take that path too)
         self.gather_on_device = self.device.type != "cpu"
         self.vectors_on_device: torch.Tensor | None = None  # device copy of ``vectors``
-        self.vectors_source: np.ndarray | None = None  # the array it was copied from
 
     def index_shard(self, shard: int) -> dict[str, np.ndarray]:
         """Ids, candidate counts and the unique news rows (history ∪ candidates) of a shard."""
@@ -231,6 +230,7 @@ class Engine:
     def set_vectors(self, path: str | Path | None, array: np.ndarray | None = None) -> None:
         self.vectors = array if array is not None else np.load(path, mmap_mode="r")
         self.factored, self.factored_checked = None, False
+        self.vectors_on_device = None  # copied again on first use (_device_vectors)
 
     def factored_scorer(self) -> FastScorer | None:
         """The model's own fast scorer (``model.fast_scorer``: MTRec's factored attention),
@@ -276,11 +276,10 @@ class Engine:
         return scores[batch.cand_mask].float()
 
     def _device_vectors(self) -> torch.Tensor:
-        """``vectors`` copied once to the device (again when they are replaced)."""
-        if self.vectors_on_device is None or self.vectors_source is not self.vectors:
+        """``vectors`` copied once to the device (set_vectors drops the copy)."""
+        if self.vectors_on_device is None:
             v = np.ascontiguousarray(self.vectors, dtype=np.float32)
             self.vectors_on_device = torch.from_numpy(v).to(self.device)
-            self.vectors_source = self.vectors
         return self.vectors_on_device
 
     def _score_cross(self, imps: Impressions) -> np.ndarray:
